@@ -1,0 +1,153 @@
+"""Every number the SAPSAM paper fixes, in one place, each with the section it comes from.
+
+Zusag et al., "Sparsely Annotated Pathological Sign Activation Maps", 2019 (``shared/paper``).
+Stages take these frozen dataclasses as arguments; presets are built by overriding the paper's
+values (``PAPER`` is the paper, ``QUICK`` a small grid for CPUs and tests)::
+
+    from sapsam_jax.config import PAPER, QUICK, preprocess_preset
+    cfg = preprocess_preset("quick")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+# Paper 1.2 / Table 1: the three CPA signs labelled per sub-region, plus the pre-existing flag.
+SIGNS = ("cavity", "fungus_ball", "pleural_thickening")
+ANNOTATION_FLAGS = ("preexisting",) + SIGNS
+# Paper 1.2: six sub-regions, left/right x upper/middle/lower, by the patient's own side.
+SUBREGIONS = (
+    "left_upper",
+    "left_middle",
+    "left_lower",
+    "right_upper",
+    "right_middle",
+    "right_lower",
+)
+# Canonical CT orientation (sapsam_jax.io): hu[k, j, i], i -> patient Left, j -> Posterior,
+# k -> Superior. A projection along an axis averages over that array axis.
+AXES = {"axial": 0, "coronal": 1, "sagittal": 2}
+
+# Paper 2.2: three HU ranges become the three RGB-like channels (air-like, lung, soft tissue).
+PAPER_BANDS = ((-1400.0, -900.0), (-900.0, -160.0), (-160.0, 240.0))
+
+
+@dataclass(frozen=True)
+class SegmentationConfig:
+    """Lung segmentation, paper 2.1. Pixel sizes are the paper's, converted to mm at its grid."""
+
+    threshold_hu: float = -570.0  # paper 2.1: "thresholding the voxels at -570 HU"
+    # Paper 1.1: scans were worked at their lowest in-plane resolution, 0.9 mm per pixel; marker
+    # radii given in pixels (paper 2.1) are converted to mm with it, so masks work at any spacing.
+    paper_pixel_mm: float = 0.9
+    intermediate_marker_radius_px: float = 10.0  # paper 2.1: intermediate markers, radius 10 px
+    external_marker_radius_px: float = 35.0  # paper 2.1: external markers, radius 35 px
+    # Paper 2.1 "removing the smallest" components: air pockets under this volume are not lung.
+    min_component_ml: float = 5.0
+    # Conservative mask (paper 2.1): closing then opening radii, in mm.
+    closing_radius_mm: float = 3.0
+    opening_radius_mm: float = 1.5
+    # Refined mask top-hat (paper 2.1, Fig. 2c): closing radius that bridges juxtapleural
+    # soft tissue (fungus balls, pleural thickening) back into the lung, in mm.
+    tophat_radius_mm: float = 12.0
+
+    @property
+    def intermediate_marker_radius_mm(self) -> float:
+        return self.intermediate_marker_radius_px * self.paper_pixel_mm
+
+    @property
+    def external_marker_radius_mm(self) -> float:
+        return self.external_marker_radius_px * self.paper_pixel_mm
+
+
+@dataclass(frozen=True)
+class GeometryConfig:
+    """Resampling and 3-D rotation augmentation, paper 2.3."""
+
+    # Paper 2.3: "rescaled to 512x512x432 pixels" (x, y, z) -> (k, j, i) = (432, 512, 512).
+    grid_shape: tuple[int, int, int] = (432, 512, 512)
+    downsample: int = 2  # paper 2.3: "downsampled by 2 in each direction"
+    # Paper 2.3: "rotating each scan in 3D by +-5 degrees around each axis, i.e. 27 rotations".
+    rotation_angles_deg: tuple[float, ...] = (-5.0, 0.0, 5.0)
+
+    @property
+    def working_shape(self) -> tuple[int, int, int]:
+        """Shape of the resampled, downsampled volume that is rotated and projected."""
+        return tuple(n // self.downsample for n in self.grid_shape)
+
+    @property
+    def subregion_shape(self) -> tuple[int, int, int]:
+        """(k, j, i) size of one of the six sub-regions: thirds along k, halves along i.
+
+        On the paper grid this is (72, 256, 128), the paper's 256x128x72 voxels (paper 2.3).
+        """
+        k, j, i = self.working_shape
+        return (k // 3, j, i // 2)
+
+    def rotations(self) -> list[tuple[float, float, float]]:
+        """The 27 (about-k, about-j, about-i) angle triples; index 13 is the identity."""
+        return list(itertools.product(self.rotation_angles_deg, repeat=3))
+
+    @property
+    def identity_rotation_index(self) -> int:
+        return self.rotations().index((0.0, 0.0, 0.0))
+
+
+@dataclass(frozen=True)
+class ProjectionConfig:
+    """Average-intensity projections, paper 2.2-2.3."""
+
+    bands: tuple[tuple[float, float], ...] = PAPER_BANDS
+    # Paper 2.3 rescales grayscale projections to [0, 1]. A fixed HU window (not per-image
+    # min/max) keeps intensities comparable across scans: mean HU inside the lung mask runs from
+    # about -1000 (emphysema, air) to about 0 (consolidated or soft-tissue filled lung).
+    gray_window_hu: tuple[float, float] = (-1000.0, 0.0)
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Everything the preprocessing of one scan needs."""
+
+    name: str = "paper"
+    segmentation: SegmentationConfig = SegmentationConfig()
+    geometry: GeometryConfig = GeometryConfig()
+    projection: ProjectionConfig = ProjectionConfig()
+
+
+PAPER = PreprocessConfig()
+# Small grid for CPUs and tests: same physics, 1/4 of the paper's voxels per axis before the /2.
+QUICK = dataclasses.replace(
+    PAPER, name="quick", geometry=GeometryConfig(grid_shape=(108, 128, 128))
+)
+PREPROCESS_PRESETS = {"paper": PAPER, "quick": QUICK}
+
+
+def preprocess_preset(name: str) -> PreprocessConfig:
+    """The preprocessing preset called ``name`` ("paper" or "quick")."""
+    try:
+        return PREPROCESS_PRESETS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown preset {name!r}; expected one of {', '.join(PREPROCESS_PRESETS)}"
+        ) from None
+
+
+def rotation_matrix(angles_deg) -> np.ndarray:
+    """3x3 matrix acting on (k, j, i) coordinates: rotate about k, then j, then i.
+
+    Composed once so each of the 27 augmentations is one interpolation (paper 2.3).
+    """
+    a_k, a_j, a_i = np.deg2rad(np.asarray(angles_deg, dtype=np.float64))
+
+    def plane(theta, p, q):
+        m = np.eye(3)
+        c, s = np.cos(theta), np.sin(theta)
+        m[p, p], m[p, q], m[q, p], m[q, q] = c, -s, s, c
+        return m
+
+    # Rotation about axis k turns the (j, i) plane, about j the (k, i) plane, about i the (k, j).
+    return plane(a_i, 0, 1) @ plane(a_j, 0, 2) @ plane(a_k, 1, 2)
