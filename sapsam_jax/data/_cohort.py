@@ -1,0 +1,282 @@
+"""Preprocess a cohort into the projection cache: resumable, sharded, one study at a time.
+
+``preprocess_cohort`` reads the manifest, takes this process's shard of it, and for every study
+not already cached loads the CT (and its lesion label map), runs
+:func:`sapsam_jax.preprocess.preprocess_scan` and writes the study atomically (see ``_cache``).
+A study that fails is recorded with its reason and the cohort goes on; a rerun skips finished
+studies and retries failed ones. Run as ``python scripts/preprocess.py --manifest M --out CACHE``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from sapsam_jax.backend import Backend, get_backend, to_numpy
+from sapsam_jax.config import AXES, PreprocessConfig
+from sapsam_jax.data._cache import (
+    clean_stale_tmp,
+    init_cache_dir,
+    merge_summaries,
+    study_dir,
+    to_jsonable,
+    write_shard_failures,
+    write_study,
+)
+from sapsam_jax.data._qc import (
+    QC_FIELDS,
+    mask_overlay_png,
+    plausible_lung_ml,
+    qc_row,
+    summarise_qc,
+)
+from sapsam_jax.io import load_ct, read_manifest
+from sapsam_jax.preprocess import preprocess_scan
+
+logger = logging.getLogger(__name__)
+# A failure reason is one CSV cell: long tracebacks and multi-line messages belong in the log.
+_MAX_REASON_CHARS = 500
+
+
+@dataclass
+class CohortResult:
+    """What one ``preprocess_cohort`` call did for its shard."""
+
+    out_dir: Path
+    shard: tuple[int, int]
+    done: int = 0  # studies preprocessed by this call
+    skipped: int = 0  # already in the cache
+    failed: int = 0
+    failures: dict[str, str] = field(default_factory=dict)  # study_id -> reason
+    seconds: float = 0.0
+
+    @property
+    def total(self) -> int:
+        return self.done + self.skipped + self.failed
+
+
+def preprocess_cohort(
+    manifest,
+    out_dir: str | os.PathLike,
+    *,
+    config: PreprocessConfig,
+    backend: str | Backend | None = None,
+    shard: tuple[int, int] | None = (0, 1),
+    qc_png: bool = False,
+    progress: bool = True,
+) -> CohortResult:
+    """Preprocess shard ``shard = (i, n)`` of the cohort in ``manifest`` into the cache ``out_dir``.
+
+    ``manifest`` is a manifest CSV path or a ``Manifest`` from ``read_manifest``. ``shard=None``
+    takes ``(jax.process_index(), jax.process_count())`` when ``jax.distributed`` is initialised
+    and ``(0, 1)`` otherwise. Shard ``i`` owns every ``n``-th study of the manifest, so shards
+    share nothing but ``out_dir``. ``qc_png`` adds ``qc.png`` (mask outlines over three slices)
+    to each new study.
+    """
+    start = time.perf_counter()
+    shard = resolve_shard(shard)
+    studies = shard_studies(manifest_studies(manifest), shard)
+    out = init_cache_dir(out_dir, config)
+    backend = get_backend(backend)
+    todo = [s for s in studies if not _is_cached(out, s.study_id)]
+    result = CohortResult(out, shard, skipped=len(studies) - len(todo))
+    bar = tqdm(
+        total=len(studies),
+        initial=result.skipped,
+        unit="study",
+        disable=not progress,
+        desc=f"preprocess {shard[0]}/{shard[1]}",
+        dynamic_ncols=True,
+    )
+    with bar:
+        for study in todo:
+            _run_one(study, out, config, backend, qc_png, result)
+            bar.update(1)
+            bar.set_postfix(done=result.done, failed=result.failed, refresh=False)
+    # Always rewritten: a rerun that fixes a study must clear its old failure.
+    write_shard_failures(out, shard, result.failures)
+    merge_summaries(out, QC_FIELDS, qc_row)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _run_one(study, out, config, backend, qc_png, result: CohortResult) -> None:
+    try:
+        build_study(study, out, config=config, backend=backend, qc_png=qc_png)
+        result.done += 1
+    except Exception as err:  # any failure of one scan must not stop the cohort
+        reason = failure_reason(err)
+        logger.warning("study %s failed: %s", study.study_id, reason, exc_info=True)
+        result.failed += 1
+        result.failures[study.study_id] = reason
+        # Recorded at once so a run killed later still reports it.
+        write_shard_failures(out, result.shard, result.failures)
+        merge_summaries(out, QC_FIELDS, qc_row)
+
+
+def build_study(
+    study, out_dir, *, config: PreprocessConfig, backend: Backend, qc_png: bool = False
+) -> Path:
+    """Preprocess one manifest ``Study`` and write it into the cache; returns its directory."""
+    target = study_dir(out_dir, study.study_id)  # rejects ids that cannot name a directory
+    ct = load_ct(study.path)
+    labels = load_lesion_labels(study.lesion_labels, ct.hu.shape) if study.lesion_labels else None
+    scan = preprocess_scan(
+        ct.hu, ct.spacing, config=config, backend=backend, lesion_labels=labels, progress=False
+    )
+    arrays = scan_arrays(scan)
+    qc = summarise_qc(scan.qc, plausible_lung_ml(config))
+    meta = study_meta(study, ct, scan, qc, arrays, config)
+    extra = None
+    if qc_png:
+        masks = qc_masks(scan, ct, config, backend)
+        extra = {"qc.png": mask_overlay_png(ct.hu, masks, ct.spacing, title=study.study_id)}
+    clean_stale_tmp(out_dir, study.study_id)
+    write_study(out_dir, study.study_id, arrays, meta, extra)
+    return target
+
+
+def load_lesion_labels(path, ct_shape) -> np.ndarray:
+    """The lesion label map (0 background, 1-4 per sign) on the CT's grid, as uint8.
+
+    Loaded with ``load_ct`` so it gets the same canonical (k, j, i) orientation as the CT.
+    """
+    labels = np.asarray(load_ct(path).hu)
+    if labels.shape != tuple(ct_shape):
+        raise ValueError(
+            f"lesion label map {Path(path).name} has shape {labels.shape}, the CT has {ct_shape}"
+        )
+    if labels.min() < 0 or labels.max() > 255:
+        raise ValueError(
+            f"lesion label map {Path(path).name} holds values {labels.min()}..{labels.max()}, "
+            "expected small non-negative labels"
+        )
+    return labels.astype(np.uint8)
+
+
+def scan_arrays(scan) -> dict[str, np.ndarray]:
+    """The cache arrays of one ``ScanProjections``: float16 projections, uint8 lesion masks."""
+    arrays = {}
+    for axis in AXES:
+        arrays[f"gray_{axis}"] = to_numpy(scan.gray[axis]).astype(np.float16)
+        arrays[f"bands_{axis}"] = to_numpy(scan.bands[axis]).astype(np.float16)
+        if scan.lesions is not None and scan.lesions.get(axis) is not None:
+            arrays[f"lesions_{axis}"] = to_numpy(scan.lesions[axis]).astype(np.uint8)
+    for name, array in arrays.items():
+        # float16 overflows past 65504 and NaNs would poison training silently.
+        if array.dtype == np.float16 and not np.isfinite(array).all():
+            raise ValueError(f"{name} holds non-finite values after conversion to float16")
+    return arrays
+
+
+def study_meta(study, ct, scan, qc: dict, arrays: dict, config: PreprocessConfig) -> dict:
+    """meta.json of one study: labels and ids from the manifest, qc, mapping, shapes, paths.
+
+    Only the manifest's study and patient ids identify the scan: DICOM header fields
+    (``ct.meta``: names, birth dates, ...) are deliberately not copied.
+    """
+    return to_jsonable(
+        {
+            "study_id": study.study_id,
+            "patient_id": study.patient_id,
+            "cpa": study.cpa,
+            "survival_2y": study.survival_2y,
+            "annotations": study.annotations,
+            "qc": qc,
+            "mapping": scan.mapping,
+            "ct_path": str(study.path),
+            "lesion_labels_path": str(study.lesion_labels) if study.lesion_labels else None,
+            "ct_shape": list(np.shape(ct.hu)),
+            "spacing": [float(s) for s in ct.spacing],
+            "shapes": {name: list(a.shape) for name, a in arrays.items()},
+            "dtypes": {name: a.dtype.name for name, a in arrays.items()},
+            "preset": config.name,
+        }
+    )
+
+
+def qc_masks(scan, ct, config: PreprocessConfig, backend: Backend) -> dict[str, np.ndarray]:
+    """Conservative and refined lung masks on the CT grid, for the QC figure.
+
+    Taken from the ``ScanProjections`` when it keeps them; otherwise segmented again, which costs
+    one more ``lung_mask`` and is why it only happens with ``qc_png``.
+    """
+    masks = getattr(scan, "masks", None)
+    if masks:
+        return {name: to_numpy(m).astype(bool) for name, m in masks.items()}
+    from sapsam_jax.preprocess import lung_mask
+
+    out = {}
+    for kind in ("conservative", "refined"):
+        mask = lung_mask(ct.hu, ct.spacing, kind=kind, config=config.segmentation, backend=backend)
+        out[kind] = to_numpy(mask).astype(bool)
+    return out
+
+
+def failure_reason(err: BaseException) -> str:
+    """``ExceptionType: message`` on one line, short enough for a CSV cell."""
+    text = " ".join(f"{type(err).__name__}: {err}".split())
+    return text if len(text) <= _MAX_REASON_CHARS else text[: _MAX_REASON_CHARS - 3] + "..."
+
+
+def manifest_studies(manifest) -> list:
+    if isinstance(manifest, (str, os.PathLike)):
+        manifest = read_manifest(manifest)
+    studies = list(getattr(manifest, "studies", manifest))
+    dupes = [sid for sid, n in Counter(s.study_id for s in studies).items() if n > 1]
+    if dupes:
+        raise ValueError(f"manifest lists study ids more than once: {', '.join(map(str, dupes))}")
+    return studies
+
+
+def _is_cached(out: Path, study_id) -> bool:
+    try:
+        return study_dir(out, study_id).is_dir()
+    except ValueError:  # unusable id: build_study reports it as this study's failure
+        return False
+
+
+def shard_studies(studies: Sequence, shard: tuple[int, int]) -> list:
+    """Shard ``i`` of ``n``: every ``n``-th study from the ``i``-th, in manifest order."""
+    index, count = shard
+    return list(studies)[index::count]
+
+
+def resolve_shard(shard: tuple[int, int] | None) -> tuple[int, int]:
+    """Validate ``(index, count)``; ``None`` follows ``jax.distributed`` when it is initialised."""
+    if shard is None:
+        shard = _jax_process_shard()
+    index, count = (int(v) for v in shard)
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard!r}")
+    return index, count
+
+
+def _jax_process_shard() -> tuple[int, int]:
+    # Importing JAX here would start its runtime (and claim GPU memory CuPy needs): only ask an
+    # already imported JAX whether jax.distributed.initialize() was called.
+    jax = sys.modules.get("jax")
+    if jax is None:
+        return 0, 1
+    is_initialized = getattr(jax.distributed, "is_initialized", None)
+    if is_initialized is None or not is_initialized():
+        return 0, 1
+    return jax.process_index(), jax.process_count()
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` -> ``(i, n)``, for the ``--shard`` flag."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard expects i/n such as 0/4, got {text!r}") from None
+    return resolve_shard((index, count))

@@ -1,0 +1,121 @@
+"""Per-study quality control of the lung masks: volume, sub-region shares, an overlay figure.
+
+A failed segmentation does not raise -- it quietly produces projections of the wrong tissue -- so
+every cached study records the numbers that expose one (lung volume, how the lungs split over the
+six sub-regions of paper 2.3) and a flag when the volume is implausible for adult lungs.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+
+import numpy as np
+
+from sapsam_jax.config import AXES, SUBREGIONS
+
+QC_FIELDS = ("study_id", "lung_volume_ml", "lung_volume_implausible") + tuple(
+    f"fraction_{name}" for name in SUBREGIONS
+)
+
+
+# Used only when the config has no ``geometry.plausible_lung_ml``: adult lungs segment to roughly
+# 3-7 L at inspiration; CPA lungs lose volume, so under 1 L the mask most likely missed a lung or
+# the scan is partial, and over 10 L it most likely leaked into air outside the body.
+DEFAULT_PLAUSIBLE_LUNG_ML = (1000.0, 10000.0)
+
+
+def plausible_lung_ml(config) -> tuple[float, float]:
+    """(min, max) lung volume in mL that QC accepts, from the preprocessing config."""
+    bounds = getattr(config.geometry, "plausible_lung_ml", DEFAULT_PLAUSIBLE_LUNG_ML)
+    return float(bounds[0]), float(bounds[1])
+
+
+def summarise_qc(scan_qc: Mapping, bounds_ml: tuple[float, float]) -> dict:
+    """The study's QC record for meta.json: ``scan_qc`` (``ScanProjections.qc``) plus the flag.
+
+    ``scan_qc`` carries ``lung_volume_ml`` and the per-sub-region fractions of the lung
+    (``subregion_fraction``); everything else it holds is kept as is. A missing or non-finite
+    volume is flagged too: QC that cannot be computed is not a pass.
+    """
+    record = dict(scan_qc)
+    volume = record.get("lung_volume_ml")
+    low, high = bounds_ml
+    record["lung_volume_implausible"] = bool(
+        volume is None or not np.isfinite(volume) or not low <= volume <= high
+    )
+    record["plausible_lung_ml"] = [low, high]
+    return record
+
+
+def qc_row(meta: Mapping) -> dict:
+    """One qc.csv row (``QC_FIELDS``) from a study's meta.json."""
+    qc = meta.get("qc") or {}
+    fractions = qc.get("subregion_fraction") or {}
+    row = {
+        "study_id": meta.get("study_id"),
+        "lung_volume_ml": _round(qc.get("lung_volume_ml"), 1),
+        "lung_volume_implausible": int(bool(qc.get("lung_volume_implausible"))),
+    }
+    row.update({f"fraction_{name}": _round(fractions.get(name), 4) for name in SUBREGIONS})
+    return row
+
+
+def _round(value, digits):
+    return None if value is None else round(float(value), digits)
+
+
+def lung_volume_ml(mask: np.ndarray, spacing) -> float:
+    """Volume of a boolean mask in mL (spacing in mm; 1 mL = 1000 mm^3)."""
+    return float(np.count_nonzero(mask)) * float(np.prod(spacing)) / 1000.0
+
+
+def mask_overlay_png(
+    hu: np.ndarray, masks: Mapping[str, np.ndarray], spacing, title: str = ""
+) -> bytes:
+    """PNG of three orthogonal CT slices through the lungs' centre with the mask outlines.
+
+    Slices cross at the centroid of the first mask, so both lungs show in the axial and coronal
+    views. Images keep array order except that ``k`` is flipped so the head is up (ARCHITECTURE
+    "Orientation"), and pixel aspect follows the spacing so anatomy is not stretched.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    first = next(iter(masks.values()))
+    centre = _centre(first)
+    fig = Figure(figsize=(12, 4.4), dpi=80)
+    FigureCanvasAgg(fig)  # Agg canvas, no pyplot: safe in worker processes without a display
+    colours = ("tab:green", "tab:red", "tab:blue")
+    dk, dj, di = (float(s) for s in spacing)
+    for col, (axis_name, axis) in enumerate(AXES.items()):
+        ax = fig.add_subplot(1, 3, col + 1)
+        image = np.take(hu, centre[axis], axis=axis)
+        aspect = {0: dj / di, 1: dk / di, 2: dk / dj}[axis]
+        flip = axis != 0  # coronal/sagittal images have k on the rows: head up
+        ax.imshow(_flip(image, flip), cmap="gray", vmin=-1200, vmax=400, aspect=aspect)
+        for mask, colour in zip(masks.values(), colours, strict=False):
+            plane = _flip(np.take(mask, centre[axis], axis=axis), flip)
+            if plane.any():
+                ax.contour(plane.astype(np.float32), levels=[0.5], colors=colour, linewidths=0.8)
+        ax.set_title(f"{axis_name} ({'kji'[axis]} = {centre[axis]})")
+        ax.set_axis_off()
+    legend = ", ".join(
+        f"{name}: {colour.removeprefix('tab:')}"
+        for name, colour in zip(masks, colours, strict=False)
+    )
+    fig.suptitle(f"{title}  [{legend}]")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _centre(mask: np.ndarray) -> tuple[int, int, int]:
+    idx = np.argwhere(mask)
+    if len(idx) == 0:
+        return tuple(n // 2 for n in mask.shape)
+    return tuple(int(round(c)) for c in idx.mean(axis=0))
+
+
+def _flip(image: np.ndarray, flip: bool) -> np.ndarray:
+    return image[::-1] if flip else image

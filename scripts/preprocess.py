@@ -1,0 +1,159 @@
+"""Preprocess a cohort manifest into the projection cache (docs/readme/cache.md).
+
+    python scripts/preprocess.py --manifest cohort.csv --out cache/ --preset paper
+    python scripts/preprocess.py --manifest cohort.csv --out cache/ --workers 4   # 4 GPUs
+    python scripts/preprocess.py --manifest cohort.csv --out cache/ --shard 1/8   # machine 1 of 8
+
+Rerunning the same command resumes: finished studies are skipped, failed ones retried.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import subprocess
+import sys
+import time
+
+from sapsam_jax.backend import BACKEND_NAMES, BackendError, gpu_available
+from sapsam_jax.config import PREPROCESS_PRESETS, preprocess_preset
+from sapsam_jax.data._cache import STUDIES_DIR, CacheError, init_cache_dir
+from sapsam_jax.data._cohort import (
+    manifest_studies,
+    parse_shard,
+    preprocess_cohort,
+    shard_studies,
+)
+from sapsam_jax.io import ManifestError, read_manifest
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--manifest", required=True, help="cohort CSV (docs/ARCHITECTURE.md)")
+    p.add_argument("--out", required=True, help="cache folder (created; resumed if it exists)")
+    p.add_argument("--backend", choices=BACKEND_NAMES, default=None, help="default: auto")
+    p.add_argument("--preset", choices=sorted(PREPROCESS_PRESETS), default="paper")
+    p.add_argument("--grid", help="override the preset's grid_shape, K,J,I (e.g. 24,32,32)")
+    p.add_argument("--shard", help="i/n: process every n-th study from the i-th (many machines)")
+    p.add_argument("--workers", type=int, default=1, help="processes on this machine (1 per GPU)")
+    p.add_argument("--qc-png", action="store_true", help="write qc.png (mask overlay) per study")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def build_config(args):
+    config = preprocess_preset(args.preset)
+    if args.grid:
+        grid = tuple(int(v) for v in args.grid.split(","))
+        geometry = dataclasses.replace(config.geometry, grid_shape=grid)
+        name = f"{config.name}-grid{'x'.join(map(str, grid))}"
+        config = dataclasses.replace(config, name=name, geometry=geometry)
+    return config
+
+
+def run(args) -> int:
+    config = build_config(args)
+    manifest = read_manifest(args.manifest)
+    shard = parse_shard(args.shard) if args.shard else None
+    if args.workers > 1:
+        return launch_workers(args, manifest, config, shard or (0, 1))
+    result = preprocess_cohort(
+        manifest,
+        args.out,
+        config=config,
+        backend=args.backend,
+        shard=shard,
+        qc_png=args.qc_png,
+        progress=not args.no_progress,
+    )
+    print(
+        f"shard {result.shard[0]}/{result.shard[1]}: {result.done} done, {result.skipped} "
+        f"already cached, {result.failed} failed in {result.seconds:.0f} s -> {args.out}",
+        file=sys.stderr,
+    )
+    if result.failed:
+        print(
+            f"failed studies and reasons: {os.path.join(args.out, 'failures.csv')}", file=sys.stderr
+        )
+    return 0
+
+
+def launch_workers(args, manifest, config, shard) -> int:
+    """One child process per worker, each a sub-shard of ``shard`` pinned to its own GPU.
+
+    Machine shard ``(i, n)`` with ``w`` workers becomes shards ``i*w + k`` of ``n*w``; children
+    share nothing but the output folder, so a killed worker is simply resumed by a rerun.
+    """
+    init_cache_dir(args.out, config)  # config mismatch fails once here, not in every child
+    gpus = _gpu_ids(args.backend)
+    procs = []
+    for k in range(args.workers):
+        child_shard = f"{shard[0] * args.workers + k}/{shard[1] * args.workers}"
+        env = dict(os.environ)
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = gpus[k % len(gpus)]
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            *_child_argv(args),
+            "--shard",
+            child_shard,
+        ]
+        procs.append(subprocess.Popen(cmd, env=env))
+    _watch(procs, args, manifest, shard)
+    codes = [p.wait() for p in procs]
+    return max(codes)
+
+
+def _child_argv(args) -> list[str]:
+    argv = [
+        "--manifest",
+        args.manifest,
+        "--out",
+        args.out,
+        "--preset",
+        args.preset,
+        "--no-progress",
+    ]
+    for flag, value in (("--backend", args.backend), ("--grid", args.grid)):
+        if value:
+            argv += [flag, value]
+    return argv + (["--qc-png"] if args.qc_png else [])
+
+
+def _gpu_ids(backend: str | None) -> list[str]:
+    if (backend or os.environ.get("SAPSAM_BACKEND", "auto")) == "cpu" or not gpu_available():
+        return []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        return [v.strip() for v in visible.split(",") if v.strip()]
+    import cupy
+
+    return [str(i) for i in range(cupy.cuda.runtime.getDeviceCount())]
+
+
+def _watch(procs, args, manifest, shard) -> None:
+    """One progress bar for all workers, counting this machine's studies as they appear."""
+    from tqdm.auto import tqdm
+
+    ids = {s.study_id for s in shard_studies(manifest_studies(manifest), shard)}
+    studies = os.path.join(args.out, STUDIES_DIR)
+    with tqdm(total=len(ids), unit="study", disable=args.no_progress, desc="preprocess") as bar:
+        while any(p.poll() is None for p in procs):
+            bar.update(len(ids.intersection(os.listdir(studies))) - bar.n)
+            time.sleep(2.0)
+        bar.update(len(ids.intersection(os.listdir(studies))) - bar.n)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (ManifestError, CacheError, BackendError, ValueError, OSError) as err:
+        print(f"preprocess.py: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
