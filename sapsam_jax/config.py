@@ -73,6 +73,18 @@ class GeometryConfig:
     downsample: int = 2  # paper 2.3: "downsampled by 2 in each direction"
     # Paper 2.3: "rotating each scan in 3D by +-5 degrees around each axis, i.e. 27 rotations".
     rotation_angles_deg: tuple[float, ...] = (-5.0, 0.0, 5.0)
+    # Not in the paper: the lung bounding box (refined mask, ARCHITECTURE.md) is grown by this
+    # margin so pleural signs at the lung edge (paper 1.2) stay inside the resampled grid.
+    bbox_margin_mm: float = 5.0
+    # Not in the paper: voxels that a rotation or the crop brings in from outside are air.
+    fill_hu: float = -1024.0
+    # Masks are resampled/rotated linearly and re-thresholded here (a majority vote per voxel).
+    mask_threshold: float = 0.5
+    # Gaussian anti-aliasing before shrinking, sigma = (zoom - 1) / 2 voxels (skimage.resize).
+    anti_alias: bool = True
+    # QC only, not in the paper: adult lung volumes at full inspiration (paper 1.1) outside this
+    # range (mL) mean a failed segmentation or a non-chest scan.
+    plausible_lung_ml: tuple[float, float] = (1000.0, 10000.0)
 
     @property
     def working_shape(self) -> tuple[int, int, int]:
@@ -123,7 +135,9 @@ PAPER = PreprocessConfig()
 QUICK = dataclasses.replace(
     PAPER, name="quick", geometry=GeometryConfig(grid_shape=(108, 128, 128))
 )
-PREPROCESS_PRESETS = {"paper": PAPER, "quick": QUICK}
+# For tests and the tiny training preset: 1/8 of the paper's voxels per axis before the /2.
+TINY = dataclasses.replace(PAPER, name="tiny", geometry=GeometryConfig(grid_shape=(54, 64, 64)))
+PREPROCESS_PRESETS = {"paper": PAPER, "quick": QUICK, "tiny": TINY}
 
 
 def preprocess_preset(name: str) -> PreprocessConfig:

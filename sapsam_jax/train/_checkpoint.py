@@ -1,0 +1,94 @@
+"""Orbax checkpoints of a training run: the latest epoch (to resume) and the best on validation.
+
+A run whose workdir already holds a checkpoint resumes from it (flax examples/gemma/train.py).
+Orbax writes each step to a temporary folder and renames it when complete, so a `kill -9` mid-save
+leaves the previous checkpoint intact; at most the interrupted epoch is lost.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orbax.checkpoint as ocp
+from flax import nnx
+
+MODEL_STATE = nnx.Any(nnx.Param, nnx.BatchStat)
+
+
+class RunCheckpoints:
+    """Two Orbax managers under ``WORKDIR/checkpoints``: ``latest`` (resume) and ``best``."""
+
+    def __init__(self, workdir: Path):
+        root = Path(workdir).absolute() / "checkpoints"
+        self.latest = ocp.CheckpointManager(
+            root / "latest", options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
+        )
+        self.best = ocp.CheckpointManager(
+            root / "best", options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
+        )
+
+    def save(self, model, optimizer, meta: dict, *, best: bool) -> None:
+        """Save epoch ``meta["epoch"]`` (1-based) as latest, and as best when it improved."""
+        step = int(meta["epoch"])
+        model_state = nnx.to_pure_dict(nnx.state(model, MODEL_STATE))
+        args = ocp.args.Composite(
+            model=ocp.args.StandardSave(model_state),
+            optimizer=ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(optimizer, nnx.OptState))),
+            meta=ocp.args.JsonSave(meta),
+        )
+        self.latest.save(step, args=args)
+        if best:
+            best_args = ocp.args.Composite(
+                model=ocp.args.StandardSave(model_state), meta=ocp.args.JsonSave(meta)
+            )
+            self.best.save(step, args=best_args)
+        self.wait()
+
+    def restore_latest(self, model, optimizer) -> dict | None:
+        """Restore model and optimizer from the latest epoch; returns its meta, None if none."""
+        step = self.latest.latest_step()
+        if step is None:
+            return None
+        model_state = nnx.state(model, MODEL_STATE)
+        opt_state = nnx.state(optimizer, nnx.OptState)
+        restored = self.latest.restore(
+            step,
+            args=ocp.args.Composite(
+                model=ocp.args.StandardRestore(nnx.to_pure_dict(model_state)),
+                optimizer=ocp.args.StandardRestore(nnx.to_pure_dict(opt_state)),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+        _assign(model, model_state, restored["model"])
+        _assign(optimizer, opt_state, restored["optimizer"])
+        return dict(restored["meta"])
+
+    def restore_best(self, model) -> dict | None:
+        """Load the best-on-validation weights into ``model``; falls back to the latest."""
+        manager = self.best if self.best.latest_step() is not None else self.latest
+        step = manager.latest_step()
+        if step is None:
+            return None
+        model_state = nnx.state(model, MODEL_STATE)
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                model=ocp.args.StandardRestore(nnx.to_pure_dict(model_state)),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+        _assign(model, model_state, restored["model"])
+        return dict(restored["meta"])
+
+    def wait(self) -> None:
+        self.latest.wait_until_finished()
+        self.best.wait_until_finished()
+
+    def close(self) -> None:
+        self.latest.close()
+        self.best.close()
+
+
+def _assign(node, state, pure: dict) -> None:
+    nnx.replace_by_pure_dict(state, pure)
+    nnx.update(node, state)
