@@ -1,0 +1,448 @@
+"""DICOM CT: a series folder (one slice per file) or one multi-frame (Enhanced CT) file.
+
+Files are parsed in a thread pool (file reads and NumPy copies release the GIL), grouped by
+SeriesInstanceUID, sorted by position along the slice normal, checked for duplicate and missing
+slices, rescaled to HU and handed to :func:`to_canonical`. Patient-identifying attributes are
+never copied out of the pydicom datasets, which are dropped once the volume is built.
+"""
+
+from __future__ import annotations
+
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+
+from ._volume import CTLoadError, CTVolume, spacing_of, to_canonical, to_hu_int16
+
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+# Two slices closer than this along the normal are the same slice acquired twice.
+DUPLICATE_TOLERANCE_MM = 0.01
+# A slice step may differ from the series' usual step by this much (DICOM positions are decimal
+# strings, rounded by scanners and converters) before it counts as a gap or uneven spacing.
+SPACING_TOLERANCE_MM = 0.01
+SPACING_TOLERANCE_FRACTION = 0.02
+# Slices of one series must share their orientation to this precision (direction cosines).
+ORIENTATION_TOLERANCE = 1e-4
+_MAX_LISTED = 5  # problems listed in one error message
+
+
+@dataclass
+class _Frame:
+    """Geometry and rescale of one 2-D slice: a whole file, or one frame of a multi-frame file."""
+
+    path: Path
+    number: int | None  # frame index inside a multi-frame file
+    position: np.ndarray  # ImagePositionPatient, LPS mm
+    orientation: np.ndarray  # ImageOrientationPatient: row direction, then column direction
+    pixel_spacing: np.ndarray  # (between rows, between columns) mm
+    slope: float
+    intercept: float
+
+    def label(self) -> str:
+        return self.path.name if self.number is None else f"{self.path.name} frame {self.number}"
+
+
+def is_dicom_file(path: Path) -> bool:
+    """True for a file with the DICOM Part 10 'DICM' marker after its 128-byte preamble."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def read_dicom(path: Path, series_uid: str | None, allow_gaps: bool) -> CTVolume:
+    """Read a DICOM series folder or a single multi-frame DICOM file as a canonical CTVolume."""
+    items = _read_folder(path) if path.is_dir() else _read_single_file(path)
+    items = _choose_series(items, series_uid, path)
+    _check_modality(items, path)
+    frames, decode = _frames_and_decoder(items, path)
+    _check_consistent(frames, items, path)
+    normal = _slice_normal(frames[0])
+    frames.sort(key=lambda fr: float(fr.position @ normal))
+    positions = np.array([fr.position @ normal for fr in frames])
+    targets = _check_spacing(positions, frames, path, allow_gaps)
+    hu = decode(frames)
+    if targets is not None:
+        hu = _interpolate_slices(hu, positions, targets)
+        positions = targets
+    affine = _native_affine(frames[0], normal, positions)
+    hu, affine = to_canonical(hu, affine, path)
+    meta = _metadata(items[0][1], path, hu, affine, len(frames))
+    meta["interpolated_slices"] = 0 if targets is None else len(targets) - len(frames)
+    return CTVolume(hu=hu, spacing=spacing_of(affine), affine=affine, meta=meta)
+
+
+# ----------------------------------------------------------------------------- reading files
+
+
+def _read_one(path: Path):
+    """The dataset of an image DICOM file; None for non-DICOM or non-image files (skipped)."""
+    try:
+        ds = pydicom.dcmread(path)
+    except InvalidDicomError:
+        return None
+    except Exception as err:  # pydicom raises many types on damaged headers
+        raise CTLoadError(
+            f"{path}: cannot parse DICOM, file truncated or corrupt ({err})"
+        ) from None
+    if "PixelData" not in ds:
+        if _is_image_sop_class(ds):
+            raise CTLoadError(f"{path}: DICOM image without pixel data, file truncated or corrupt")
+        return None  # e.g. DICOMDIR, dose reports, presentation states
+    return ds
+
+
+def _is_image_sop_class(ds) -> bool:
+    """True unless the SOP class is known and is not an image (truncated files lose it too)."""
+    uid = ds.get("SOPClassUID") or getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID")
+    if uid is None or not getattr(uid, "is_valid", True) or uid.name == uid:
+        return True
+    return "Image" in uid.name
+
+
+def _read_folder(folder: Path) -> list[tuple[Path, pydicom.Dataset]]:
+    """Parse every DICOM image file directly inside ``folder``, in parallel threads."""
+    entries = sorted(folder.iterdir())
+    files = [p for p in entries if p.is_file() and not p.name.startswith(".")]
+    if not files:
+        subfolders = sum(p.is_dir() for p in entries)
+        hint = f" (it has {subfolders} subfolder(s); pass a series folder)" if subfolders else ""
+        raise CTLoadError(f"{folder}: empty folder, no files to read{hint}")
+    with ThreadPoolExecutor() as pool:
+        datasets = list(pool.map(_read_one, files))
+    items = [(p, ds) for p, ds in zip(files, datasets, strict=True) if ds is not None]
+    if not items:
+        raise CTLoadError(
+            f"{folder}: no DICOM image files among its {len(files)} file(s) "
+            f"(files need the DICOM 'DICM' marker; NIfTI must be passed as a file)"
+        )
+    return items
+
+
+def _read_single_file(path: Path) -> list[tuple[Path, pydicom.Dataset]]:
+    """A single DICOM file: a multi-frame volume, or a 2-D slice (refused with a hint)."""
+    ds = _read_one(path)
+    if ds is None:
+        raise CTLoadError(f"{path}: not a DICOM image file")
+    if int(ds.get("NumberOfFrames", 1) or 1) < 2:
+        raise CTLoadError(
+            f"{path}: a single 2-D image, not a CT volume; pass the folder holding its series"
+        )
+    return [(path, ds)]
+
+
+# ----------------------------------------------------------------------------- series checks
+
+
+def _choose_series(items, series_uid: str | None, source: Path):
+    """Files of one series: the only one present, or the one named by ``series_uid``."""
+    groups: dict[str, list] = {}
+    for path, ds in items:
+        groups.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((path, ds))
+    if series_uid is not None:
+        if series_uid not in groups:
+            raise CTLoadError(
+                f"{source}: no series {series_uid!r}; found:\n{_describe_series(groups)}"
+            )
+        return groups[series_uid]
+    if len(groups) > 1:
+        raise CTLoadError(
+            f"{source}: {len(groups)} series found, choose one with series_uid=...:\n"
+            f"{_describe_series(groups)}"
+        )
+    return next(iter(groups.values()))
+
+
+def _describe_series(groups) -> str:
+    """One line per series: UID, slice count, SeriesDescription (nothing about the patient)."""
+    lines = []
+    for uid, members in groups.items():
+        ds = members[0][1]
+        frames = sum(int(d.get("NumberOfFrames", 1) or 1) for _, d in members)
+        desc = str(ds.get("SeriesDescription", "") or "")
+        lines.append(f"  {uid or '(no SeriesInstanceUID)'}: {frames} slice(s), {desc!r}")
+    return "\n".join(lines)
+
+
+def _check_modality(items, source: Path) -> None:
+    """Refuse anything but CT (an MR or PET series in HU units would be nonsense)."""
+    bad = [(p, ds.get("Modality")) for p, ds in items if ds.get("Modality") != "CT"]
+    if bad:
+        path, modality = bad[0]
+        raise CTLoadError(
+            f"{source}: Modality is {modality!r}, not 'CT', in {len(bad)} file(s), e.g. {path.name}"
+        )
+
+
+def _check_consistent(frames: list[_Frame], items, source: Path) -> None:
+    """All slices must share orientation, pixel spacing and matrix size to form one volume."""
+    first = frames[0]
+    for fr in frames[1:]:
+        if np.abs(fr.orientation - first.orientation).max() > ORIENTATION_TOLERANCE:
+            raise CTLoadError(
+                f"{source}: slices have different orientations ({first.label()}: "
+                f"{first.orientation.tolist()}, {fr.label()}: {fr.orientation.tolist()}); "
+                "a localizer mixed into the series?"
+            )
+        if not np.allclose(fr.pixel_spacing, first.pixel_spacing, atol=1e-4):
+            raise CTLoadError(f"{source}: {fr.label()} has a different PixelSpacing")
+    shapes = {(int(ds.Rows), int(ds.Columns)) for _, ds in items}
+    if len(shapes) > 1:
+        raise CTLoadError(f"{source}: slices have different sizes (rows, columns) {sorted(shapes)}")
+    if len(frames) < 2:
+        raise CTLoadError(f"{source}: only one slice, a 2-D image rather than a CT volume")
+
+
+def _check_spacing(positions, frames: list[_Frame], source: Path, allow_gaps: bool):
+    """None when slices are evenly spaced; else the regular positions to interpolate onto.
+
+    Duplicates are always an error. Gaps and uneven steps are an error unless ``allow_gaps``.
+    """
+    steps = np.diff(positions)
+    dup = np.flatnonzero(steps < DUPLICATE_TOLERANCE_MM)
+    if dup.size:
+        a, b = frames[dup[0]], frames[dup[0] + 1]
+        raise CTLoadError(
+            f"{source}: duplicate slice position {positions[dup[0]]:.2f} mm along the slice "
+            f"normal in {a.label()} and {b.label()} ({dup.size} duplicate(s))"
+        )
+    step = float(np.median(steps))
+    tolerance = max(SPACING_TOLERANCE_MM, SPACING_TOLERANCE_FRACTION * step)
+    bad = np.flatnonzero(np.abs(steps - step) > tolerance)
+    if bad.size == 0:
+        return None
+    problems = [_describe_gap(positions, frames, n, step) for n in bad[:_MAX_LISTED]]
+    more = f"\n  ... and {bad.size - _MAX_LISTED} more" if bad.size > _MAX_LISTED else ""
+    message = f"{source}: slices are not evenly spaced (usual step {step:.3f} mm):\n  " + (
+        "\n  ".join(problems) + more
+    )
+    if not allow_gaps:
+        raise CTLoadError(message + "\npass allow_gaps=True to interpolate across them")
+    count = max(int(round((positions[-1] - positions[0]) / step)), 1) + 1
+    warnings.warn(message + f"\ninterpolating linearly onto {count} even slices", stacklevel=3)
+    return np.linspace(positions[0], positions[-1], count)
+
+
+def _describe_gap(positions, frames: list[_Frame], n: int, step: float) -> str:
+    """'N missing slice(s) between ...' or 'uneven step ...' for the step after slice n."""
+    gap = positions[n + 1] - positions[n]
+    where = (
+        f"between {positions[n]:.2f} mm ({frames[n].label()}) and "
+        f"{positions[n + 1]:.2f} mm ({frames[n + 1].label()})"
+    )
+    multiple = gap / step
+    if round(multiple) >= 2 and abs(multiple - round(multiple)) < SPACING_TOLERANCE_FRACTION * 5:
+        return f"{round(multiple) - 1} missing slice(s) {where}"
+    return f"uneven step of {gap:.3f} mm {where}"
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+def _frames_and_decoder(items, source: Path):
+    """Slice records and a function that decodes them (in the given order) to int16 HU."""
+    if len(items) == 1 and int(items[0][1].get("NumberOfFrames", 1) or 1) > 1:
+        path, ds = items[0]
+        return _multiframe_frames(path, ds), lambda frames: _decode_multiframe(ds, path, frames)
+    multi = [p.name for p, ds in items if int(ds.get("NumberOfFrames", 1) or 1) > 1]
+    if multi:
+        raise CTLoadError(f"{source}: several multi-frame files in one series ({multi[:3]})")
+    frames = [_single_frame(path, ds) for path, ds in items]
+    by_path = dict(items)
+    return frames, lambda ordered: _decode_series(ordered, by_path)
+
+
+def _floats(value, count: int, what: str, where) -> np.ndarray:
+    """A numeric DICOM multi-value as a float array, or a clear error when absent/malformed."""
+    try:
+        out = np.array([float(v) for v in value], dtype=np.float64)
+    except (TypeError, ValueError):
+        out = np.zeros(0)
+    if out.shape != (count,):
+        raise CTLoadError(f"{where}: missing or malformed {what} ({value!r})")
+    return out
+
+
+def _single_frame(path: Path, ds) -> _Frame:
+    return _Frame(
+        path=path,
+        number=None,
+        position=_floats(ds.get("ImagePositionPatient"), 3, "ImagePositionPatient", path),
+        orientation=_floats(ds.get("ImageOrientationPatient"), 6, "ImageOrientationPatient", path),
+        pixel_spacing=_floats(ds.get("PixelSpacing"), 2, "PixelSpacing", path),
+        slope=float(ds.get("RescaleSlope") or 1),
+        intercept=float(ds.get("RescaleIntercept") or 0),
+    )
+
+
+def _functional(ds, per_frame, sequence: str, attribute: str):
+    """``attribute`` of an Enhanced functional group: the frame's own, else the shared one."""
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    for group in (per_frame, shared[0] if shared else None):
+        items = group.get(sequence) if group is not None else None
+        if items and attribute in items[0]:
+            return items[0].get(attribute)
+    return ds.get(attribute)  # legacy multi-frame files keep them at the top level
+
+
+def _multiframe_frames(path: Path, ds) -> list[_Frame]:
+    """One record per frame of an Enhanced (multi-frame) CT file, from its functional groups."""
+    count = int(ds.NumberOfFrames)
+    per_frame = list(ds.get("PerFrameFunctionalGroupsSequence", [])) or [None] * count
+    if len(per_frame) != count:
+        raise CTLoadError(f"{path}: {len(per_frame)} per-frame groups for {count} frames")
+    return [_enhanced_frame(path, ds, n, group) for n, group in enumerate(per_frame)]
+
+
+def _enhanced_frame(path: Path, ds, number: int, group) -> _Frame:
+    where = f"{path} frame {number}"
+    position = _functional(ds, group, "PlanePositionSequence", "ImagePositionPatient")
+    orientation = _functional(ds, group, "PlaneOrientationSequence", "ImageOrientationPatient")
+    spacing = _functional(ds, group, "PixelMeasuresSequence", "PixelSpacing")
+    slope = _functional(ds, group, "PixelValueTransformationSequence", "RescaleSlope")
+    intercept = _functional(ds, group, "PixelValueTransformationSequence", "RescaleIntercept")
+    return _Frame(
+        path=path,
+        number=number,
+        position=_floats(position, 3, "ImagePositionPatient", where),
+        orientation=_floats(orientation, 6, "ImageOrientationPatient", where),
+        pixel_spacing=_floats(spacing, 2, "PixelSpacing", where),
+        slope=float(slope if slope not in (None, "") else 1),
+        intercept=float(intercept if intercept not in (None, "") else 0),
+    )
+
+
+def _slice_normal(frame: _Frame) -> np.ndarray:
+    """Unit normal of the slice plane: row direction x column direction."""
+    normal = np.cross(frame.orientation[:3], frame.orientation[3:])
+    norm = np.linalg.norm(normal)
+    if norm < 0.5:
+        raise CTLoadError(f"{frame.label()}: degenerate ImageOrientationPatient")
+    return normal / norm
+
+
+def _native_affine(first: _Frame, normal: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """4x4 from (slice, row, column) indices of the sorted stack to LPS mm.
+
+    A row index steps along the column direction cosine (IOP[3:]) by PixelSpacing[0]; a column
+    index along the row direction cosine (IOP[:3]) by PixelSpacing[1] (DICOM PS3.3 C.7.6.2.1.1).
+    """
+    affine = np.eye(4)
+    affine[:3, 0] = normal * (positions[-1] - positions[0]) / (len(positions) - 1)
+    affine[:3, 1] = first.orientation[3:] * first.pixel_spacing[0]
+    affine[:3, 2] = first.orientation[:3] * first.pixel_spacing[1]
+    # The first slice's in-plane origin, moved onto the first (possibly interpolated) position.
+    affine[:3, 3] = first.position + normal * (positions[0] - first.position @ normal)
+    return affine
+
+
+# ----------------------------------------------------------------------------- pixels
+
+
+def _pixels(ds, path: Path) -> np.ndarray:
+    """``ds.pixel_array`` with pydicom's failures turned into messages that say what to do."""
+    try:
+        return ds.pixel_array
+    except (RuntimeError, NotImplementedError) as err:
+        syntax = ds.file_meta.get("TransferSyntaxUID", "unknown")
+        raise CTLoadError(
+            f"{path}: cannot decode {getattr(syntax, 'name', syntax)} pixel data: "
+            f"{_missing_plugins(syntax) or err}"
+        ) from None
+    except (ValueError, AttributeError, EOFError) as err:
+        raise CTLoadError(f"{path}: pixel data truncated or corrupt ({err})") from None
+
+
+def _missing_plugins(syntax) -> str:
+    """Which packages would let pydicom decode ``syntax`` (empty when pydicom cannot say)."""
+    try:
+        from pydicom.pixels import get_decoder
+
+        missing = get_decoder(syntax).missing_dependencies
+    except Exception:  # unknown syntax, or an older pydicom without pydicom.pixels
+        return ""
+    if not missing:
+        return ""
+    return (
+        "no pixel-data plugin installed for it; install one of: "
+        + "; ".join(missing)
+        + " (pip names: python-gdcm, pylibjpeg + pylibjpeg-libjpeg/-openjpeg/-rle, pyjpegls)"
+    )
+
+
+def _rescaled(raw: np.ndarray, slope: float, intercept: float) -> np.ndarray:
+    """Stored values -> int16 HU; integer arithmetic when the rescale is an integer shift."""
+    if slope == 1 and float(intercept).is_integer():
+        return to_hu_int16(raw.astype(np.int32) + int(intercept))
+    return to_hu_int16(raw.astype(np.float32) * np.float32(slope) + np.float32(intercept))
+
+
+def _decode_series(frames: list[_Frame], by_path) -> np.ndarray:
+    """Decode one file per slice, in parallel, straight into the int16 stack."""
+    first = by_path[frames[0].path]
+    hu = np.empty((len(frames), int(first.Rows), int(first.Columns)), dtype=np.int16)
+
+    def fill(n: int) -> None:
+        fr = frames[n]
+        hu[n] = _rescaled(_pixels(by_path[fr.path], fr.path), fr.slope, fr.intercept)
+
+    with ThreadPoolExecutor() as pool:
+        list(pool.map(fill, range(len(frames))))
+    return hu
+
+
+def _decode_multiframe(ds, path: Path, frames: list[_Frame]) -> np.ndarray:
+    """Decode all frames of one file, then reorder and rescale them."""
+    pixels = _pixels(ds, path)
+    return np.stack([_rescaled(pixels[fr.number], fr.slope, fr.intercept) for fr in frames])
+
+
+def _interpolate_slices(hu: np.ndarray, positions, targets) -> np.ndarray:
+    """Linear interpolation along k from the measured slice positions onto ``targets``."""
+    upper = np.clip(np.searchsorted(positions, targets, side="right"), 1, len(positions) - 1)
+    lower = upper - 1
+    weight = (targets - positions[lower]) / (positions[upper] - positions[lower])
+    out = np.empty((len(targets),) + hu.shape[1:], dtype=hu.dtype)
+    for n, (lo, hi, w) in enumerate(zip(lower, upper, weight, strict=True)):
+        below, above = hu[lo].astype(np.float32), hu[hi].astype(np.float32)
+        out[n] = to_hu_int16(below + np.float32(w) * (above - below))
+    return out
+
+
+# ----------------------------------------------------------------------------- metadata
+
+
+def _text(ds, keyword: str) -> str | None:
+    """A descriptive attribute as text (multi-valued ones joined with backslashes), or None."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    if isinstance(value, MultiValue):
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+def _metadata(ds, source: Path, hu, affine, frame_count: int) -> dict:
+    """The allowed description of the scan: an explicit allow-list, nothing about the patient."""
+    return {
+        "format": "dicom",
+        "source_path": str(source),
+        "study_uid": _text(ds, "StudyInstanceUID"),
+        "series_uid": _text(ds, "SeriesInstanceUID"),
+        "series_description": _text(ds, "SeriesDescription"),
+        "manufacturer": _text(ds, "Manufacturer"),
+        "scanner_model": _text(ds, "ManufacturerModelName"),
+        "convolution_kernel": _text(ds, "ConvolutionKernel"),
+        "slice_thickness_mm": float(ds.SliceThickness) if ds.get("SliceThickness") else None,
+        "spacing": spacing_of(affine),
+        "shape": tuple(hu.shape),
+        "slice_count": frame_count,
+    }
