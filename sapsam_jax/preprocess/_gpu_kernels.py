@@ -1,0 +1,168 @@
+"""CUDA projection kernels (``kernels/*.cu``): sources, memoized per-device modules, launchers.
+
+Each kernel is specialised by a ``#define`` preamble (axis, working shape, HU dtype, bands) and
+compiled once per device and set of static parameters with ``cupy.RawModule`` (as cupyx
+``ndimage/_filters.py`` does). :func:`kernel_source` is importable without CuPy so the tests can
+compile the exact source with ``nvcc --ptx``. NumPy twins:
+``_projection.subregion_band_projections(use_kernel=False)`` and
+``_projection.rotate_project(method="twin")``.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+
+from ..config import PAPER_BANDS
+from ._geometry import inverse_rotation
+from ._subregions import subregion_image_shape
+
+KERNEL_DIR = Path(__file__).with_name("kernels")
+COMMON_HEADER = "project_common.cuh"
+PROJECT_BANDS = "project_bands.cu"
+ROTATE_PROJECT = "rotate_project.cu"
+_HU_TYPES = {"float32": ("float", "f32"), "int16": ("short", "i16")}
+_THREADS = 128  # rays per block; one thread walks one ray
+
+
+def _c_float(x: float) -> str:
+    return f"{float(x)!r}f"
+
+
+def _c_list(values) -> str:
+    return "{" + ", ".join(_c_float(v) for v in values) + "}"
+
+
+def kernel_defines(
+    axis: int,
+    working_shape,
+    hu_dtype="float32",
+    bands=PAPER_BANDS,
+    *,
+    fill_hu: float = -1024.0,
+    mask_threshold: float = 0.5,
+) -> tuple[tuple[str, str], ...]:
+    """The preamble's (name, value) pairs: hashable, so they key the module cache."""
+    c_type, suffix = _HU_TYPES[np.dtype(hu_dtype).name]
+    nk, nj, ni = (int(n) for n in working_shape)
+    if min(nk, nj, ni) < 3 or nk // 3 < 1 or ni // 2 < 1:
+        raise ValueError(f"working shape {working_shape} is too small for six sub-regions")
+    return (
+        ("AXIS", str(int(axis))),
+        ("NK", str(nk)),
+        ("NJ", str(nj)),
+        ("NI", str(ni)),
+        ("HU_T", c_type),
+        ("SAPSAM_NAME(base)", f"base##_{suffix}"),
+        ("NBANDS", str(len(bands))),
+        ("BAND_LO", _c_list(lo for lo, _ in bands)),
+        ("BAND_HI", _c_list(hi for _, hi in bands)),
+        ("FILL_HU", _c_float(fill_hu)),
+        ("MASK_THRESHOLD", _c_float(mask_threshold)),
+    )
+
+
+def kernel_name(base: str, defines) -> str:
+    """The extern "C" name ``SAPSAM_NAME(base)`` expands to, e.g. sapsam_project_bands_3d_f32."""
+    suffix = dict(defines)["SAPSAM_NAME(base)"].split("##_")[1]
+    return f"{base}_{suffix}"
+
+
+def kernel_source(filename: str, defines) -> str:
+    """Preamble + shared header + kernel file: exactly what CuPy (and the nvcc test) compile."""
+    preamble = "".join(f"#define {name} {value}\n" for name, value in defines)
+    common = (KERNEL_DIR / COMMON_HEADER).read_text()
+    return preamble + common + "\n" + (KERNEL_DIR / filename).read_text()
+
+
+@functools.cache
+def _module(device_id: int, filename: str, defines):
+    import cupy
+
+    with cupy.cuda.Device(device_id):
+        return cupy.RawModule(code=kernel_source(filename, defines), options=("--std=c++14",))
+
+
+def get_kernel(filename: str, base: str, defines):
+    """The compiled kernel ``base`` of ``filename`` for the current device (memoized)."""
+    import cupy
+
+    module = _module(cupy.cuda.Device().id, filename, tuple(defines))
+    return module.get_function(kernel_name(base, defines))
+
+
+def _grid(axis: int, working_shape, batch: int) -> tuple[int, int]:
+    h, w = (n for d, n in enumerate(working_shape) if d != axis)
+    return ((h * w + _THREADS - 1) // _THREADS, batch)
+
+
+def project_bands_gpu(hu, mask, axis: int, bands=PAPER_BANDS):
+    """Kernel 1: (6, Hs, Ws, len(bands)) sub-region band images of one working volume."""
+    import cupy
+
+    hu_dtype = "int16" if hu.dtype == cupy.int16 else "float32"
+    hu = cupy.ascontiguousarray(hu, dtype=hu_dtype)
+    mask = cupy.ascontiguousarray(mask, dtype=cupy.bool_).view(cupy.uint8)
+    defines = kernel_defines(axis, hu.shape, hu_dtype, bands)
+    out = cupy.zeros((6, *subregion_image_shape(hu.shape, axis), len(bands)), cupy.float32)
+    kernel = get_kernel(PROJECT_BANDS, "sapsam_project_bands_3d", defines)
+    kernel(_grid(axis, hu.shape, 1), (_THREADS,), (hu, mask, out))
+    return out
+
+
+def rotation_affines(rotations, shape) -> np.ndarray:
+    """(R, 12) float32: per rotation the inverse matrix (row-major) then the offset."""
+    rows = []
+    for angles in rotations:
+        matrix, offset = inverse_rotation(angles, shape)
+        rows.append(np.concatenate([matrix.ravel(), offset]))
+    return np.asarray(rows, dtype=np.float32)
+
+
+def rotate_project_gpu(hu, conservative, refined, rotations, axes, config, progress=None):
+    """Kernel 2: rotation fused with projection; same outputs as ``rotate_project``."""
+    import cupy
+
+    from ..config import AXES
+
+    geometry, projection = config.geometry, config.projection
+    hu = cupy.ascontiguousarray(hu, dtype=cupy.float32)
+    # Both masks in one byte: one load per corner serves the gray and the band projections.
+    masks = conservative.astype(cupy.uint8) | (refined.astype(cupy.uint8) << 1)
+    affines = cupy.asarray(rotation_affines(rotations, hu.shape))
+    nrot, nb = len(rotations), len(projection.bands)
+    gray, bands = {}, {}
+    for n, name in enumerate(axes):
+        axis = AXES[name]
+        defines = kernel_defines(
+            axis,
+            hu.shape,
+            "float32",
+            projection.bands,
+            fill_hu=geometry.fill_hu,
+            mask_threshold=geometry.mask_threshold,
+        )
+        image = tuple(s for d, s in enumerate(hu.shape) if d != axis)
+        gray[name] = cupy.zeros((nrot, *image), cupy.float32)
+        sub_image = subregion_image_shape(hu.shape, axis)
+        bands[name] = cupy.zeros((nrot, 6, *sub_image, nb), cupy.float32)
+        kernel = get_kernel(ROTATE_PROJECT, "sapsam_rotate_project_bands_3d", defines)
+        lo, hi = (np.float32(v) for v in projection.gray_window_hu)
+        args = (hu, masks, affines, gray[name], bands[name], lo, hi)
+        kernel(_grid(axis, hu.shape, nrot), (_THREADS,), args)
+        if progress:
+            progress("rotations", n + 1, len(axes))
+    return gray, bands
+
+
+__all__ = [
+    "get_kernel",
+    "kernel_defines",
+    "kernel_name",
+    "kernel_source",
+    "project_bands_gpu",
+    "rotate_project_gpu",
+    "rotation_affines",
+]

@@ -1,0 +1,158 @@
+"""One CT scan to all of its projections (paper 2.1-2.3): :func:`preprocess_scan`.
+
+Masks (conservative and refined, paper 2.1) -> lung bounding box of the refined mask -> one
+resampling to the working grid -> 27 rotations x 3 axes of whole-scan gray images and sub-region
+band images -> NumPy. On the GPU everything stays on the device until the single copy back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..backend import backend_of, get_backend, to_numpy
+from ..config import AXES, PAPER, SIGNS, PreprocessConfig
+from ._geometry import lung_bbox, resample_to_grid
+from ._projection import rotate_project
+from ._subregions import axis_index, subregion_fractions, subregion_slices
+
+MASK_METHODS = ("conservative", "refined")
+
+
+@dataclass(frozen=True)
+class ScanProjections:
+    """Everything the cache keeps of one scan (``docs/ARCHITECTURE.md``), as NumPy arrays.
+
+    gray[axis]:    float32 (27, H, W)        whole-scan grayscale, conservative mask, in [0, 1]
+    bands[axis]:   float32 (27, 6, Hs, Ws, 3) sub-region HU-band images, refined mask, in [0, 1]
+    lesions[axis]: uint8 (6, Hs, Ws, 3) or None: 1 where the unrotated ray meets each sign
+    qc:            lung volumes (mL), refined-lung fraction per sub-region, implausible flag
+    mapping:       crop box and scale, working grid -> CT voxels (``working_to_ct``), JSON-able
+    rotations:     the 27 (about-k, about-j, about-i) angles, index of the first axis of gray/bands
+    masks:         CT-grid boolean masks {"conservative", "refined"}, only with keep_masks=True
+    """
+
+    gray: dict[str, np.ndarray]
+    bands: dict[str, np.ndarray]
+    lesions: dict[str, np.ndarray] | None
+    qc: dict
+    mapping: dict
+    rotations: tuple[tuple[float, float, float], ...]
+    masks: dict[str, np.ndarray] | None = None
+
+
+def _lung_mask(hu, spacing, *, method, config, backend):
+    """The segmentation stage's lung mask (``_mask.lung_mask``); tests may replace this hook."""
+    from ._mask import lung_mask
+
+    return lung_mask(hu, spacing, method=method, config=config, backend=backend)
+
+
+def _report(progress, stage: str, done: int = 1, total: int = 1) -> None:
+    if progress:
+        progress(stage, done, total)
+
+
+def lung_volume_ml(mask, spacing) -> float:
+    """Volume of a boolean mask in mL (spacing in mm; 1 mL = 1000 mm^3)."""
+    return float(mask.sum()) * float(np.prod(spacing)) / 1000.0
+
+
+def scan_qc(masks: dict, working_refined, spacing, geometry) -> dict:
+    """Numbers that expose a failed segmentation (it does not raise, it projects wrong tissue)."""
+    volumes = {name: lung_volume_ml(m, spacing) for name, m in masks.items()}
+    low, high = geometry.plausible_lung_ml
+    return {
+        "lung_volume_ml": volumes["refined"],
+        "conservative_volume_ml": volumes["conservative"],
+        "refined_volume_ml": volumes["refined"],
+        # Paper 2.3 thirds are thirds of the lungs only if the box is: shares should be balanced.
+        "subregion_fraction": subregion_fractions(working_refined),
+        "lung_volume_implausible": not all(low <= v <= high for v in volumes.values()),
+    }
+
+
+def lesion_projections(labels, spacing, bbox, geometry, axes=tuple(AXES)) -> dict:
+    """uint8 (6, Hs, Ws, 3) per axis: 1 where the unrotated ray meets sign c in that sub-region.
+
+    ``labels`` is on the CT grid (1 cavity, 2 fungus ball, 3 pleural thickening; ARCHITECTURE
+    manifest). Each sign is resampled like a mask but without anti-aliasing, which would fade
+    thin pleural thickening below the 0.5 re-threshold.
+    """
+    xp = backend_of(labels).xp
+    sharp = dataclasses.replace(geometry, anti_alias=False)
+    signs = [resample_to_grid(labels == c + 1, spacing, bbox, sharp)[0] for c in range(len(SIGNS))]
+    slices = subregion_slices(signs[0].shape)
+    out = {}
+    for name in axes:
+        a = axis_index(name)
+        per_sub = [xp.stack([s[sl].any(axis=a) for s in signs], axis=-1) for sl in slices.values()]
+        out[name] = xp.stack(per_sub).astype(xp.uint8)
+    return out
+
+
+def preprocess_scan(
+    hu,
+    spacing,
+    *,
+    config: PreprocessConfig = PAPER,
+    backend=None,
+    lesion_labels=None,
+    progress: Callable[[str, int, int], None] | None = None,
+    method: str = "auto",
+    keep_masks: bool = False,
+) -> ScanProjections:
+    """All projections of one CT (``hu[k, j, i]`` in HU, ``spacing`` (dk, dj, di) mm), paper 2.
+
+    ``backend`` is a name or Backend (None: ``$SAPSAM_BACKEND``); ``lesion_labels`` an optional
+    label map on the CT grid; ``progress(stage, done, total)`` is told of each stage;
+    ``method`` picks the rotate+project path (``rotate_project``: fused kernel on the GPU).
+    """
+    bk = get_backend(backend)
+    geometry = config.geometry
+    hu = bk.asarray(hu)
+    masks = {}
+    for n, kind in enumerate(MASK_METHODS):
+        mask = _lung_mask(hu, spacing, method=kind, config=config.segmentation, backend=bk)
+        masks[kind] = bk.asarray(mask).astype(bool)
+        _report(progress, "masks", n + 1, len(MASK_METHODS))
+    # The refined mask's box: sub-region thirds and halves are then those of the lungs.
+    bbox = lung_bbox(masks["refined"], spacing, geometry.bbox_margin_mm)
+    work_hu, mapping = resample_to_grid(hu, spacing, bbox, geometry, order=1)
+    work = {kind: resample_to_grid(m, spacing, bbox, geometry)[0] for kind, m in masks.items()}
+    _report(progress, "resample")
+    rotations = tuple(tuple(float(a) for a in r) for r in geometry.rotations())
+    gray, bands = rotate_project(
+        work_hu,
+        work["conservative"],
+        work["refined"],
+        rotations,
+        config=config,
+        method=method,
+        progress=progress,
+    )
+    lesions = None
+    if lesion_labels is not None:
+        lesions = lesion_projections(bk.asarray(lesion_labels), spacing, bbox, geometry)
+        _report(progress, "lesions")
+    qc = scan_qc(masks, work["refined"], spacing, geometry)
+    # The one device -> host copy, at the end.
+    host = {
+        name: {a: to_numpy(v) for a, v in d.items()}
+        for name, d in (("gray", gray), ("bands", bands), ("lesions", lesions or {}))
+    }
+    return ScanProjections(
+        gray=host["gray"],
+        bands=host["bands"],
+        lesions=host["lesions"] if lesions is not None else None,
+        qc=qc,
+        mapping=mapping,
+        rotations=rotations,
+        masks={k: to_numpy(m) for k, m in masks.items()} if keep_masks else None,
+    )
+
+
+__all__ = ["MASK_METHODS", "ScanProjections", "lesion_projections", "preprocess_scan", "scan_qc"]
