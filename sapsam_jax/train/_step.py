@@ -90,11 +90,12 @@ def prepare_inputs(images: jax.Array, spec: StepSpec) -> jax.Array:
     return preprocess_input(images, spec.preprocessing)
 
 
-def loss_fn(logits: jax.Array, labels: jax.Array, multi_label: bool) -> jax.Array:
+def per_sample_loss(logits: jax.Array, labels: jax.Array, multi_label: bool) -> jax.Array:
     """Categorical cross-entropy on the softmax output (paper 3.1); per-sign sigmoid if multi."""
+    logits = logits.astype(jnp.float32)
     if multi_label:
-        return optax.sigmoid_binary_cross_entropy(logits, labels.astype(logits.dtype)).mean()
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return optax.sigmoid_binary_cross_entropy(logits, labels.astype(jnp.float32)).mean(-1)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
 def probabilities(logits: jax.Array, multi_label: bool) -> jax.Array:
@@ -122,7 +123,7 @@ def make_train_step(spec: StepSpec):
 
         def objective(model):
             logits = model(inputs)
-            return loss_fn(logits, labels, spec.multi_label), logits
+            return per_sample_loss(logits, labels, spec.multi_label).mean(), logits
 
         (loss, logits), grads = nnx.value_and_grad(objective, has_aux=True)(model)
         optimizer.update(model, grads)
@@ -138,6 +139,7 @@ def make_eval_step(spec: StepSpec):
     @nnx.jit
     def eval_step(model, images, labels):
         logits = model(prepare_inputs(images, spec))
-        return loss_fn(logits, labels, spec.multi_label), probabilities(logits, spec.multi_label)
+        losses = per_sample_loss(logits, labels, spec.multi_label)
+        return losses, probabilities(logits, spec.multi_label)
 
     return eval_step

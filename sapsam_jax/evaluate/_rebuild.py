@@ -1,0 +1,31 @@
+"""Rebuild test predictions of finished runs from their best checkpoints (scripts/evaluate.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from sapsam_jax.train import load_trained
+
+
+def find_trained_runs(workdirs) -> list[Path]:
+    """Run folders (config.json + checkpoints/) at or below ``workdirs``."""
+    runs = set()
+    for root in map(Path, workdirs):
+        for config in [root / "config.json", *root.rglob("*/config.json")]:
+            if (config.parent / "checkpoints").is_dir() and (config.parent / "run.json").is_file():
+                runs.add(config.parent)
+    return sorted(runs)
+
+
+def rebuild_predictions(run_dir: Path) -> dict:
+    """Predict the run's held-out test patients again with its best checkpoint."""
+    from sapsam_jax.train._loop import load_run_data, write_test_predictions
+
+    run = load_trained(run_dir)
+    data = load_run_data(run.config, run.cache, Path(run_dir))
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    return write_test_predictions(run.model, run.step_spec, data.test, mesh, Path(run_dir))

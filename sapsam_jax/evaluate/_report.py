@@ -1,0 +1,138 @@
+"""Test reports laid out like the paper's Table 2, with bootstrap intervals and figures.
+
+``write_report(workdirs, out_dir)`` collects every training run below the given workdirs (each
+holds ``config.json`` and ``predictions_test.npz``) into ``report.md`` / ``report.json``: one row per
+task or sign, one column group per metric with the axial | coronal | sagittal values (paper 3.2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from sapsam_jax.config import AXES
+from sapsam_jax.train import METRIC_NAMES, binary_metrics, bootstrap_intervals
+from sapsam_jax.train._config import TrainConfig
+
+TABLE_METRICS = ("precision", "recall", "f1", "auc")
+
+
+def find_runs(workdirs) -> list[Path]:
+    """Every run folder (config.json + predictions_test.npz) at or below ``workdirs``."""
+    runs = set()
+    for root in map(Path, workdirs):
+        for config in [root / "config.json", *root.rglob("*/config.json")]:
+            if (config.parent / "predictions_test.npz").is_file():
+                runs.add(config.parent)
+    return sorted(runs)
+
+
+def run_results(run_dir: Path) -> dict:
+    """Metrics with 95% bootstrap intervals of one run's test predictions."""
+    cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    pred = np.load(run_dir / "predictions_test.npz", allow_pickle=False)
+    labels, probs = pred["labels"], pred["probs"]
+    names = _row_names(cfg, labels)
+    results = []
+    for column, name in enumerate(names):
+        y = labels if labels.ndim == 1 else labels[:, column]
+        p = probs if probs.ndim == 1 else probs[:, column]
+        results.append({
+            "row": name,
+            "axis": cfg.axis,
+            "task": cfg.task,
+            "workdir": str(run_dir),
+            "metrics": binary_metrics(y, p),
+            "ci95": bootstrap_intervals(y, p, n_resamples=cfg.bootstrap, seed=cfg.seed),
+        })
+    return {"run": str(run_dir), "rows": results}
+
+
+def _row_names(cfg: TrainConfig, labels: np.ndarray) -> list[str]:
+    from sapsam_jax.config import SIGNS
+
+    if cfg.task != "signs":
+        return [cfg.task]
+    return list(SIGNS) if labels.ndim == 2 else [cfg.sign]
+
+
+def write_report(workdirs, out_dir, *, extra: dict | None = None) -> dict:
+    """Write report.md/report.json for all runs below ``workdirs`` and each run's figures."""
+    from sapsam_jax.evaluate._figures import write_run_figures
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for run_dir in find_runs(workdirs):
+        rows.extend(run_results(run_dir)["rows"])
+        write_run_figures(run_dir)
+    report = {"rows": rows, **(extra or {})}
+    _write_atomic(out_dir / "report.json", json.dumps(report, indent=2, default=_json_default))
+    _write_atomic(out_dir / "report.md", render_markdown(report))
+    return report
+
+
+def render_markdown(report: dict) -> str:
+    """Table 2 layout: rows = task/sign, columns = metric x (axial | coronal | sagittal)."""
+    rows = report["rows"]
+    names = list(dict.fromkeys(r["row"] for r in rows))
+    axes = [a for a in AXES if any(r["axis"] == a for r in rows)]
+    header = ["Task"] + [f"{m.upper() if m == 'auc' else m.capitalize()} ({a[:3]})"
+                         for m in TABLE_METRICS for a in axes]
+    lines = ["# SAPSAM test report", "",
+             "Test scores (%) on the held-out patients, with 95% bootstrap intervals "
+             "(laid out like the paper's Table 2).", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in names:
+        cells = [name]
+        for metric in TABLE_METRICS:
+            for axis in axes:
+                match = [r for r in rows if r["row"] == name and r["axis"] == axis]
+                cells.append(_cell(match[0], metric) if match else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| Task | Axis | n test | positives | accuracy | workdir |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        m = r["metrics"]
+        lines.append(f"| {r['row']} | {r['axis']} | {m['n']} | {m['n_positive']} | "
+                     f"{100 * m['accuracy']:.1f} | `{r['workdir']}` |")
+    lines += _localisation_lines(report.get("localisation"))
+    return "\n".join(lines) + "\n"
+
+
+def _cell(row: dict, metric: str) -> str:
+    value = row["metrics"][metric]
+    low, high = row["ci95"][metric]
+    if np.isnan(value):
+        return "n/a"
+    return f"{100 * value:.1f} [{100 * low:.1f}-{100 * high:.1f}]"
+
+
+def _localisation_lines(scores) -> list[str]:
+    if not scores:
+        return []
+    lines = ["", "## Localisation (synthetic lesion truth)", "",
+             "| Sign | Axis | maps | pointing game | energy inside lesion |", "|---|---|---|---|---|"]
+    for entry in scores:
+        lines.append(f"| {entry['sign']} | {entry['axis']} | {entry['n']} | "
+                     f"{entry['pointing_game']:.2f} | {entry['energy_inside']:.2f} |")
+    return lines
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+__all__ = ["METRIC_NAMES", "find_runs", "render_markdown", "run_results", "write_report"]

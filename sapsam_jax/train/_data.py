@@ -1,0 +1,114 @@
+"""Where a training run's projections come from, and how they reach the device.
+
+With no data given the built-in synthetic cohort is generated once (cached under ``data_dir``) and
+preprocessed; ``--manifest`` preprocesses a cohort into a cache; ``--cache`` uses one as is.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+from queue import Queue
+
+import jax
+import numpy as np
+
+from sapsam_jax.config import preprocess_preset
+from sapsam_jax.data import ProjectionCache, preprocess_cohort
+
+# Keep the whole training set on the device when it takes at most this share of device memory.
+DEVICE_RESIDENT_FRACTION = 0.25
+
+
+def prepare_cache(cfg, log=print) -> ProjectionCache:
+    """The ProjectionCache this run trains on, building it (and the synthetic cohort) if needed."""
+    if cfg.cache:
+        return ProjectionCache(cfg.cache)
+    data_dir = Path(cfg.data_dir)
+    if cfg.manifest:
+        manifest = Path(cfg.manifest)
+        cache_dir = data_dir / f"cache-{manifest.stem}-{cfg.preprocess_preset}"
+    else:
+        manifest = ensure_synthetic_cohort(cfg, log=log)
+        cache_dir = data_dir / f"cache-{manifest.parent.name}"
+    log(f"preprocessing {manifest} -> {cache_dir} (finished studies are reused)")
+    preprocess_cohort(
+        manifest,
+        cache_dir,
+        config=preprocess_preset(cfg.preprocess_preset),
+        backend=cfg.backend,
+    )
+    return ProjectionCache(cache_dir)
+
+
+def ensure_synthetic_cohort(cfg, log=print) -> Path:
+    """Generate the built-in synthetic cohort once; a finished cohort is reused."""
+    from sapsam_jax.data.synthetic import make_cohort
+
+    syn = cfg.synthetic
+    name = f"synthetic-{cfg.preset}-n{syn.n_patients}-seed{syn.seed}"
+    out = Path(cfg.data_dir) / name
+    if (out / "manifest.csv").is_file():
+        return out / "manifest.csv"
+    log(f"generating the synthetic cohort ({syn.n_patients} patients, {syn.shape}) in {out}")
+    tmp = out.with_name(f".tmp-{name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    manifest = make_cohort(
+        tmp, n_patients=syn.n_patients, shape=syn.shape, spacing=syn.spacing, seed=syn.seed
+    )
+    # Relative paths in the manifest resolve against its folder, so the rename keeps it valid.
+    tmp.rename(out)
+    return out / Path(manifest).name
+
+
+def fits_on_device(nbytes: int) -> bool:
+    """True when ``nbytes`` is a small share of the first device's memory (always on CPU)."""
+    device = jax.local_devices()[0]
+    if device.platform == "cpu":
+        return True
+    stats = device.memory_stats() or {}
+    limit = stats.get("bytes_limit")
+    return limit is None or nbytes <= DEVICE_RESIDENT_FRACTION * limit
+
+
+class Batches:
+    """Batches of one epoch, gathered on the device or prefetched from the host.
+
+    When the images fit in device memory they are put there once and each batch is a device-side
+    gather; otherwise a background thread gathers and transfers the next batches while the current
+    one trains, so the input pipeline does not starve the accelerator.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, sharding, replicated, prefetch=2):
+        self.sharding, self.prefetch = sharding, prefetch
+        self.device_resident = fits_on_device(images.nbytes)
+        if self.device_resident:
+            self.images = jax.device_put(images, replicated)
+            self.labels = jax.device_put(labels, replicated)
+            self._gather = jax.jit(lambda x, i: x[i], out_shardings=sharding)
+        else:
+            self.images, self.labels = images, labels
+
+    def iterate(self, order: np.ndarray, batch_size: int):
+        """Yield device (images, labels) for consecutive ``batch_size`` chunks of ``order``."""
+        chunks = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+        chunks = [c for c in chunks if len(c) == batch_size]  # equal shapes: one compilation
+        if self.device_resident:
+            for idx in chunks:
+                yield self._gather(self.images, idx), self._gather(self.labels, idx)
+        else:
+            yield from self._prefetched(chunks)
+
+    def _prefetched(self, chunks):
+        queue: Queue = Queue(maxsize=self.prefetch)
+
+        def produce():
+            for idx in chunks:
+                batch = (np.take(self.images, idx, axis=0), np.take(self.labels, idx, axis=0))
+                queue.put(jax.device_put(batch, self.sharding))
+            queue.put(None)
+
+        threading.Thread(target=produce, daemon=True).start()
+        while (item := queue.get()) is not None:
+            yield item

@@ -1,0 +1,341 @@
+"""The training loop: one workdir per (task, axis, sign), resumable, data parallel, reported.
+
+Paper 2.3-2.4 and 3.1-3.3. ``train(cfg)`` is what ``scripts/train.py`` calls.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm.auto import tqdm
+
+from sapsam_jax.config import SIGNS
+from sapsam_jax.data import (
+    ProjectionCache,
+    SampleSet,
+    balance_indices,
+    split_by_patient,
+    study_label,
+    task_samples,
+)
+from sapsam_jax.train._checkpoint import RunCheckpoints
+from sapsam_jax.train._config import MIN_INPUT_SIZE, TrainConfig
+from sapsam_jax.train._data import Batches, prepare_cache
+from sapsam_jax.train._metrics import binary_metrics
+from sapsam_jax.train._model import build_model, initial_preprocessing
+from sapsam_jax.train._step import (
+    StepSpec,
+    frozen_block_names,
+    make_eval_step,
+    make_optimizer,
+    make_train_step,
+    set_train_mode,
+)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN or infinite loss."""
+
+
+@dataclass
+class RunData:
+    train: SampleSet
+    val: SampleSet | None
+    test: SampleSet
+    split: dict
+
+
+def train(cfg: TrainConfig, *, log=print) -> dict:
+    """Run the job ``cfg`` describes; returns the test metrics of every network it trained."""
+    maybe_initialize_distributed()
+    workdir = Path(cfg.workdir or Path("runs") / cfg.run_name)
+    cache = prepare_cache(cfg, log=log)
+    cfg = cfg.replace(cache=str(Path(cache.path).absolute()), workdir=str(workdir))
+    if cfg.task == "signs" and cfg.sign == "all":
+        # Paper 2.4: one binary network per sign, trained in turn.
+        results = {
+            s: fit(cfg.replace(sign=s, workdir=str(workdir / s)), cache, log=log) for s in SIGNS
+        }
+    elif cfg.task == "survival" and cfg.init_from is None:
+        # Paper 2.4: the survival network starts from the disease network; train that first.
+        disease_dir = workdir / "disease"
+        disease_cfg = cfg.replace(task="disease", workdir=str(disease_dir), epochs=None)
+        if cfg.preset != "paper":
+            disease_cfg = disease_cfg.replace(epochs=_preset_epochs(cfg, "disease"))
+        fit(disease_cfg, cache, log=log)
+        results = {"survival": fit(cfg.replace(init_from=str(disease_dir)), cache, log=log)}
+    else:
+        results = {cfg.sign if cfg.task == "signs" else cfg.task: fit(cfg, cache, log=log)}
+    from sapsam_jax.evaluate import write_report
+
+    write_report([workdir], workdir)
+    log(f"report: {workdir / 'report.md'}")
+    return results
+
+
+def _preset_epochs(cfg, task: str) -> int:
+    from sapsam_jax.train._config import preset_config
+
+    return preset_config(cfg.preset, task).num_epochs
+
+
+def maybe_initialize_distributed() -> None:
+    """Join a multi-host job when launched as one (JAX_COORDINATOR_ADDRESS set)."""
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") and not jax.distributed.is_initialized():
+        jax.distributed.initialize()
+
+
+def fit(cfg: TrainConfig, cache: ProjectionCache, *, log=print) -> dict:
+    """Train one network in ``cfg.workdir``; resume if it holds a checkpoint; return test metrics."""
+    workdir = Path(cfg.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    _check_or_write_config(cfg, workdir)
+    data = load_run_data(cfg, cache, workdir)
+    model, preprocessing = build_model(cfg, num_classes=_num_classes(cfg), seed=cfg.seed)
+    spec = _step_spec(cfg, data.train, preprocessing)
+    _write_json_atomic(workdir / "run.json", {
+        "preprocessing": preprocessing, "image_size": list(spec.image_size),
+        "num_classes": _num_classes(cfg), "multi_label": spec.multi_label,
+    })
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    batch_size = _global_batch_size(cfg.batch_size, mesh.size)
+    steps_per_epoch = max(len(data.train) // batch_size, 1)
+    optimizer = make_optimizer(model, cfg, steps_per_epoch)
+    _replicate((model, optimizer), NamedSharding(mesh, P()))
+    ckpts = RunCheckpoints(workdir)
+    meta = ckpts.restore_latest(model, optimizer) or {"epoch": 0, "best_f1": -1.0, "best_epoch": 0}
+    if meta["epoch"]:
+        log(f"{workdir}: resuming after epoch {meta['epoch']}")
+    _truncate_metrics(workdir / "metrics.jsonl", meta["epoch"])
+    batches = Batches(data.train.images, data.train.labels, NamedSharding(mesh, P("data")),
+                      NamedSharding(mesh, P()))
+    frozen = frozen_block_names(model, cfg.frozen_blocks)
+    for epoch in range(meta["epoch"] + 1, cfg.num_epochs + 1):
+        record = _train_epoch(cfg, model, optimizer, batches, spec, frozen, epoch, batch_size,
+                              mesh)
+        if data.val is not None:
+            record |= {f"val_{k}": v for k, v in evaluate_samples(model, spec, data.val,
+                                                                  mesh).items()}
+        # Paper 3.1: "checkpoint evaluated on the validation data"; survival has no validation
+        # set (3.3), so its best checkpoint is simply the last epoch.
+        improved = data.val is None or record["val_f1"] > meta["best_f1"]
+        meta = {
+            "epoch": epoch,
+            "best_f1": record["val_f1"] if data.val is not None and improved else meta["best_f1"],
+            "best_epoch": epoch if improved else meta["best_epoch"],
+        }
+        ckpts.save(model, optimizer, meta, best=improved)
+        _append_metrics(workdir / "metrics.jsonl", record)
+        log(_epoch_line(workdir.name, record))
+    ckpts.restore_best(model)
+    ckpts.close()
+    return write_test_predictions(model, spec, data.test, mesh, workdir)
+
+
+def load_run_data(cfg: TrainConfig, cache: ProjectionCache, workdir: Path) -> RunData:
+    """Split by patient (saved in split.json, reused on resume) and gather balanced samples."""
+    split = _load_or_make_split(cfg, cache, workdir)
+    studies = {name: _studies_of(cache, split[name], cfg.task) for name in ("train", "val", "test")}
+    sample = dict(task=cfg.task, axis=cfg.axis, sign=cfg.sign)
+    train_set = task_samples(cache, studies["train"], rotations="all", **sample)
+    test_set = task_samples(cache, studies["test"], rotations="identity", **sample)
+    val_set = (
+        task_samples(cache, studies["val"], rotations="identity", **sample)
+        if studies["val"] else None
+    )
+    if cfg.sign != "multi":
+        # Paper 2.3: "train and test subsets were balanced after the split".
+        train_set = train_set.subset(balance_indices(train_set.labels, mode=cfg.train_balance,
+                                                     seed=cfg.seed))
+        test_set = test_set.subset(balance_indices(test_set.labels, mode=cfg.test_balance,
+                                                   seed=cfg.seed))
+    return RunData(train_set, val_set, test_set, split)
+
+
+def _studies_of(cache, patients, task) -> list[str]:
+    wanted = set(patients)
+    return [
+        sid for sid in cache.study_ids
+        if cache.meta(sid)["patient_id"] in wanted
+        and study_label(cache.meta(sid), task) is not None
+    ]
+
+
+def _load_or_make_split(cfg, cache, workdir) -> dict:
+    path = workdir / "split.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    studies = [s for s in cache.study_ids if study_label(cache.meta(s), cfg.task) is not None]
+    fractions = cfg.survival_split_fractions if cfg.task == "survival" else cfg.split_fractions
+    split = split_by_patient(
+        [cache.meta(s)["patient_id"] for s in studies],
+        [study_label(cache.meta(s), cfg.task) for s in studies],
+        fractions=fractions,
+        seed=cfg.seed,
+    )
+    split["seed"] = cfg.seed
+    _write_json_atomic(path, split)
+    return split
+
+
+def _train_epoch(cfg, model, optimizer, batches, spec, frozen, epoch, batch_size, mesh) -> dict:
+    train_step = make_train_step(spec)
+    order = np.random.default_rng([cfg.seed, epoch]).permutation(len(batches.labels))
+    n_steps = len(order) // batch_size
+    set_train_mode(model, frozen)
+    losses, probs, labels = [], [], []
+    start = time.perf_counter()
+    bar = tqdm(batches.iterate(order, batch_size), total=n_steps, desc=f"epoch {epoch}",
+               leave=False, unit="batch", disable=None)
+    for step, (images, y) in enumerate(bar):
+        key = jax.random.fold_in(jax.random.key(cfg.seed), epoch * 1_000_003 + step)
+        loss, p = train_step(model, optimizer, images, y, key)
+        losses.append(loss)
+        probs.append(p)
+        labels.append(y)
+        if step % 10 == 9:  # sync rarely: checking every step would stall the device queue
+            _check_finite(losses[-10:], epoch, step)
+            bar.set_postfix(loss=f"{float(losses[-1]):.4f}",
+                            img_s=f"{(step + 1) * batch_size / (time.perf_counter() - start):.0f}")
+    bar.close()
+    _check_finite(losses, epoch, n_steps)
+    seconds = time.perf_counter() - start
+    probs, labels = np.concatenate(jax.device_get(probs)), np.concatenate(jax.device_get(labels))
+    metrics = binary_metrics(labels.ravel(), probs.ravel())
+    return {
+        "epoch": epoch,
+        "train_loss": float(np.mean(jax.device_get(losses))),
+        **{f"train_{k}": metrics[k] for k in ("accuracy", "precision", "recall", "f1", "auc")},
+        "images_per_s": n_steps * batch_size / seconds,
+        "seconds": seconds,
+    }
+
+
+def _check_finite(losses, epoch, step) -> None:
+    values = np.asarray(jax.device_get(losses), dtype=np.float64)
+    if not np.all(np.isfinite(values)):
+        raise NonFiniteLossError(
+            f"non-finite training loss at epoch {epoch}, step <= {step}: {values[-5:]}; "
+            "lower the learning rate (--learning-rate) or check the input cache"
+        )
+
+
+def predict(model, spec: StepSpec, samples: SampleSet, mesh, batch_size: int = 64):
+    """Per-sample losses and P(positive) of ``samples`` in eval mode (padded to whole batches)."""
+    model.eval()
+    eval_step = make_eval_step(spec)
+    batch_size = _global_batch_size(batch_size, mesh.size)
+    sharding = NamedSharding(mesh, P("data"))
+    losses, probs = [], []
+    for start in range(0, len(samples), batch_size):
+        images, labels = samples.images[start:start + batch_size], samples.labels[start:start +
+                                                                                   batch_size]
+        n = len(labels)
+        pad = batch_size - n
+        images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
+        labels = np.concatenate([labels, np.zeros((pad, *labels.shape[1:]), labels.dtype)])
+        loss, p = eval_step(model, *jax.device_put((images, labels), sharding))
+        losses.append(np.asarray(loss)[:n])
+        probs.append(np.asarray(p)[:n])
+    return np.concatenate(losses), np.concatenate(probs)
+
+
+def evaluate_samples(model, spec, samples, mesh) -> dict:
+    losses, probs = predict(model, spec, samples, mesh)
+    metrics = binary_metrics(samples.labels.ravel(), probs.ravel())
+    return {"loss": float(losses.mean()), **{k: metrics[k] for k in
+                                              ("accuracy", "precision", "recall", "f1", "auc")}}
+
+
+def write_test_predictions(model, spec, test: SampleSet, mesh, workdir: Path) -> dict:
+    """Predict the held-out test patients with the best model; save predictions, return metrics."""
+    _, probs = predict(model, spec, test, mesh)
+    tmp = workdir / "predictions_test.tmp.npz"
+    np.savez(tmp, probs=probs, labels=test.labels, study_ids=test.study_ids.astype(str),
+             patient_ids=test.patient_ids.astype(str), subregions=test.subregions,
+             rotations=test.rotations)
+    os.replace(tmp, workdir / "predictions_test.npz")
+    return binary_metrics(test.labels.ravel(), probs.ravel())
+
+
+def _num_classes(cfg) -> int:
+    return len(SIGNS) if cfg.sign == "multi" and cfg.task == "signs" else 2
+
+
+def _step_spec(cfg, train_set: SampleSet, preprocessing: str) -> StepSpec:
+    native = train_set.images.shape[1:3]
+    minimum = MIN_INPUT_SIZE[cfg.arch]
+    size = cfg.image_size or tuple(max(int(n), minimum) for n in native)
+    return StepSpec(
+        image_size=tuple(int(n) for n in size),
+        preprocessing=preprocessing,
+        multi_label=cfg.sign == "multi" and cfg.task == "signs",
+        max_rotation_deg=cfg.max_rotation_deg,
+        zoom_range=tuple(cfg.zoom_range),
+    )
+
+
+def _global_batch_size(batch_size: int, n_devices: int) -> int:
+    """Round the batch up to a multiple of the device count so it shards evenly."""
+    return int(math.ceil(batch_size / n_devices) * n_devices)
+
+
+def _replicate(nodes, sharding) -> None:
+    state = nnx.state(nodes)
+    nnx.update(nodes, jax.device_put(state, sharding))
+
+
+def _check_or_write_config(cfg: TrainConfig, workdir: Path) -> None:
+    """Refuse to resume a workdir that holds a different run (other task, axis, data, ...)."""
+    path = workdir / "config.json"
+    if path.is_file():
+        old = TrainConfig.from_dict(json.loads(path.read_text()))
+        keys = ("task", "axis", "sign", "arch", "width", "cache", "seed", "preset", "weights")
+        diff = [k for k in keys if getattr(old, k) != getattr(cfg, k)]
+        if diff:
+            raise ValueError(
+                f"{path} belongs to a different run ({', '.join(f'{k}: {getattr(old, k)!r} != '
+                f'{getattr(cfg, k)!r}' for k in diff)}); use another --workdir"
+            )
+    _write_json_atomic(path, json.loads(cfg.to_json()))
+
+
+def _write_json_atomic(path: Path, value) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def _append_metrics(path: Path, record: dict) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _truncate_metrics(path: Path, last_epoch: int) -> None:
+    """Drop metric lines of epochs after the restored checkpoint (they will be redone)."""
+    if not path.is_file():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    kept = [ln for ln in lines if json.loads(ln)["epoch"] <= last_epoch]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in kept))
+    os.replace(tmp, path)
+
+
+def _epoch_line(name: str, r: dict) -> str:
+    val = f" val_f1 {r['val_f1']:.3f} val_auc {r['val_auc']:.3f}" if "val_f1" in r else ""
+    return (f"[{name}] epoch {r['epoch']}: loss {r['train_loss']:.4f} train_f1 {r['train_f1']:.3f}"
+            f"{val} ({r['images_per_s']:.0f} img/s)")

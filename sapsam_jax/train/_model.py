@@ -1,0 +1,134 @@
+"""Building the network of a run, and loading a trained run back (for Grad-CAM and reports)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax.numpy as jnp
+from flax import nnx
+
+from sapsam_jax.train._config import TrainConfig
+
+# Without ImageNet weights the input convention is ours to choose: Keras Inception's [-1, 1]
+# centres the [0, 1] projections, which helps training from scratch.
+DEFAULT_PREPROCESSING = "tf"
+
+
+def _model_class(arch: str):
+    from sapsam_jax.models import VGG19, InceptionV3
+
+    return {"vgg19": VGG19, "inception_v3": InceptionV3}[arch]
+
+
+def build_model(cfg: TrainConfig, *, num_classes: int, seed: int):
+    """The run's network and its input convention, with ImageNet or disease weights if asked.
+
+    ``cfg.weights`` (a converted ImageNet checkpoint, scripts/convert_weights.py) fills the
+    backbone and fixes the input preprocessing; ``cfg.init_from`` (a disease workdir, survival
+    task, paper 2.4) takes the whole trained network and re-draws the last two dense layers.
+    """
+    dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+    rngs = nnx.Rngs(params=seed, dropout=seed + 1)
+    model = _model_class(cfg.arch)(
+        num_classes,
+        rngs=rngs,
+        width=cfg.width,
+        dtype=dtype,
+        head_units=cfg.head_units,
+        dropout_rate=cfg.dropout_rate,
+    )
+    preprocessing = DEFAULT_PREPROCESSING
+    if cfg.init_from:
+        source = load_trained(cfg.init_from)
+        nnx.update(model, nnx.state(source.model, nnx.Any(nnx.Param, nnx.BatchStat)))
+        model.reset_head(nnx.Rngs(params=seed + 2), last=2)
+        preprocessing = source.preprocessing
+    elif cfg.weights:
+        from sapsam_jax.models import load_weights
+
+        preprocessing = load_weights(model, cfg.weights)
+    return model, preprocessing
+
+
+@dataclass
+class TrainedRun:
+    """A finished (or interrupted) training run loaded from its workdir."""
+
+    workdir: Path
+    config: TrainConfig
+    model: nnx.Module  # best-on-validation weights, eval mode
+    preprocessing: str
+    image_size: tuple[int, int]
+    multi_label: bool
+    split: dict
+    cache: object  # ProjectionCache
+
+    @property
+    def step_spec(self):
+        from sapsam_jax.train._step import StepSpec
+
+        return StepSpec(self.image_size, self.preprocessing, self.multi_label, augment=False)
+
+
+def load_trained(workdir, which: str = "best") -> TrainedRun:
+    """Load the run in ``workdir`` with its ``best`` (or ``latest``) checkpoint, in eval mode."""
+    from sapsam_jax.data import ProjectionCache
+    from sapsam_jax.train._checkpoint import RunCheckpoints
+
+    workdir = Path(workdir)
+    for name in ("config.json", "run.json", "split.json"):
+        if not (workdir / name).is_file():
+            raise FileNotFoundError(f"{workdir} is not a training workdir: {name} is missing")
+    cfg = TrainConfig.from_dict(json.loads((workdir / "config.json").read_text()))
+    run = json.loads((workdir / "run.json").read_text())
+    model = _model_class(cfg.arch)(
+        run["num_classes"],
+        rngs=nnx.Rngs(params=0, dropout=1),
+        width=cfg.width,
+        dtype=jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32,
+        head_units=cfg.head_units,
+        dropout_rate=cfg.dropout_rate,
+    )
+    ckpts = RunCheckpoints(workdir)
+    meta = ckpts.restore_best(model) if which == "best" else _restore_latest_model(ckpts, model)
+    ckpts.close()
+    if meta is None:
+        raise FileNotFoundError(f"{workdir} holds no checkpoint yet")
+    model.eval()
+    return TrainedRun(
+        workdir=workdir,
+        config=cfg,
+        model=model,
+        preprocessing=run["preprocessing"],
+        image_size=tuple(run["image_size"]),
+        multi_label=run["multi_label"],
+        split=json.loads((workdir / "split.json").read_text()),
+        cache=ProjectionCache(cfg.cache),
+    )
+
+
+def _restore_latest_model(ckpts, model):
+    import orbax.checkpoint as ocp
+
+    from sapsam_jax.train._checkpoint import MODEL_STATE, _assign
+
+    step = ckpts.latest.latest_step()
+    if step is None:
+        return None
+    state = nnx.state(model, MODEL_STATE)
+    restored = ckpts.latest.restore(step, args=ocp.args.Composite(
+        model=ocp.args.StandardRestore(nnx.to_pure_dict(state)), meta=ocp.args.JsonRestore()))
+    _assign(model, state, restored["model"])
+    return dict(restored["meta"])
+
+
+def model_inputs(run: TrainedRun, images) -> jnp.ndarray:
+    """Cache images ((N, H, W) gray, (N, H, W, 1|3), values in [0, 1]) -> the run's model input."""
+    from sapsam_jax.train._step import prepare_inputs
+
+    images = jnp.asarray(images, jnp.float32)
+    if images.ndim == 3:
+        images = images[..., None]
+    return prepare_inputs(images, run.step_spec)
