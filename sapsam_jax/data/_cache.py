@@ -87,13 +87,15 @@ def atomic_write_csv(path: str | os.PathLike, fields, rows) -> None:
 
 
 def _json_default(obj):
-    """JSON for the NumPy scalars/arrays and paths that qc and mapping dicts carry."""
+    """JSON for the NumPy scalars/arrays, paths and mappings that meta.json carries."""
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, np.ndarray):
         return obj.tolist()
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
+    if isinstance(obj, Mapping):  # e.g. the read-only annotation mappings of a manifest Study
+        return dict(obj)
     if isinstance(obj, (set, frozenset)):
         return sorted(obj)
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")

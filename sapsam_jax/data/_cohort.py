@@ -35,7 +35,6 @@ from sapsam_jax.data._cache import (
 from sapsam_jax.data._qc import (
     QC_FIELDS,
     mask_overlay_png,
-    plausible_lung_ml,
     qc_row,
     summarise_qc,
 )
@@ -130,15 +129,15 @@ def build_study(
     target = study_dir(out_dir, study.study_id)  # rejects ids that cannot name a directory
     ct = load_ct(study.path)
     labels = load_lesion_labels(study.lesion_labels, ct.hu.shape) if study.lesion_labels else None
+    # Masks come back (to host memory) only when the QC figure needs them.
     scan = preprocess_scan(
-        ct.hu, ct.spacing, config=config, backend=backend, lesion_labels=labels, progress=False
+        ct.hu, ct.spacing, config=config, backend=backend, lesion_labels=labels, keep_masks=qc_png
     )
     arrays = scan_arrays(scan)
-    qc = summarise_qc(scan.qc, plausible_lung_ml(config))
-    meta = study_meta(study, ct, scan, qc, arrays, config)
+    meta = study_meta(study, ct, scan, summarise_qc(scan.qc, config), arrays, config)
     extra = None
     if qc_png:
-        masks = qc_masks(scan, ct, config, backend)
+        masks = {name: np.asarray(m, dtype=bool) for name, m in scan.masks.items()}
         extra = {"qc.png": mask_overlay_png(ct.hu, masks, ct.spacing, title=study.study_id)}
     clean_stale_tmp(out_dir, study.study_id)
     write_study(out_dir, study.study_id, arrays, meta, extra)
@@ -190,7 +189,7 @@ def study_meta(study, ct, scan, qc: dict, arrays: dict, config: PreprocessConfig
             "patient_id": study.patient_id,
             "cpa": study.cpa,
             "survival_2y": study.survival_2y,
-            "annotations": study.annotations,
+            "annotations": {region: dict(flags) for region, flags in study.annotations.items()},
             "qc": qc,
             "mapping": scan.mapping,
             "ct_path": str(study.path),
@@ -202,24 +201,6 @@ def study_meta(study, ct, scan, qc: dict, arrays: dict, config: PreprocessConfig
             "preset": config.name,
         }
     )
-
-
-def qc_masks(scan, ct, config: PreprocessConfig, backend: Backend) -> dict[str, np.ndarray]:
-    """Conservative and refined lung masks on the CT grid, for the QC figure.
-
-    Taken from the ``ScanProjections`` when it keeps them; otherwise segmented again, which costs
-    one more ``lung_mask`` and is why it only happens with ``qc_png``.
-    """
-    masks = getattr(scan, "masks", None)
-    if masks:
-        return {name: to_numpy(m).astype(bool) for name, m in masks.items()}
-    from sapsam_jax.preprocess import lung_mask
-
-    out = {}
-    for kind in ("conservative", "refined"):
-        mask = lung_mask(ct.hu, ct.spacing, kind=kind, config=config.segmentation, backend=backend)
-        out[kind] = to_numpy(mask).astype(bool)
-    return out
 
 
 def failure_reason(err: BaseException) -> str:

@@ -2,7 +2,8 @@
 
 A failed segmentation does not raise -- it quietly produces projections of the wrong tissue -- so
 every cached study records the numbers that expose one (lung volume, how the lungs split over the
-six sub-regions of paper 2.3) and a flag when the volume is implausible for adult lungs.
+six sub-regions of paper 2.3, measured by ``preprocess_scan``) and a flag when the volume is
+implausible for adult lungs (``config.geometry.plausible_lung_ml``); ``qc.csv`` lists them all.
 """
 
 from __future__ import annotations
@@ -19,31 +20,22 @@ QC_FIELDS = ("study_id", "lung_volume_ml", "lung_volume_implausible") + tuple(
 )
 
 
-# Used only when the config has no ``geometry.plausible_lung_ml``: adult lungs segment to roughly
-# 3-7 L at inspiration; CPA lungs lose volume, so under 1 L the mask most likely missed a lung or
-# the scan is partial, and over 10 L it most likely leaked into air outside the body.
-DEFAULT_PLAUSIBLE_LUNG_ML = (1000.0, 10000.0)
+def summarise_qc(scan_qc: Mapping, config) -> dict:
+    """The study's QC record for meta.json: ``ScanProjections.qc`` plus the bounds it was held to.
 
-
-def plausible_lung_ml(config) -> tuple[float, float]:
-    """(min, max) lung volume in mL that QC accepts, from the preprocessing config."""
-    bounds = getattr(config.geometry, "plausible_lung_ml", DEFAULT_PLAUSIBLE_LUNG_ML)
-    return float(bounds[0]), float(bounds[1])
-
-
-def summarise_qc(scan_qc: Mapping, bounds_ml: tuple[float, float]) -> dict:
-    """The study's QC record for meta.json: ``scan_qc`` (``ScanProjections.qc``) plus the flag.
-
-    ``scan_qc`` carries ``lung_volume_ml`` and the per-sub-region fractions of the lung
-    (``subregion_fraction``); everything else it holds is kept as is. A missing or non-finite
-    volume is flagged too: QC that cannot be computed is not a pass.
+    ``preprocess_scan`` measures ``lung_volume_ml`` and the refined-lung fraction per sub-region
+    (``subregion_fraction``) and sets ``lung_volume_implausible`` against
+    ``config.geometry.plausible_lung_ml``; the flag is computed here only if it is missing. A
+    missing or non-finite volume counts as implausible: QC that cannot be computed is no pass.
     """
     record = dict(scan_qc)
-    volume = record.get("lung_volume_ml")
-    low, high = bounds_ml
-    record["lung_volume_implausible"] = bool(
-        volume is None or not np.isfinite(volume) or not low <= volume <= high
-    )
+    low, high = (float(b) for b in config.geometry.plausible_lung_ml)
+    if "lung_volume_implausible" not in record:
+        volume = record.get("lung_volume_ml")
+        record["lung_volume_implausible"] = bool(
+            volume is None or not np.isfinite(volume) or not low <= volume <= high
+        )
+    record["lung_volume_implausible"] = bool(record["lung_volume_implausible"])
     record["plausible_lung_ml"] = [low, high]
     return record
 
@@ -55,6 +47,7 @@ def qc_row(meta: Mapping) -> dict:
     row = {
         "study_id": meta.get("study_id"),
         "lung_volume_ml": _round(qc.get("lung_volume_ml"), 1),
+        "conservative_volume_ml": _round(qc.get("conservative_volume_ml"), 1),
         "lung_volume_implausible": int(bool(qc.get("lung_volume_implausible"))),
     }
     row.update({f"fraction_{name}": _round(fractions.get(name), 4) for name in SUBREGIONS})
@@ -63,11 +56,6 @@ def qc_row(meta: Mapping) -> dict:
 
 def _round(value, digits):
     return None if value is None else round(float(value), digits)
-
-
-def lung_volume_ml(mask: np.ndarray, spacing) -> float:
-    """Volume of a boolean mask in mL (spacing in mm; 1 mL = 1000 mm^3)."""
-    return float(np.count_nonzero(mask)) * float(np.prod(spacing)) / 1000.0
 
 
 def mask_overlay_png(

@@ -1,0 +1,330 @@
+"""Cohort preprocessing and the projection cache: layout, values, resume, failures, shards, reader."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sapsam_jax.config import AXES, PAPER, QUICK, SUBREGIONS, PreprocessConfig
+from sapsam_jax.data import _cache, _cohort
+from sapsam_jax.data._cache import CACHE_VERSION, CacheError, ProjectionCache
+from sapsam_jax.data._cohort import preprocess_cohort
+from sapsam_jax.io import CTVolume, Study, load_ct, read_manifest, save_nifti, write_manifest
+from sapsam_jax.preprocess import preprocess_scan
+
+# Tiny grid: working volume (12, 16, 16), so 27 rotations x 3 axes take well under a second.
+TINY = dataclasses.replace(
+    PAPER, name="test-tiny", geometry=dataclasses.replace(PAPER.geometry, grid_shape=(24, 32, 32))
+)
+SHAPE = (40, 48, 48)  # (k, j, i) voxels of the phantoms
+SPACING = (5.0, 6.0, 6.0)  # mm: a 200 x 288 x 288 mm chest
+N_STUDIES = 4
+
+
+# --------------------------------------------------------------------------- tiny cohort
+
+
+def phantom_hu(rng: np.random.Generator, shift_mm: float = 0.0) -> np.ndarray:
+    """Air, an elliptic body of soft tissue and two ellipsoid lungs (about 1.6 L in all)."""
+    k, j, i = np.meshgrid(*(np.arange(n) * s for n, s in zip(SHAPE, SPACING)), indexing="ij")
+    ck, cj, ci = (n * s / 2 for n, s in zip(SHAPE, SPACING))
+    hu = np.full(SHAPE, -1000.0)
+    hu[((j - cj) / 120) ** 2 + ((i - ci) / 135) ** 2 <= 1] = 40.0
+    for side in (-1, 1):
+        ellipsoid = (
+            ((k - ck) / 75) ** 2
+            + ((j - cj - shift_mm) / 65) ** 2
+            + ((i - ci - side * 62) / 48) ** 2
+        )
+        hu[ellipsoid <= 1] = -850.0
+    return (hu + rng.normal(0, 20, SHAPE)).astype(np.int16)
+
+
+def write_cohort(root: Path, n: int = N_STUDIES, seed: int = 0) -> Path:
+    """NIfTI phantoms + manifest; study 0 has a lesion label map (a fungus ball, label 2)."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    affine = np.diag([*SPACING, 1.0])
+    studies = []
+    for s in range(n):
+        hu = phantom_hu(rng, shift_mm=4.0 * s)
+        ct = CTVolume(hu, SPACING, affine)
+        path = save_nifti(root / f"s{s}.nii.gz", hu, ct)
+        labels = None
+        if s == 0:
+            lab = np.zeros(SHAPE, np.int16)
+            lab[26:30, 20:26, 30:36] = 2
+            labels = save_nifti(root / "s0_labels.nii.gz", lab, ct)
+        annotations = {"left_upper": {"fungus_ball": s % 2, "cavity": 0}, "right_lower": {}}
+        studies.append(
+            Study(
+                f"S{s}",
+                f"P{s // 2}",
+                path,
+                cpa=s % 2,
+                survival_2y=None if s == 3 else 1,
+                annotations=annotations,
+                lesion_labels=labels,
+            )
+        )
+    return write_manifest(root / "manifest.csv", studies)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    return write_cohort(tmp_path_factory.mktemp("cohort"))
+
+
+@pytest.fixture(scope="module")
+def built(cohort, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cache") / "cache"
+    result = preprocess_cohort(cohort, out, config=TINY, backend="cpu", progress=False)
+    return out, result
+
+
+def count_calls(monkeypatch) -> list[str]:
+    """Record the shape of each preprocess_scan call made by the cohort loop."""
+    calls = []
+    real = _cohort.preprocess_scan
+
+    def counting(hu, *args, **kwargs):
+        calls.append(hu.shape)
+        return real(hu, *args, **kwargs)
+
+    monkeypatch.setattr(_cohort, "preprocess_scan", counting)
+    return calls
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# --------------------------------------------------------------------------- building
+
+
+def test_cache_layout_shapes_and_dtypes(built, cohort):
+    out, result = built
+    assert (result.done, result.skipped, result.failed) == (N_STUDIES, 0, 0)
+    cache = ProjectionCache(out)
+    assert cache.study_ids == [f"S{s}" for s in range(N_STUDIES)]
+    assert cache.config == TINY and cache.preset == "test-tiny"
+    header = json.loads((out / "cache.json").read_text())
+    assert header["version"] == CACHE_VERSION == 1
+    wk, wj, wi = TINY.geometry.working_shape
+    image = {"axial": (wj, wi), "coronal": (wk, wi), "sagittal": (wk, wj)}
+    sub = {"axial": (wj, wi // 2), "coronal": (wk // 3, wi // 2), "sagittal": (wk // 3, wj)}
+    for axis in AXES:
+        gray, bands = cache.gray("S1", axis), cache.bands("S1", axis)
+        assert isinstance(gray, np.memmap) and gray.dtype == np.float16
+        assert gray.shape == (27, *image[axis])
+        assert bands.dtype == np.float16 and bands.shape == (27, 6, *sub[axis], 3)
+        assert cache.lesions("S1", axis) is None
+        lesions = cache.lesions("S0", axis)
+        assert lesions.dtype == np.uint8 and lesions.shape == (6, *sub[axis], 3)
+        assert lesions[..., 1].any() and not lesions[..., [0, 2]].any()  # fungus ball only
+    assert not list((out / "studies").glob(".tmp-*"))
+
+
+def test_values_match_preprocess_scan(built, cohort):
+    out, _ = built
+    study = read_manifest(cohort).by_id("S2")
+    ct = load_ct(study.path)
+    scan = preprocess_scan(ct.hu, ct.spacing, config=TINY, backend="cpu")
+    cache = ProjectionCache(out)
+    for axis in AXES:
+        # float16 keeps 11 significant bits: 5e-4 relative on values in [0, 1].
+        np.testing.assert_allclose(cache.gray("S2", axis), scan.gray[axis], atol=1e-3, rtol=1e-3)
+        np.testing.assert_allclose(cache.bands("S2", axis), scan.bands[axis], atol=1e-3, rtol=1e-3)
+    meta = cache.meta("S2")
+    assert meta["mapping"] == json.loads(json.dumps(scan.mapping))
+    assert meta["qc"]["lung_volume_ml"] == pytest.approx(scan.qc["lung_volume_ml"])
+
+
+def test_meta_labels_equal_manifest(built, cohort):
+    out, _ = built
+    cache = ProjectionCache(out)
+    for study in read_manifest(cohort):
+        meta = cache.meta(study.study_id)
+        assert meta["study_id"] == study.study_id and meta["patient_id"] == study.patient_id
+        assert meta["cpa"] == study.cpa and meta["survival_2y"] == study.survival_2y
+        assert meta["annotations"] == {r: dict(f) for r, f in study.annotations.items()}
+        assert meta["ct_path"] == str(study.path)
+        assert meta["lesion_labels_path"] == (
+            str(study.lesion_labels) if study.lesion_labels else None
+        )
+        assert meta["shapes"]["gray_axial"] == list(cache.gray(study.study_id, "axial").shape)
+        # Only whitelisted fields: no DICOM header content (names, birth dates) can leak in.
+        assert "PatientName" not in json.dumps(meta) and "meta" not in meta
+
+
+def test_qc_in_meta_and_qc_csv(built):
+    out, _ = built
+    cache = ProjectionCache(out)
+    qc = cache.meta("S0")["qc"]
+    assert 1000 < qc["lung_volume_ml"] < 2500  # two ~0.8 L ellipsoids
+    assert qc["lung_volume_implausible"] is False
+    assert sum(qc["subregion_fraction"].values()) == pytest.approx(1.0)
+    rows = read_csv(out / "qc.csv")
+    assert [r["study_id"] for r in rows] == cache.study_ids
+    assert set(f"fraction_{name}" for name in SUBREGIONS) <= set(rows[0])
+    assert read_csv(out / "failures.csv") == [] and cache.failures == {}
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_resume_recomputes_only_missing_and_reports_broken(tmp_path, monkeypatch, built):
+    cohort = write_cohort(tmp_path / "cohort")
+    out = tmp_path / "cache"
+    shutil.copytree(built[0], out)  # the same phantoms (same seed) already preprocessed
+    untouched = {s: (out / "studies" / s / "meta.json").stat().st_mtime_ns for s in ("S0", "S3")}
+    shutil.rmtree(out / "studies" / "S1")
+    shutil.rmtree(out / "studies" / "S2")
+    source = tmp_path / "cohort" / "s2.nii.gz"
+    source.write_bytes(source.read_bytes()[:300])  # truncated: unreadable scan
+    (out / "studies" / ".tmp-S1-999999").mkdir()  # left by a killed run
+    (out / "studies" / ".tmp-S1-999999" / "gray_axial.npy").write_bytes(b"partial")
+
+    calls = count_calls(monkeypatch)
+    result = preprocess_cohort(cohort, out, config=TINY, backend="cpu", progress=False)
+
+    assert (result.done, result.skipped, result.failed) == (1, 2, 1)
+    assert len(calls) == 1  # S1 only: S2 fails before preprocessing, S0/S3 are skipped
+    assert ProjectionCache(out).study_ids == ["S0", "S1", "S3"]
+    failures = read_csv(out / "failures.csv")
+    assert [r["study_id"] for r in failures] == ["S2"]
+    assert "s2.nii.gz" in failures[0]["reason"] and "CTLoadError" in failures[0]["reason"]
+    assert list(failures[0]) == ["study_id", "reason"]  # no patient fields
+    assert ProjectionCache(out).failures == {"S2": failures[0]["reason"]}
+    assert not list((out / "studies").glob(".tmp-*"))
+    for s, mtime in untouched.items():
+        assert (out / "studies" / s / "meta.json").stat().st_mtime_ns == mtime
+
+    # Repaired scan: the rerun retries only the failed study and clears its failure.
+    write_cohort(tmp_path / "cohort")
+    calls.clear()
+    result = preprocess_cohort(cohort, out, config=TINY, backend="cpu", progress=False)
+    assert (result.done, result.skipped, result.failed) == (1, 3, 0) and len(calls) == 1
+    assert read_csv(out / "failures.csv") == [] and len(read_csv(out / "qc.csv")) == N_STUDIES
+
+
+def test_failure_inside_preprocessing_does_not_stop_cohort(tmp_path, monkeypatch, cohort):
+    def no_lungs(hu, *args, **kwargs):
+        raise ValueError("no lungs found: every component touches the border")
+
+    monkeypatch.setattr(_cohort, "preprocess_scan", no_lungs)
+    result = preprocess_cohort(cohort, tmp_path / "c", config=TINY, backend="cpu", progress=False)
+    assert result.failed == N_STUDIES and result.done == 0
+    reasons = {r["study_id"]: r["reason"] for r in read_csv(tmp_path / "c" / "failures.csv")}
+    assert reasons["S3"] == "ValueError: no lungs found: every component touches the border"
+    assert ProjectionCache(tmp_path / "c").study_ids == []
+
+
+def test_other_config_is_refused(built, cohort):
+    other = dataclasses.replace(TINY, geometry=dataclasses.replace(TINY.geometry, downsample=1))
+    with pytest.raises(CacheError, match=r"geometry\.downsample.*new output folder"):
+        preprocess_cohort(cohort, built[0], config=other, backend="cpu", progress=False)
+    with pytest.raises(CacheError, match="preset 'test-tiny'"):
+        preprocess_cohort(cohort, built[0], config=QUICK, backend="cpu", progress=False)
+
+
+# --------------------------------------------------------------------------- sharding
+
+
+def test_shards_together_equal_one_run(tmp_path, built, cohort):
+    out = tmp_path / "sharded"
+    results = [
+        preprocess_cohort(cohort, out, config=TINY, backend="cpu", shard=(i, 2), progress=False)
+        for i in range(2)
+    ]
+    assert [r.done for r in results] == [2, 2]
+    one, two = ProjectionCache(built[0]), ProjectionCache(out)
+    assert two.study_ids == one.study_ids
+    for sid in one.study_ids:
+        np.testing.assert_array_equal(two.bands(sid, "coronal"), one.bands(sid, "coronal"))
+    assert sorted(p.name for p in out.glob("failures-*.csv")) == [
+        "failures-0-of-2.csv",
+        "failures-1-of-2.csv",
+    ]
+    assert [r["study_id"] for r in read_csv(out / "qc.csv")] == one.study_ids
+
+
+def test_shard_validation():
+    assert _cohort.parse_shard("1/4") == (1, 4)
+    assert _cohort.shard_studies(list("abcde"), (1, 2)) == ["b", "d"]
+    assert _cohort.resolve_shard(None) == (0, 1)  # jax.distributed not initialised
+    for bad in ("4/4", "-1/2", "1", "a/b"):
+        with pytest.raises(ValueError, match="shard"):
+            _cohort.parse_shard(bad)
+
+
+# --------------------------------------------------------------------------- reader
+
+
+def test_reader_errors_name_the_path(tmp_path, built):
+    with pytest.raises(CacheError, match="not found"):
+        ProjectionCache(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CacheError, match=r"cache\.json"):
+        ProjectionCache(tmp_path / "empty")
+    out = tmp_path / "copy"
+    shutil.copytree(built[0], out)
+    cache = ProjectionCache(out)
+    with pytest.raises(CacheError, match=r"'S9' is not in .*studies"):
+        cache.gray("S9", "axial")
+    (out / "studies" / "S1" / "bands_sagittal.npy").write_bytes(b"\x93NUMPY garbage")
+    with pytest.raises(CacheError, match="bands_sagittal.npy"):
+        cache.bands("S1", "sagittal")
+    (out / "studies" / "S1" / "gray_axial.npy").unlink()
+    with pytest.raises(CacheError, match="incomplete.*gray_axial.npy"):
+        cache.gray("S1", "axial")
+    (out / "studies" / "S3" / "meta.json").write_text("{not json")
+    with pytest.raises(CacheError, match=r"S3.*meta\.json"):
+        cache.meta("S3")
+    with pytest.raises(ValueError, match="unknown axis"):
+        cache.gray("S0", "oblique")
+    header = json.loads((out / "cache.json").read_text())
+    (out / "cache.json").write_text(json.dumps({**header, "version": 99}))
+    with pytest.raises(CacheError, match="version 99"):
+        ProjectionCache(out)
+
+
+@pytest.mark.parametrize("config", [PAPER, QUICK, TINY])
+def test_config_round_trip(config):
+    stored = json.loads(json.dumps(_cache.config_to_dict(config)))
+    assert _cache.config_from_dict(PreprocessConfig, stored) == config
+
+
+def test_write_study_is_all_or_nothing(tmp_path, monkeypatch):
+    (tmp_path / "studies").mkdir()
+
+    def disk_full(path, array, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_cache.np, "save", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        _cache.write_study(tmp_path, "S0", {"gray_axial": np.zeros((2, 2))}, {})
+    assert list((tmp_path / "studies").iterdir()) == []
+
+
+def test_unsafe_study_id_is_rejected():
+    for bad in ("../x", "a/b", ".tmp-S0-1", ""):
+        with pytest.raises(ValueError, match="cannot name a cache directory"):
+            _cache.check_study_id(bad)
+    assert _cache.check_study_id("CPA-001_v2.1") == "CPA-001_v2.1"
+
+
+def test_failures_merge_drops_succeeded_and_keeps_newest(tmp_path):
+    (tmp_path / "studies" / "A").mkdir(parents=True)
+    _cache.write_shard_failures(tmp_path, (0, 2), {"A": "old", "B": "old reason"})
+    os.utime(tmp_path / "failures-0-of-2.csv", (1, 1))
+    _cache.write_shard_failures(tmp_path, (0, 1), {"B": "new reason"})
+    assert _cache.read_failures(tmp_path) == {"B": "new reason"}
