@@ -18,6 +18,7 @@ from sapsam_jax.preprocess import (
     subregion_band_projections,
     subregion_slices,
 )
+from sapsam_jax.preprocess._kernels import kernel_source
 
 WINDOW = (-1000.0, 0.0)
 
@@ -188,25 +189,20 @@ def test_rotate_project_shapes_and_identity(rng):
 
 # --- CUDA kernels ------------------------------------------------------------------------------
 
-KERNELS = [
-    (gk.PROJECT_BANDS, "sapsam_project_bands_3d"),
-    (gk.ROTATE_PROJECT, "sapsam_rotate_project_bands_3d"),
-]
-
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
-@pytest.mark.parametrize(("filename", "base"), KERNELS)
-def test_kernels_compile_with_nvcc(tmp_path, filename, base):
+def test_kernels_compile_with_nvcc(tmp_path):
     """The exact preamble + source CuPy would compile: every axis, both HU dtypes."""
     for axis, dtype in zip(range(3), ("float32", "int16", "float32"), strict=True):
         defines = gk.kernel_defines(axis, (54, 64, 64), dtype)
-        src = tmp_path / f"{base}_{axis}_{dtype}.cu"
-        src.write_text(gk.kernel_source(filename, defines))
+        src = tmp_path / f"project_{axis}_{dtype}.cu"
+        src.write_text(kernel_source(gk.KERNEL_FILE, defines))
         ptx = src.with_suffix(".ptx")
         cmd = ["nvcc", "--ptx", "-arch=sm_90", "--std=c++14", "-o", str(ptx), str(src)]
         result = subprocess.run(cmd, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
-        assert f".entry {gk.kernel_name(base, defines)}(" in ptx.read_text()
+        for base in (gk.PROJECT_BANDS, gk.ROTATE_PROJECT):
+            assert f".entry {gk.kernel_name(base, defines)}(" in ptx.read_text()
 
 
 # Host emulation: the same source built by g++ with CUDA's qualifiers defined away and the grid
@@ -224,38 +220,31 @@ static Dim3 blockIdx, threadIdx, blockDim;
 #define __forceinline__ inline
 #define __restrict__
 """
-_HOST_LAUNCH = {
-    gk.PROJECT_BANDS: """
-extern "C" void launch(int gx, int gy, int threads, const HU_T* hu, const unsigned char* mask,
-                       float* bands) {
-    blockDim.x = threads;
-    for (int y = 0; y < gy; ++y) for (int x = 0; x < gx; ++x) for (int t = 0; t < threads; ++t) {
-        blockIdx.x = x; blockIdx.y = y; threadIdx.x = t;
-        SAPSAM_NAME(sapsam_project_bands_3d)(hu, mask, bands);
-    }
+_HOST_LAUNCH = """
+#define GRID_LOOP(call) \\
+    blockDim.x = threads; \\
+    for (int y = 0; y < gy; ++y) for (int x = 0; x < gx; ++x) for (int t = 0; t < threads; ++t) { \\
+        blockIdx.x = x; blockIdx.y = y; threadIdx.x = t; call; }
+extern "C" void launch_project(int gx, int gy, int threads, const HU_T* hu,
+                               const unsigned char* mask, float* bands) {
+    GRID_LOOP(SAPSAM_NAME(sapsam_project_bands_3d)(hu, mask, bands))
 }
-""",
-    gk.ROTATE_PROJECT: """
-extern "C" void launch(int gx, int gy, int threads, const HU_T* hu, const unsigned char* masks,
-                       const float* affines, float* gray, float* bands, float lo, float hi) {
-    blockDim.x = threads;
-    for (int y = 0; y < gy; ++y) for (int x = 0; x < gx; ++x) for (int t = 0; t < threads; ++t) {
-        blockIdx.x = x; blockIdx.y = y; threadIdx.x = t;
-        SAPSAM_NAME(sapsam_rotate_project_bands_3d)(hu, masks, affines, gray, bands, lo, hi);
-    }
+extern "C" void launch_rotate(int gx, int gy, int threads, const HU_T* hu,
+                              const unsigned char* masks, const float* affines, float* gray,
+                              float* bands, float lo, float hi) {
+    GRID_LOOP(SAPSAM_NAME(sapsam_rotate_project_bands_3d)(hu, masks, affines, gray, bands, lo, hi))
 }
-""",
-}
+"""
 _host_compiler = shutil.which("g++")
 
 
-def _host_kernel(tmp_path, filename, defines):
-    src = tmp_path / f"{filename}_{dict(defines)['AXIS']}.cpp"
-    src.write_text(_HOST_SHIM + gk.kernel_source(filename, defines) + _HOST_LAUNCH[filename])
+def _host_kernels(tmp_path, defines):
+    src = tmp_path / f"project_{dict(defines)['AXIS']}.cpp"
+    src.write_text(_HOST_SHIM + kernel_source(gk.KERNEL_FILE, defines) + _HOST_LAUNCH)
     lib = src.with_suffix(".so")
     cmd = [_host_compiler, "-O1", "-shared", "-fPIC", "-w", "-o", str(lib), str(src)]
     subprocess.run(cmd, check=True, capture_output=True)
-    return ctypes.CDLL(str(lib)).launch
+    return ctypes.CDLL(str(lib))
 
 
 def _ptr(array):
@@ -268,15 +257,14 @@ def test_host_emulated_kernels_match_twins(tmp_path, rng, axis):
     shape = (15, 10, 12)
     hu, cons, ref = _smooth_case(rng, shape)
     a = AXES[axis]
-    # Kernel 1 (project_bands.cu) on the unrotated volume vs the NumPy path.
+    # Kernel 1 on the unrotated volume vs the NumPy path.
     defines = gk.kernel_defines(a, shape, "float32")
-    launch = _host_kernel(tmp_path, gk.PROJECT_BANDS, defines)
+    lib = _host_kernels(tmp_path, defines)
     out = np.zeros((6, *subregion_band_projections(hu, ref, axis).shape[1:]), np.float32)
     gx, gy = gk._grid(a, shape, 1)
-    launch(gx, gy, gk._THREADS, _ptr(hu), _ptr(ref.astype(np.uint8)), _ptr(out))
+    lib.launch_project(gx, gy, gk._THREADS, _ptr(hu), _ptr(ref.astype(np.uint8)), _ptr(out))
     np.testing.assert_allclose(out, subregion_band_projections(hu, ref, axis), atol=1e-5)
-    # Kernel 2 (rotate_project.cu) vs the twin: same sampling, float32 on both sides.
-    launch = _host_kernel(tmp_path, gk.ROTATE_PROJECT, defines)
+    # Kernel 2 (rotation fused) vs the twin: the same sampling, float32 on both sides.
     twin_gray, twin_bands = rotate_project(
         hu, cons, ref, SOME_ROTATIONS, axes=(axis,), method="twin"
     )
@@ -285,9 +273,8 @@ def test_host_emulated_kernels_match_twins(tmp_path, rng, axis):
     affines = gk.rotation_affines(SOME_ROTATIONS, shape)
     gx, gy = gk._grid(a, shape, len(SOME_ROTATIONS))
     lo, hi = (ctypes.c_float(v) for v in PAPER.projection.gray_window_hu)
-    launch(
-        gx, gy, gk._THREADS, _ptr(hu), _ptr(packed), _ptr(affines), _ptr(gray), _ptr(bands), lo, hi
-    )
+    arrays = (hu, packed, affines, gray, bands)
+    lib.launch_rotate(gx, gy, gk._THREADS, *(_ptr(v) for v in arrays), lo, hi)
     np.testing.assert_allclose(gray, twin_gray[axis], atol=TWIN_ATOL)  # measured <= 4e-7
     np.testing.assert_allclose(bands, twin_bands[axis], atol=TWIN_ATOL)  # measured <= 8e-7
 

@@ -1,28 +1,24 @@
-"""CUDA projection kernels (``kernels/*.cu``): sources, memoized per-device modules, launchers.
+"""Launchers of the projection kernels in ``kernels/project_bands.cu`` (paper 2.2-2.3).
 
 Each kernel is specialised by a ``#define`` preamble (axis, working shape, HU dtype, bands) and
-compiled once per device and set of static parameters with ``cupy.RawModule`` (as cupyx
-``ndimage/_filters.py`` does). :func:`kernel_source` is importable without CuPy so the tests can
-compile the exact source with ``nvcc --ptx``. NumPy twins:
-``_projection.subregion_band_projections(use_kernel=False)`` and
-``_projection.rotate_project(method="twin")``.
+compiled once per device and set of static parameters by ``_kernels.load_kernel``.
+:func:`kernel_defines` needs no CuPy, so the tests compile the exact source with ``nvcc --ptx``
+(``_kernels.kernel_source``). NumPy twins: ``_projection.subregion_band_projections`` with
+``use_kernel=False`` (kernel 1) and ``_projection.rotate_project(method="twin")`` (kernel 2).
 """
 
 from __future__ import annotations
 
-import functools
-from pathlib import Path
-
 import numpy as np
 
-from ..config import PAPER_BANDS
+from ..config import PAPER_BANDS, GeometryConfig
 from ._geometry import inverse_rotation
+from ._kernels import load_kernel
 from ._subregions import subregion_image_shape
 
-KERNEL_DIR = Path(__file__).with_name("kernels")
-COMMON_HEADER = "project_common.cuh"
-PROJECT_BANDS = "project_bands.cu"
-ROTATE_PROJECT = "rotate_project.cu"
+KERNEL_FILE = "project_bands.cu"
+PROJECT_BANDS = "sapsam_project_bands_3d"  # kernel 1, already-rotated volumes
+ROTATE_PROJECT = "sapsam_rotate_project_bands_3d"  # kernel 2, rotation fused with projection
 _HU_TYPES = {"float32": ("float", "f32"), "int16": ("short", "i16")}
 _THREADS = 128  # rays per block; one thread walks one ray
 
@@ -41,8 +37,8 @@ def kernel_defines(
     hu_dtype="float32",
     bands=PAPER_BANDS,
     *,
-    fill_hu: float = -1024.0,
-    mask_threshold: float = 0.5,
+    fill_hu: float = GeometryConfig.fill_hu,
+    mask_threshold: float = GeometryConfig.mask_threshold,
 ) -> tuple[tuple[str, str], ...]:
     """The preamble's (name, value) pairs: hashable, so they key the module cache."""
     c_type, suffix = _HU_TYPES[np.dtype(hu_dtype).name]
@@ -70,27 +66,9 @@ def kernel_name(base: str, defines) -> str:
     return f"{base}_{suffix}"
 
 
-def kernel_source(filename: str, defines) -> str:
-    """Preamble + shared header + kernel file: exactly what CuPy (and the nvcc test) compile."""
-    preamble = "".join(f"#define {name} {value}\n" for name, value in defines)
-    common = (KERNEL_DIR / COMMON_HEADER).read_text()
-    return preamble + common + "\n" + (KERNEL_DIR / filename).read_text()
-
-
-@functools.cache
-def _module(device_id: int, filename: str, defines):
-    import cupy
-
-    with cupy.cuda.Device(device_id):
-        return cupy.RawModule(code=kernel_source(filename, defines), options=("--std=c++14",))
-
-
-def get_kernel(filename: str, base: str, defines):
-    """The compiled kernel ``base`` of ``filename`` for the current device (memoized)."""
-    import cupy
-
-    module = _module(cupy.cuda.Device().id, filename, tuple(defines))
-    return module.get_function(kernel_name(base, defines))
+def get_kernel(base: str, defines):
+    """The compiled kernel ``base`` for ``defines`` on the current device (memoized)."""
+    return load_kernel(KERNEL_FILE, kernel_name(base, defines), defines)
 
 
 def _grid(axis: int, working_shape, batch: int) -> tuple[int, int]:
@@ -107,7 +85,7 @@ def project_bands_gpu(hu, mask, axis: int, bands=PAPER_BANDS):
     mask = cupy.ascontiguousarray(mask, dtype=cupy.bool_).view(cupy.uint8)
     defines = kernel_defines(axis, hu.shape, hu_dtype, bands)
     out = cupy.zeros((6, *subregion_image_shape(hu.shape, axis), len(bands)), cupy.float32)
-    kernel = get_kernel(PROJECT_BANDS, "sapsam_project_bands_3d", defines)
+    kernel = get_kernel(PROJECT_BANDS, defines)
     kernel(_grid(axis, hu.shape, 1), (_THREADS,), (hu, mask, out))
     return out
 
@@ -148,7 +126,7 @@ def rotate_project_gpu(hu, conservative, refined, rotations, axes, config, progr
         gray[name] = cupy.zeros((nrot, *image), cupy.float32)
         sub_image = subregion_image_shape(hu.shape, axis)
         bands[name] = cupy.zeros((nrot, 6, *sub_image, nb), cupy.float32)
-        kernel = get_kernel(ROTATE_PROJECT, "sapsam_rotate_project_bands_3d", defines)
+        kernel = get_kernel(ROTATE_PROJECT, defines)
         lo, hi = (np.float32(v) for v in projection.gray_window_hu)
         args = (hu, masks, affines, gray[name], bands[name], lo, hi)
         kernel(_grid(axis, hu.shape, nrot), (_THREADS,), args)
@@ -161,7 +139,6 @@ __all__ = [
     "get_kernel",
     "kernel_defines",
     "kernel_name",
-    "kernel_source",
     "project_bands_gpu",
     "rotate_project_gpu",
     "rotation_affines",
