@@ -1,0 +1,144 @@
+"""Time ``sapsam_jax.io.load_ct`` on a DICOM series against reading the files one by one.
+
+The issue's bar: reading a 512-slice series must not be slower than a plain pydicom loop over
+the same files. A synthetic series (shuffled file names, so sorting matters) is written to a
+temporary folder; both readers run ``--repeat`` times after one warm-up (page cache filled) and
+the medians are compared. JSON goes to ``benchmarks/results/``::
+
+    python benchmarks/bench_io.py                      # 512 slices of 512x512 (the real case)
+    python benchmarks/bench_io.py --slices 64 --size 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from sapsam_jax.io import load_ct
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+INTERCEPT = -1024
+
+
+def write_series(folder: Path, slices: int, size: int, seed: int = 0) -> None:
+    """A synthetic axial CT series: unsigned stored values with the usual -1024 intercept."""
+    rng = np.random.default_rng(seed)
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    names = rng.permutation(slices)  # file names in random order: the reader must sort
+    base = rng.integers(0, 2000, size=(size, size), dtype=np.uint16)
+    for n in range(slices):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = CTImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+        ds.Modality, ds.StudyInstanceUID, ds.SeriesInstanceUID = "CT", study, series
+        ds.FrameOfReferenceUID, ds.InstanceNumber = frame, n + 1
+        ds.ImagePositionPatient = [-250.0, -250.0, -400.0 + 1.25 * n]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing, ds.SliceThickness = [0.75, 0.75], 1.25
+        ds.Rows = ds.Columns = size
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.RescaleSlope, ds.RescaleIntercept = 1, INTERCEPT
+        ds.PixelData = np.roll(base, n, axis=0).tobytes()
+        ds.save_as(folder / f"{names[n]:05d}.dcm", enforce_file_format=True)
+
+
+def naive_read(folder: Path) -> np.ndarray:
+    """The baseline: pydicom one file at a time, sort by z, stack (no checks, no rescale)."""
+    datasets = [pydicom.dcmread(path) for path in sorted(folder.iterdir())]
+    datasets.sort(key=lambda ds: float(ds.ImagePositionPatient[2]))
+    return np.stack([ds.pixel_array for ds in datasets])
+
+
+def timed(function, folder: Path, repeat: int) -> tuple[list[float], np.ndarray]:
+    """Seconds of ``repeat`` calls after one warm-up call, and the last result."""
+    result = function(folder)
+    seconds = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        result = function(folder)
+        seconds.append(time.perf_counter() - start)
+    return seconds, result
+
+
+def environment() -> dict:
+    """Date, machine, package versions and git commit recorded with every result."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    return {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "device": {
+            "kind": "cpu",  # DICOM parsing is host work; no accelerator is involved
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+        },
+        "versions": {
+            "python": sys.version.split()[0],
+            **{name: version(name) for name in ("numpy", "pydicom", "nibabel", "sapsam-jax")},
+        },
+        "git_commit": commit,
+    }
+
+
+def run(slices: int, size: int, repeat: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="bench_io_") as tmp:
+        folder = Path(tmp)
+        write_series(folder, slices, size)
+        naive_s, naive = timed(naive_read, folder, repeat)
+        ours_s, ct = timed(lambda f: load_ct(f).hu, folder, repeat)
+    if not np.array_equal(ct, naive.astype(np.int32) + INTERCEPT):
+        raise AssertionError("load_ct and the naive loop read different volumes")
+    naive_med, ours_med = statistics.median(naive_s), statistics.median(ours_s)
+    return {
+        "benchmark": "io.load_ct vs naive pydicom loop",
+        **environment(),
+        "params": {"slices": slices, "rows": size, "columns": size, "repeat": repeat},
+        "seconds": {"load_ct": ours_s, "naive_pydicom_loop": naive_s},
+        "median_s": {"load_ct": ours_med, "naive_pydicom_loop": naive_med},
+        "speedup": naive_med / ours_med,
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=512)
+    parser.add_argument("--size", type=int, default=512, help="rows = columns")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    result = run(args.slices, args.size, args.repeat)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = args.out / f"bench_io_{args.slices}x{args.size}_{stamp}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["median_s"]), f"speedup {result['speedup']:.2f}x ->", path)
+
+
+if __name__ == "__main__":
+    main()

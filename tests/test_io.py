@@ -1,0 +1,394 @@
+"""CT readers on real scanner output (shared/data/real_ct) and on broken copies of it."""
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    EnhancedCTImageStorage,
+    ExplicitVRLittleEndian,
+    JPEGLSLossless,
+    RLELossless,
+    generate_uid,
+)
+
+from sapsam_jax.io import CTLoadError, load_ct, save_nifti
+from sapsam_jax.io._dicom import _native_pixels
+
+LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+SECRETS = ("Doe^Jane", "Doe", "Jane", "19610203", "PID-777")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(scope="module")
+def cip(real_ct_dir):
+    """cip_ct64 read once from DICOM: the reference for the broken copies below."""
+    return load_ct(real_ct_dir / "cip_ct64" / "dicom")
+
+
+@pytest.fixture
+def series(tmp_path, real_ct_dir):
+    """A writable copy of the 79-file cip_ct64 DICOM series (IMG0001 lowest, IMG0079 highest)."""
+    folder = tmp_path / "series"
+    shutil.copytree(real_ct_dir / "cip_ct64" / "dicom", folder)
+    return folder
+
+
+def edit_all(folder, edit):
+    """Apply ``edit(ds, n)`` to every file of a series copy (n = 0.. in file-name order)."""
+    for n, path in enumerate(sorted(folder.glob("*.dcm"))):
+        ds = pydicom.dcmread(path)
+        edit(ds, n)
+        ds.save_as(path)
+
+
+def write_nifti(path, data, affine=LPS_FROM_RAS):
+    image = nib.Nifti1Image(data, affine)
+    image.set_sform(affine, code=1)
+    nib.save(image, path)
+    return path
+
+
+def enhanced_ct(series_dir, out_path, order):
+    """One multi-frame Enhanced CT file made of the series' slices, frames in ``order``."""
+    sources = [pydicom.dcmread(p) for p in sorted(series_dir.glob("*.dcm"))]
+    first = sources[0]
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = EnhancedCTImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    for keyword in ("Modality", "StudyInstanceUID", "SeriesInstanceUID", "Rows", "Columns"):
+        setattr(ds, keyword, getattr(first, keyword))
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.NumberOfFrames = len(order)
+    shared = Dataset()
+    shared.PlaneOrientationSequence = [Dataset()]
+    shared.PlaneOrientationSequence[0].ImageOrientationPatient = first.ImageOrientationPatient
+    shared.PixelMeasuresSequence = [Dataset()]
+    shared.PixelMeasuresSequence[0].PixelSpacing = first.PixelSpacing
+    shared.PixelValueTransformationSequence = [Dataset()]
+    shared.PixelValueTransformationSequence[0].RescaleSlope = 1
+    shared.PixelValueTransformationSequence[0].RescaleIntercept = -1000
+    ds.SharedFunctionalGroupsSequence = [shared]
+    per_frame = []
+    for n in order:
+        group = Dataset()
+        group.PlanePositionSequence = [Dataset()]
+        group.PlanePositionSequence[0].ImagePositionPatient = sources[n].ImagePositionPatient
+        per_frame.append(group)
+    ds.PerFrameFunctionalGroupsSequence = per_frame
+    stored = np.stack([sources[n].pixel_array.astype(np.int16) + 1000 for n in order])
+    ds.PixelData = stored.tobytes()
+    ds.save_as(out_path, enforce_file_format=True)
+    return out_path
+
+
+# ----------------------------------------------------------------------------- real data
+
+
+def test_cip_dicom_series_and_nifti_load_to_the_same_canonical_volume(real_ct_dir, cip):
+    nifti = load_ct(real_ct_dir / "cip_ct64" / "ct.nii.gz")
+    assert cip.hu.dtype == np.int16 and cip.hu.shape == (79, 64, 64)
+    np.testing.assert_array_equal(cip.hu, nifti.hu)
+    np.testing.assert_allclose(cip.spacing, (3.98734, 4.171872, 4.171872), atol=1e-4)
+    np.testing.assert_allclose(nifti.spacing, cip.spacing, atol=1e-4)
+    np.testing.assert_allclose(nifti.affine, cip.affine, atol=1e-3)
+    # k -> +S, j -> +P, i -> +L, origin at the first DICOM slice's ImagePositionPatient.
+    expected = np.array(
+        [[0, 0, 4.171872, -128.414], [0, 4.171872, 0, -264.414], [3.98734, 0, 0, -360.256]]
+    )
+    np.testing.assert_allclose(cip.affine[:3], expected, atol=1e-3)
+    assert cip.meta["slice_count"] == 79 and cip.meta["manufacturer"] == "GE Medical Systems"
+
+
+def test_left_lung_has_higher_i_and_apex_high_k(real_ct_dir):
+    labels = load_ct(real_ct_dir / "cip_ct64" / "lung_LR_ref.nii.gz").hu  # 1 right, 2 left
+    right, left, airway = (np.argwhere(labels == n).mean(axis=0) for n in (1, 2, 3))
+    width = labels.shape[2]
+    assert right[2] < width / 2 <= left[2]  # 17.7 vs 46.9 of 64 columns
+    lungs = np.argwhere(np.isin(labels, (1, 2)))
+    assert lungs[:, 0].max() >= 0.9 * (labels.shape[0] - 1)  # apex near the top slice
+    assert airway[0] > lungs[:, 0].mean() + 10  # the trachea sits above the lungs
+
+
+def test_a0001_series_sorted_by_z_with_tumour_in_left_lung(real_ct_dir):
+    folder = real_ct_dir / "lung_pet_ct_dx" / "A0001_chest_5mm_dicom"
+    ct = load_ct(folder)
+    assert ct.hu.shape == (64, 512, 512)
+    np.testing.assert_allclose(ct.spacing, (5.0, 0.841796875, 0.841796875))
+    boxes = json.loads((folder.parent / "A0001_tumour_bboxes.json").read_text())
+    for box in boxes:
+        k = box["slice_index_k"]
+        assert ct.index_to_lps([k, 0, 0])[2] == pytest.approx(box["z_mm"])
+        tumour = ct.hu[k, box["row_min"] : box["row_max"] + 1, box["col_min"] : box["col_max"] + 1]
+        assert np.median(tumour) > -100  # soft tissue, not lung air
+        assert (box["col_min"] + box["col_max"]) / 2 > 256  # patient's left half
+    # Files are stored head first (1-01 is the top slice): sorting put it at the highest k.
+    top = pydicom.dcmread(folder / "1-01.dcm")
+    np.testing.assert_array_equal(ct.hu[-1], top.pixel_array.astype(np.int32) - 1024)
+    assert ct.index_to_lps([63, 0, 0])[2] == pytest.approx(float(top.ImagePositionPatient[2]))
+    assert ct.meta["scanner_model"] == "Brilliance16" and ct.meta["convolution_kernel"] == "B"
+
+
+def test_a0002_nifti_tumour_in_right_lung(real_ct_dir):
+    path = real_ct_dir / "lung_pet_ct_dx" / "A0002_thorax_8mm_ct.nii.gz"
+    ct = load_ct(path)
+    assert ct.hu.shape == (30, 512, 512)
+    np.testing.assert_allclose(ct.spacing, (8.0, 0.646484375, 0.646484375))
+    boxes = json.loads((path.parent / "A0002_tumour_bboxes.json").read_text())
+    for box in boxes:
+        assert ct.index_to_lps([box["slice_index_k"], 0, 0])[2] == pytest.approx(box["z_mm"])
+        assert (box["col_min"] + box["col_max"]) / 2 < 256  # patient's right half
+
+
+def test_ras_nifti_is_flipped_to_lps(real_ct_dir):
+    path = real_ct_dir / "totalseg_abdomen" / "example_ct_sm.nii.gz"
+    image = nib.load(path)
+    raw = np.asanyarray(image.dataobj)  # (x -> R, y -> A, z -> S)
+    ct = load_ct(path)
+    np.testing.assert_array_equal(ct.hu, raw.transpose(2, 1, 0)[:, ::-1, ::-1])
+    # The same voxel lands on the same patient point through either affine.
+    x, y, z = 7, 20, 11
+    k, j, i = z, raw.shape[1] - 1 - y, raw.shape[0] - 1 - x
+    world = (LPS_FROM_RAS @ image.affine @ [x, y, z, 1])[:3]
+    np.testing.assert_allclose(ct.index_to_lps([k, j, i]), world, atol=1e-6)
+    labels = load_ct(path.parent / "example_seg.nii.gz").hu
+    left_lobes = np.argwhere(np.isin(labels, (10, 11))).mean(axis=0)
+    right_lower = np.argwhere(labels == 14).mean(axis=0)
+    assert left_lobes[2] > labels.shape[2] / 2 > right_lower[2]
+    assert left_lobes[0] > labels.shape[0] / 2  # lung bases at the top of an abdomen scan
+
+
+def test_save_nifti_round_trips_with_the_same_world_coordinates(tmp_path, real_ct_dir):
+    for source in ("cip_ct64/dicom", "totalseg_abdomen/example_ct_sm.nii.gz"):
+        ct = load_ct(real_ct_dir / source)
+        out = save_nifti(tmp_path / "ct.nii.gz", ct.hu, ct)
+        again = load_ct(out)
+        np.testing.assert_array_equal(again.hu, ct.hu)
+        np.testing.assert_allclose(again.affine, ct.affine, atol=1e-4)
+        image = nib.load(out)
+        assert nib.aff2axcodes(image.affine) == ("L", "P", "S")
+        k, j, i = 5, 17, 23
+        world = (LPS_FROM_RAS @ image.affine @ [i, j, k, 1])[:3]
+        np.testing.assert_allclose(world, ct.index_to_lps([k, j, i]), atol=1e-4)
+        assert np.asanyarray(image.dataobj)[i, j, k] == ct.hu[k, j, i]
+    mask = save_nifti(tmp_path / "mask.nii", ct.hu > -500, ct)
+    assert nib.load(mask).get_data_dtype() == np.uint8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz", "mask.nii"]  # no temps
+    with pytest.raises(ValueError, match="not on the CT grid"):
+        save_nifti(tmp_path / "bad.nii.gz", ct.hu[1:], ct)
+
+
+# ----------------------------------------------------------------------------- DICOM variants
+
+
+def test_multiframe_enhanced_ct_matches_the_series(tmp_path, real_ct_dir, cip):
+    order = np.random.default_rng(0).permutation(79)
+    path = enhanced_ct(real_ct_dir / "cip_ct64" / "dicom", tmp_path / "enhanced.dcm", order)
+    ct = load_ct(path)
+    np.testing.assert_array_equal(ct.hu, cip.hu)
+    np.testing.assert_allclose(ct.affine, cip.affine, atol=1e-6)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("bits_stored", [12, 16])
+def test_fast_native_decoding_matches_pydicom(series, signed, bits_stored):
+    """The uncompressed fast path against pydicom's pixel_array (the reference)."""
+    ds = pydicom.dcmread(series / "IMG0040.dcm")
+    values = np.random.default_rng(0).integers(0, 1 << 16, size=(64, 64), dtype=np.uint16)
+    ds.PixelData = values.tobytes()  # high bits set: masked (unsigned) or sign bits (signed)
+    ds.PixelRepresentation, ds.BitsStored, ds.HighBit = int(signed), bits_stored, bits_stored - 1
+    reference = ds.pixel_array
+    fast = _native_pixels(ds)
+    assert fast is not None and fast.dtype == reference.dtype
+    np.testing.assert_array_equal(fast, reference)
+
+
+def test_per_slice_rescale_is_applied(series, cip):
+    def shift(ds, n):  # odd slices stored 100 lower with intercept +100: same HU
+        if n % 2:
+            ds.PixelData = (ds.pixel_array - 100).astype(np.int16).tobytes()
+            ds.RescaleIntercept = 100
+
+    edit_all(series, shift)
+    np.testing.assert_array_equal(load_ct(series).hu, cip.hu)
+
+
+def test_rle_compressed_series_decodes(series, cip):
+    edit_all(series, lambda ds, n: ds.compress(RLELossless))
+    np.testing.assert_array_equal(load_ct(series).hu, cip.hu)
+
+
+def test_missing_decoder_names_the_packages(series):
+    from pydicom.pixels import get_decoder
+
+    if get_decoder(JPEGLSLossless).is_available:
+        pytest.skip("a JPEG-LS plugin is installed here")
+    path = series / "IMG0010.dcm"
+    ds = pydicom.dcmread(path)
+    ds.compress(RLELossless)
+    ds.file_meta.TransferSyntaxUID = JPEGLSLossless  # same bytes, now needs a JPEG-LS plugin
+    ds.save_as(path)
+    with pytest.raises(CTLoadError, match=r"IMG0010\.dcm.*JPEG-LS.*(pylibjpeg|gdcm|pyjpegls)"):
+        load_ct(series)
+
+
+def test_series_uid_picks_one_of_two_series(series, cip):
+    second = generate_uid()
+
+    def split(ds, n):
+        if n >= 40:
+            ds.SeriesInstanceUID, ds.SeriesDescription = second, "second half"
+
+    edit_all(series, split)
+    with pytest.raises(CTLoadError, match="2 series found") as err:
+        load_ct(series)
+    assert f"{second}: 39 slice(s), 'second half'" in str(err.value)
+    assert "40 slice(s)" in str(err.value)
+    ct = load_ct(series, series_uid=second)
+    np.testing.assert_array_equal(ct.hu, cip.hu[40:])
+    with pytest.raises(CTLoadError, match="no series '1.2.3'"):
+        load_ct(series, series_uid="1.2.3")
+
+
+def test_small_tilt_is_accepted_with_its_exact_affine(series, cip):
+    angle = np.deg2rad(0.3)
+    iop = [np.cos(angle), np.sin(angle), 0, -np.sin(angle), np.cos(angle), 0]
+    edit_all(series, lambda ds, n: setattr(ds, "ImageOrientationPatient", iop))
+    ct = load_ct(series)
+    np.testing.assert_array_equal(ct.hu, cip.hu)
+    np.testing.assert_allclose(ct.affine[:3, 2], np.multiply(iop[:3], 4.171872), atol=1e-5)
+
+
+def test_missing_slice_is_an_error_or_interpolated(series, cip):
+    (series / "IMG0040.dcm").unlink()  # sorted index 39
+    with pytest.raises(CTLoadError, match=r"1 missing slice\(s\) between .*IMG0039.*IMG0041"):
+        load_ct(series)
+    with pytest.warns(UserWarning, match="missing slice"):
+        ct = load_ct(series, allow_gaps=True)
+    assert ct.hu.shape == cip.hu.shape and ct.meta["interpolated_slices"] == 1
+    mean = (cip.hu[38].astype(float) + cip.hu[40]) / 2
+    assert np.abs(ct.hu[39] - mean).max() <= 0.5
+    np.testing.assert_array_equal(np.delete(ct.hu, 39, 0), np.delete(cip.hu, 39, 0))
+    np.testing.assert_allclose(ct.affine, cip.affine, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+def test_empty_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CTLoadError, match="empty.*empty folder"):
+        load_ct(tmp_path / "empty")
+
+
+def test_folder_without_dicom(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a scan")
+    with pytest.raises(CTLoadError, match="no DICOM image files among its 1 file"):
+        load_ct(tmp_path)
+
+
+def test_missing_path_and_unsupported_extension(tmp_path):
+    with pytest.raises(CTLoadError, match="nope.nii.gz: no such file or folder"):
+        load_ct(tmp_path / "nope.nii.gz")
+    (tmp_path / "scan.png").write_bytes(b"\x89PNG")
+    with pytest.raises(CTLoadError, match=r"scan.png: unsupported file type '.png'"):
+        load_ct(tmp_path / "scan.png")
+
+
+def test_non_ct_modality(series):
+    edit_all(series, lambda ds, n: setattr(ds, "Modality", "MR"))
+    with pytest.raises(CTLoadError, match="Modality is 'MR', not 'CT', in 79 file"):
+        load_ct(series)
+
+
+def test_duplicated_slice(series):
+    shutil.copy(series / "IMG0040.dcm", series / "IMG0040_again.dcm")
+    with pytest.raises(CTLoadError, match=r"duplicate slice position .*IMG0040.*IMG0040_again"):
+        load_ct(series)
+
+
+def test_truncated_dicom(series):
+    path = series / "IMG0040.dcm"
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(CTLoadError, match=r"IMG0040.dcm: pixel data truncated or corrupt"):
+        load_ct(series)
+    path.write_bytes(path.read_bytes()[:300])  # cut inside the file meta header
+    with pytest.raises(CTLoadError, match=r"IMG0040.dcm: .*truncated or corrupt"):
+        load_ct(series)
+
+
+def test_truncated_nifti(tmp_path, real_ct_dir):
+    data = (real_ct_dir / "cip_ct64" / "ct.nii.gz").read_bytes()
+    (tmp_path / "cut.nii.gz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CTLoadError, match="cut.nii.gz: .*truncated or corrupt"):
+        load_ct(tmp_path / "cut.nii.gz")
+
+
+def test_nifti_with_nans(tmp_path):
+    data = np.full((8, 8, 8), -1000.0, dtype=np.float32)
+    data[2, 3, 4] = data[5, 5, 5] = np.nan
+    path = write_nifti(tmp_path / "nan.nii.gz", data)
+    with pytest.raises(CTLoadError, match=r"nan.nii.gz: 2 voxel\(s\) are NaN"):
+        load_ct(path)
+
+
+def test_nifti_without_orientation(tmp_path):
+    image = nib.Nifti1Image(np.zeros((8, 8, 8), np.int16), np.eye(4))
+    image.set_qform(None, code=0)
+    image.set_sform(None, code=0)
+    nib.save(image, tmp_path / "bare.nii")
+    with pytest.raises(CTLoadError, match="no orientation"):
+        load_ct(tmp_path / "bare.nii")
+
+
+def test_2d_images(tmp_path, series):
+    with pytest.raises(CTLoadError, match="IMG0001.dcm: a single 2-D image"):
+        load_ct(series / "IMG0001.dcm")
+    path = write_nifti(tmp_path / "slice.nii.gz", np.zeros((64, 64), np.int16))
+    with pytest.raises(CTLoadError, match="slice.nii.gz: a 2-D image"):
+        load_ct(path)
+    for extra in sorted(series.glob("*.dcm"))[1:]:
+        extra.unlink()
+    with pytest.raises(CTLoadError, match="only one slice, a 2-D image"):
+        load_ct(series)
+
+
+def test_oblique_orientation(series):
+    angle = np.deg2rad(10)
+    iop = [np.cos(angle), np.sin(angle), 0, -np.sin(angle), np.cos(angle), 0]
+    edit_all(series, lambda ds, n: setattr(ds, "ImageOrientationPatient", iop))
+    with pytest.raises(CTLoadError, match=r"oblique acquisition.*10.0 degrees"):
+        load_ct(series)
+
+
+# ----------------------------------------------------------------------------- privacy
+
+
+def test_patient_identity_never_reaches_meta_or_errors(series):
+    def identify(ds, n):
+        ds.PatientName, ds.PatientBirthDate, ds.PatientID = "Doe^Jane", "19610203", "PID-777"
+
+    edit_all(series, identify)
+    ct = load_ct(series)
+    text = repr(ct.meta) + repr(ct)
+    assert not any(secret in text for secret in SECRETS)
+    assert not any("patient" in key.lower() for key in ct.meta)
+    messages = []
+    shutil.copy(series / "IMG0040.dcm", series / "IMG0040_again.dcm")
+    for edit in (None, lambda ds, n: setattr(ds, "SeriesInstanceUID", f"1.2.{n % 2}")):
+        if edit:
+            edit_all(series, edit)
+        with pytest.raises(CTLoadError) as err:
+            load_ct(series)
+        messages.append(str(err.value))
+    assert "duplicate" in messages[0] and "2 series found" in messages[1]
+    assert not any(secret in m for secret in SECRETS for m in messages)
