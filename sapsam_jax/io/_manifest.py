@@ -143,24 +143,37 @@ def read_manifest(path: str | os.PathLike, *, check_files: bool = True) -> Manif
     if not path.is_file():
         raise ManifestError(path, ["manifest file not found"])
     header, rows = _read_csv(path)
-    problems = _header_problems(header)
+    problems = _header_problems(header) + _duplicate_ids(header, rows)
     if not rows:
         problems.append("no study rows after the header")
-    studies, seen = [], {}
-    for row_number, cells in rows:
-        study = _parse_row(row_number, header, cells, path.parent.resolve(), check_files, problems)
-        if study is None:
-            continue
-        if study.study_id in seen:
-            problems.append(
-                f"row {row_number}, column 'study_id': duplicate study_id {study.study_id!r} "
-                f"(first on row {seen[study.study_id]})"
-            )
-        seen.setdefault(study.study_id, row_number)
-        studies.append(study)
+    root = path.parent.resolve()
+    studies = [_parse_row(n, header, cells, root, check_files, problems) for n, cells in rows]
     if problems:
-        raise ManifestError(path, problems)
+        # Reported in file order, whatever check found them.
+        raise ManifestError(path, sorted(problems, key=_row_of))
     return Manifest(tuple(studies), path.resolve())
+
+
+def _row_of(problem: str) -> int:
+    """Row number a problem message starts with ("row 12, ..."); problems without one go last."""
+    words = problem.split(maxsplit=2)
+    return int(words[1].rstrip(":,")) if words[0] == "row" else 1 << 30
+
+
+def _duplicate_ids(header: list[str], rows) -> list[str]:
+    """Every repeat of a study_id, pointing at its first row (checked even on faulty rows)."""
+    if "study_id" not in header:
+        return []
+    column, first, problems = header.index("study_id"), {}, []
+    for row_number, cells in rows:
+        study_id = cells[column].strip() if column < len(cells) else ""
+        if study_id and study_id in first:
+            problems.append(
+                f"row {row_number}, column 'study_id': duplicate study_id {study_id!r} "
+                f"(first on row {first[study_id]})"
+            )
+        first.setdefault(study_id, row_number)
+    return problems
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
