@@ -197,13 +197,10 @@ def test_rejects_bad_arguments(tiny, images):
 
 def test_real_vgg19_tiny():
     models = pytest.importorskip("sapsam_jax.models")
-    if not hasattr(models, "VGG19"):
-        pytest.skip("sapsam_jax.models.VGG19 not available yet")
-    model = models.VGG19(num_classes=2, rngs=nnx.Rngs(0), width=1 / 8)
-    x = jax.random.uniform(jax.random.key(0), (2, 64, 64, 3))
+    model = models.VGG19Tiny(num_classes=2, rngs=nnx.Rngs(0))
+    x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3))
     maps, logits = grad_cam(model, x, np.array([0, 1]), return_logits=True)
-    assert maps.shape == (2, 64, 64) and np.isfinite(np.asarray(maps)).all()
+    assert maps.shape == (2, 32, 32) and np.isfinite(np.asarray(maps)).all()
     model.eval()
-    np.testing.assert_allclose(logits, model(x), rtol=1e-4, atol=1e-5)
-    for method in ("gradcam++", "hirescam"):
-        assert grad_cam(model, x, 1, method=method).shape == (2, 64, 64)
+    expected = nnx.jit(lambda m, x: m(x))(model, x)  # eager VGG is slow on CPU
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5)
