@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import subprocess
 import sys
@@ -39,6 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=1, help="processes on this machine (1 per GPU)")
     p.add_argument("--qc-png", action="store_true", help="write qc.png (mask overlay) per study")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("-v", "--verbose", action="store_true", help="log tracebacks of failed studies")
     return p.parse_args(argv)
 
 
@@ -119,7 +121,8 @@ def _child_argv(args) -> list[str]:
     for flag, value in (("--backend", args.backend), ("--grid", args.grid)):
         if value:
             argv += [flag, value]
-    return argv + (["--qc-png"] if args.qc_png else [])
+    flags = [flag for flag, on in (("--qc-png", args.qc_png), ("--verbose", args.verbose)) if on]
+    return argv + flags
 
 
 def _gpu_ids(backend: str | None) -> list[str]:
@@ -148,6 +151,10 @@ def _watch(procs, args, manifest, shard) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     try:
         return run(args)
     except (ManifestError, CacheError, BackendError, ValueError, OSError) as err:

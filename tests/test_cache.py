@@ -1,4 +1,4 @@
-"""Cohort preprocessing and the projection cache: layout, values, resume, failures, shards, reader."""
+"""Cohort preprocessing and the projection cache: layout, values, resume, shards, reader."""
 
 from __future__ import annotations
 
@@ -33,8 +33,10 @@ N_STUDIES = 4
 
 def phantom_hu(rng: np.random.Generator, shift_mm: float = 0.0) -> np.ndarray:
     """Air, an elliptic body of soft tissue and two ellipsoid lungs (about 1.6 L in all)."""
-    k, j, i = np.meshgrid(*(np.arange(n) * s for n, s in zip(SHAPE, SPACING)), indexing="ij")
-    ck, cj, ci = (n * s / 2 for n, s in zip(SHAPE, SPACING))
+    k, j, i = np.meshgrid(
+        *(np.arange(n) * s for n, s in zip(SHAPE, SPACING, strict=True)), indexing="ij"
+    )
+    ck, cj, ci = (n * s / 2 for n, s in zip(SHAPE, SPACING, strict=True))
     hu = np.full(SHAPE, -1000.0)
     hu[((j - cj) / 120) ** 2 + ((i - ci) / 135) ** 2 <= 1] = 40.0
     for side in (-1, 1):

@@ -114,7 +114,8 @@ def _run_one(study, out, config, backend, qc_png, result: CohortResult) -> None:
         result.done += 1
     except Exception as err:  # any failure of one scan must not stop the cohort
         reason = failure_reason(err)
-        logger.warning("study %s failed: %s", study.study_id, reason, exc_info=True)
+        logger.warning("study %s failed: %s", study.study_id, reason)
+        logger.debug("traceback of study %s", study.study_id, exc_info=True)
         result.failed += 1
         result.failures[study.study_id] = reason
         # Recorded at once so a run killed later still reports it.

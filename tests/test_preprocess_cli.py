@@ -1,0 +1,99 @@
+"""``scripts/preprocess.py``: end to end in a subprocess like a user runs it, flags in process."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_cache import TINY, write_cohort
+
+from sapsam_jax.data._cache import ProjectionCache
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+GRID = ",".join(map(str, TINY.geometry.grid_shape))
+# The script imported, for checks that need no fresh interpreter (each one costs seconds).
+_spec = importlib.util.spec_from_file_location(
+    "preprocess_cli", REPO_ROOT / "scripts/preprocess.py"
+)
+cli = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cli)
+
+
+def preprocess(*args, timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "scripts/preprocess.py", "--backend", "cpu", "--no-progress", *args]
+    return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    return write_cohort(tmp_path_factory.mktemp("cli_cohort"), n=3)
+
+
+def test_cli_builds_cache_with_qc_png(tmp_path, cohort):
+    out = tmp_path / "cache"
+    run = preprocess(
+        *("--manifest", str(cohort), "--out", str(out), "--preset", "tiny", "--grid", GRID),
+        "--qc-png",
+    )
+    assert run.returncode == 0, run.stderr
+    assert "3 done, 0 already cached, 0 failed" in run.stderr
+    cache = ProjectionCache(out)
+    assert cache.study_ids == ["S0", "S1", "S2"]
+    assert cache.config.geometry.grid_shape == TINY.geometry.grid_shape
+    assert cache.preset == f"tiny-grid{GRID.replace(',', 'x')}"
+    assert (out / "studies" / "S1" / "qc.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_cli_bad_manifest_exits_nonzero_with_row_and_column(tmp_path, cohort):
+    lines = cohort.read_text().splitlines()
+    row = lines[1].split(",")
+    row[lines[0].split(",").index("cpa")] = "maybe"
+    bad = tmp_path / "bad_manifest.csv"
+    bad.write_text("\n".join([lines[0], ",".join(row)]) + "\n")
+    run = preprocess("--manifest", str(bad), "--out", str(tmp_path / "cache"))
+    assert run.returncode == 2
+    assert "row 2, column 'cpa'" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "cache").exists()
+
+
+def test_cli_resume_and_config_mismatch(tmp_path, cohort, capsys):
+    args = ["--manifest", str(cohort), "--out", str(tmp_path / "c"), "--backend", "cpu"]
+    args += ["--no-progress"]
+    assert cli.main([*args, "--preset", "tiny", "--grid", GRID]) == 0
+    assert cli.main([*args, "--preset", "tiny", "--grid", GRID]) == 0
+    assert "0 done, 3 already cached, 0 failed" in capsys.readouterr().err
+    # Another preset into this cache is refused before any work.
+    assert cli.main([*args, "--preset", "quick"]) == 2
+    assert "new output folder" in capsys.readouterr().err
+
+
+def test_cli_workers_pin_gpus_and_subshard(tmp_path, cohort, monkeypatch):
+    launched = []
+
+    class FakeProcess:
+        def __init__(self, cmd, env):
+            launched.append((cmd, env.get("CUDA_VISIBLE_DEVICES")))
+
+        def poll(self):
+            return 0
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(cli.subprocess, "Popen", FakeProcess)
+    monkeypatch.setattr(cli, "_gpu_ids", lambda backend: ["3", "5"])
+    argv = ["--manifest", str(cohort), "--out", str(tmp_path / "c"), "--preset", "tiny"]
+    assert cli.main([*argv, "--workers", "2", "--shard", "1/3", "--no-progress"]) == 0
+    # Machine shard 1 of 3 with 2 workers: global shards 2 and 3 of 6, one GPU each.
+    assert [cmd[cmd.index("--shard") + 1] for cmd, _ in launched] == ["2/6", "3/6"]
+    assert [gpu for _, gpu in launched] == ["3", "5"]
+    assert all("--no-progress" in cmd and "--qc-png" not in cmd for cmd, _ in launched)
+    assert (tmp_path / "c" / "cache.json").exists()
+
+
+def test_cli_bad_shard_flag(tmp_path, cohort, capsys):
+    argv = ["--manifest", str(cohort), "--out", str(tmp_path / "c"), "--shard", "2/2"]
+    assert cli.main(argv) == 2 and "0 <= i < n" in capsys.readouterr().err
