@@ -102,8 +102,10 @@ def resample_to_grid(volume, spacing, bbox, config=_PAPER_GEOMETRY, order: int =
             crop = bk.ndi.gaussian_filter(crop, sigma=tuple(sigma), mode="nearest")
     out = bk.ndi.affine_transform(
         crop,
-        matrix=scale,  # diagonal zoom: working voxel w samples crop coordinate scale * w + offset
-        offset=0.5 * scale - 0.5,
+        # Diagonal zoom: working voxel w samples crop coordinate scale * w + offset.
+        # CuPy Backend: cupyx divides device offsets by `matrix`, so it must be a device array.
+        matrix=bk.xp.asarray(scale),
+        offset=tuple(0.5 * scale - 0.5),
         output_shape=tuple(config.working_shape),
         order=order,
         mode="nearest",  # the box is inside the CT, so edge samples clamp rather than fill
@@ -151,8 +153,8 @@ def rotate_volume(volume, angles_deg, order: int = 1, *, config=_PAPER_GEOMETRY)
     matrix, offset = inverse_rotation(angles_deg, volume.shape)
     out = bk.ndi.affine_transform(
         volume.astype(bk.xp.float32),
-        matrix=matrix,
-        offset=offset,
+        matrix=bk.xp.asarray(matrix),  # CuPy Backend: cupyx copies it into a device array
+        offset=tuple(offset),
         order=order,
         mode="constant",
         cval=0.0 if is_mask else config.fill_hu,

@@ -175,7 +175,7 @@ def rotate_project(
         per_rotation.append(
             _project_axes(values, in_gray, in_band, axes, config.projection, method == "unfused")
         )
-        if progress is not None:
+        if progress:
             progress("rotations", n + 1, len(rotations))
     gray = {a: xp.stack([g[a] for g, _ in per_rotation]) for a in axes}
     bands = {a: xp.stack([b[a] for _, b in per_rotation]) for a in axes}
