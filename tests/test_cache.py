@@ -53,7 +53,9 @@ def write_cohort(root: Path, n: int = N_STUDIES, seed: int = 0) -> Path:
     """NIfTI phantoms + manifest; study 0 has a lesion label map (a fungus ball, label 2)."""
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    affine = np.diag([*SPACING, 1.0])
+    # Canonical grid: k runs along S (LPS z), j along P (y), i along L (x).
+    affine = np.eye(4)
+    affine[:3, :3] = [[0, 0, SPACING[2]], [0, SPACING[1], 0], [SPACING[0], 0, 0]]
     studies = []
     for s in range(n):
         hu = phantom_hu(rng, shift_mm=4.0 * s)

@@ -15,8 +15,12 @@ import numpy as np
 
 from sapsam_jax.config import AXES, SUBREGIONS
 
-QC_FIELDS = ("study_id", "lung_volume_ml", "lung_volume_implausible") + tuple(
-    f"fraction_{name}" for name in SUBREGIONS
+QC_FIELDS = (
+    "study_id",
+    "lung_volume_ml",
+    "conservative_volume_ml",
+    "lung_volume_implausible",
+    *(f"fraction_{name}" for name in SUBREGIONS),
 )
 
 
@@ -58,39 +62,41 @@ def _round(value, digits):
     return None if value is None else round(float(value), digits)
 
 
+_OUTLINES = (("tab:green", "solid"), ("tab:red", "dashed"), ("tab:blue", "dotted"))
+
+
 def mask_overlay_png(
     hu: np.ndarray, masks: Mapping[str, np.ndarray], spacing, title: str = ""
 ) -> bytes:
-    """PNG of three orthogonal CT slices through the lungs' centre with the mask outlines.
+    """PNG of axial, coronal and sagittal CT slices with the outline of each mask.
 
-    Slices cross at the centroid of the first mask, so both lungs show in the axial and coronal
-    views. Images keep array order except that ``k`` is flipped so the head is up (ARCHITECTURE
-    "Orientation"), and pixel aspect follows the spacing so anatomy is not stretched.
+    Axial and coronal slices go through the lungs' centroid (both lungs show); the sagittal one
+    through the centroid of the patient's right lung (``i < centre``), since the mid-sagittal
+    plane is mediastinum. Images keep array order except that ``k`` is flipped so the head is up
+    (ARCHITECTURE "Orientation"); pixel aspect follows the spacing.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    first = next(iter(masks.values()))
-    centre = _centre(first)
+    cuts = _cuts(next(iter(masks.values())))
     fig = Figure(figsize=(12, 4.4), dpi=80)
     FigureCanvasAgg(fig)  # Agg canvas, no pyplot: safe in worker processes without a display
-    colours = ("tab:green", "tab:red", "tab:blue")
     dk, dj, di = (float(s) for s in spacing)
     for col, (axis_name, axis) in enumerate(AXES.items()):
         ax = fig.add_subplot(1, 3, col + 1)
-        image = np.take(hu, centre[axis], axis=axis)
-        aspect = {0: dj / di, 1: dk / di, 2: dk / dj}[axis]
         flip = axis != 0  # coronal/sagittal images have k on the rows: head up
-        ax.imshow(_flip(image, flip), cmap="gray", vmin=-1200, vmax=400, aspect=aspect)
-        for mask, colour in zip(masks.values(), colours, strict=False):
-            plane = _flip(np.take(mask, centre[axis], axis=axis), flip)
+        aspect = {0: dj / di, 1: dk / di, 2: dk / dj}[axis]
+        image = _flip(np.take(hu, cuts[axis], axis=axis), flip)
+        ax.imshow(image, cmap="gray", vmin=-1200, vmax=400, aspect=aspect)
+        for mask, (colour, style) in zip(masks.values(), _OUTLINES, strict=False):
+            plane = _flip(np.take(mask, cuts[axis], axis=axis), flip).astype(np.float32)
             if plane.any():
-                ax.contour(plane.astype(np.float32), levels=[0.5], colors=colour, linewidths=0.8)
-        ax.set_title(f"{axis_name} ({'kji'[axis]} = {centre[axis]})")
+                ax.contour(plane, levels=[0.5], colors=colour, linestyles=style, linewidths=1.0)
+        ax.set_title(f"{axis_name} ({'kji'[axis]} = {cuts[axis]})")
         ax.set_axis_off()
     legend = ", ".join(
-        f"{name}: {colour.removeprefix('tab:')}"
-        for name, colour in zip(masks, colours, strict=False)
+        f"{name}: {colour.removeprefix('tab:')} {style}"
+        for name, (colour, style) in zip(masks, _OUTLINES, strict=False)
     )
     fig.suptitle(f"{title}  [{legend}]")
     buf = io.BytesIO()
@@ -98,11 +104,16 @@ def mask_overlay_png(
     return buf.getvalue()
 
 
-def _centre(mask: np.ndarray) -> tuple[int, int, int]:
+def _cuts(mask: np.ndarray) -> tuple[int, int, int]:
+    """Slice index per axis: the mask's centroid, but the right lung's centroid along ``i``."""
     idx = np.argwhere(mask)
     if len(idx) == 0:
         return tuple(n // 2 for n in mask.shape)
-    return tuple(int(round(c)) for c in idx.mean(axis=0))
+    k, j, i = (int(round(c)) for c in idx.mean(axis=0))
+    right = idx[idx[:, 2] < i]
+    if len(right):
+        i = int(round(right[:, 2].mean()))
+    return k, j, i
 
 
 def _flip(image: np.ndarray, flip: bool) -> np.ndarray:
