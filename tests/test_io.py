@@ -281,6 +281,26 @@ def test_missing_slice_is_an_error_or_interpolated(series, cip):
     np.testing.assert_allclose(ct.affine, cip.affine, atol=1e-3)
 
 
+def test_uneven_spacing_is_an_error_or_resampled(series, cip):
+    def nudge(ds, n):  # move slice 40 (IMG0041) up by 1.5 mm: steps of 5.49 and 2.49 mm
+        if n == 40:
+            ds.ImagePositionPatient[2] = float(ds.ImagePositionPatient[2]) + 1.5
+
+    edit_all(series, nudge)
+    with pytest.raises(CTLoadError, match=r"uneven step of 5.487 mm between .*IMG0040.*IMG0041"):
+        load_ct(series)
+    with pytest.warns(UserWarning, match="uneven step"):
+        ct = load_ct(series, allow_gaps=True)
+    assert ct.hu.shape == cip.hu.shape and ct.meta["interpolated_slices"] == 1
+    # Slice 40 is rebuilt between the measured slices 39 (below) and 40 (now 1.5 mm higher).
+    below = cip.index_to_lps([39, 0, 0])[2]
+    above = float(pydicom.dcmread(series / "IMG0041.dcm").ImagePositionPatient[2])
+    weight = (ct.index_to_lps([40, 0, 0])[2] - below) / (above - below)  # about 0.73
+    expected = (1 - weight) * cip.hu[39] + weight * cip.hu[40].astype(float)
+    assert 0.7 < weight < 0.75 and np.abs(ct.hu[40] - expected).max() <= 0.5 + 1e-6
+    np.testing.assert_array_equal(np.delete(ct.hu, 40, 0), np.delete(cip.hu, 40, 0))
+
+
 # ----------------------------------------------------------------------------- bad inputs
 
 

@@ -83,13 +83,14 @@ def read_dicom(path: Path, series_uid: str | None, allow_gaps: bool) -> CTVolume
         positions = np.array([fr.position @ normal for fr in frames])
         targets = _check_spacing(positions, frames, path, allow_gaps)
         hu = decode(frames, pool)
+    positions_read = positions
     if targets is not None:
         hu = _interpolate_slices(hu, positions, targets)
         positions = targets
     affine = _native_affine(frames[0], normal, positions)
     hu, affine = to_canonical(hu, affine, path)
     meta = _metadata(items[0][1], path, hu, affine, len(frames))
-    meta["interpolated_slices"] = 0 if targets is None else len(targets) - len(frames)
+    meta["interpolated_slices"] = 0 if targets is None else _count_new(positions_read, targets)
     return CTVolume(hu=hu, spacing=spacing_of(affine), affine=affine, meta=meta)
 
 
@@ -196,21 +197,27 @@ def _check_modality(items, source: Path) -> None:
 
 def _check_consistent(frames: list[_Frame], items, source: Path) -> None:
     """All slices must share orientation, pixel spacing and matrix size to form one volume."""
+    if len(frames) < 2:
+        raise CTLoadError(f"{source}: only one slice, a 2-D image rather than a CT volume")
     first = frames[0]
-    for fr in frames[1:]:
-        if np.abs(fr.orientation - first.orientation).max() > ORIENTATION_TOLERANCE:
-            raise CTLoadError(
-                f"{source}: slices have different orientations ({first.label()}: "
-                f"{first.orientation.tolist()}, {fr.label()}: {fr.orientation.tolist()}); "
-                "a localizer mixed into the series?"
-            )
-        if not np.allclose(fr.pixel_spacing, first.pixel_spacing, atol=1e-4):
-            raise CTLoadError(f"{source}: {fr.label()} has a different PixelSpacing")
+    orientations = np.array([fr.orientation for fr in frames])
+    turned = np.flatnonzero(
+        np.abs(orientations - first.orientation).max(axis=1) > ORIENTATION_TOLERANCE
+    )
+    if turned.size:
+        other = frames[turned[0]]
+        raise CTLoadError(
+            f"{source}: slices have different orientations ({first.label()}: "
+            f"{first.orientation.tolist()}, {other.label()}: {other.orientation.tolist()}); "
+            "a localizer mixed into the series?"
+        )
+    spacings = np.array([fr.pixel_spacing for fr in frames])
+    odd = np.flatnonzero(np.abs(spacings - first.pixel_spacing).max(axis=1) > 1e-4)
+    if odd.size:
+        raise CTLoadError(f"{source}: {frames[odd[0]].label()} has a different PixelSpacing")
     shapes = {(int(ds.Rows), int(ds.Columns)) for _, ds in items}
     if len(shapes) > 1:
         raise CTLoadError(f"{source}: slices have different sizes (rows, columns) {sorted(shapes)}")
-    if len(frames) < 2:
-        raise CTLoadError(f"{source}: only one slice, a 2-D image rather than a CT volume")
 
 
 def _check_spacing(positions, frames: list[_Frame], source: Path, allow_gaps: bool):
@@ -428,14 +435,13 @@ def _rescale_into(out: np.ndarray, raw: np.ndarray, slope: float, intercept: flo
     The usual CT rescale is an integer shift (slope 1, intercept -1024); when the shifted range
     fits int16 it is one NumPy pass with no temporaries, otherwise round and clip.
     """
-    if slope == 1 and float(intercept).is_integer():
-        shift = int(intercept)
-        if _HU_MIN <= int(raw.min()) + shift and int(raw.max()) + shift <= _HU_MAX:
-            np.add(raw, np.int32(shift), out=out, dtype=np.int32, casting="unsafe")
+    if slope == 1 and float(intercept).is_integer() and raw.dtype in (np.int16, np.uint16):
+        shift, low, high = int(intercept), int(raw.min()), int(raw.max())
+        if _HU_MIN <= low + shift and high + shift <= _HU_MAX and high <= _HU_MAX:
+            # Stored values and results both fit int16: one int16 pass, no casting buffers.
+            np.add(raw.view(np.int16), np.int16(shift), out=out)
             return
-        out[...] = to_hu_int16(raw.astype(np.int32) + shift)
-        return
-    out[...] = to_hu_int16(raw.astype(np.float32) * np.float32(slope) + np.float32(intercept))
+    out[...] = to_hu_int16(raw.astype(np.float64) * slope + intercept)
 
 
 def _decode_series(frames: list[_Frame], by_path, pool: ThreadPoolExecutor) -> np.ndarray:
@@ -458,6 +464,12 @@ def _decode_multiframe(ds, path: Path, frames: list[_Frame]) -> np.ndarray:
     for n, fr in enumerate(frames):
         _rescale_into(hu[n], pixels[fr.number], fr.slope, fr.intercept)
     return hu
+
+
+def _count_new(positions, targets) -> int:
+    """How many output slices lie at no measured position (for ``meta``)."""
+    nearest = np.abs(targets[:, None] - positions[None, :]).min(axis=1)
+    return int(np.count_nonzero(nearest > DUPLICATE_TOLERANCE_MM))
 
 
 def _interpolate_slices(hu: np.ndarray, positions, targets) -> np.ndarray:
