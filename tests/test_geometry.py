@@ -14,6 +14,7 @@ from sapsam_jax.preprocess import (
     resample_to_grid,
     rotate_coords,
     rotate_volume,
+    unrotate_coords,
     working_to_ct,
 )
 
@@ -90,6 +91,7 @@ def test_point_blob_moves_where_the_matrix_says(angles):
     np.testing.assert_allclose(_centroid(moved), expected, atol=0.05)
     centre = (np.array(shape) - 1) / 2
     np.testing.assert_allclose(expected - centre, rotation_matrix(angles) @ (start - centre))
+    np.testing.assert_allclose(unrotate_coords(expected, angles, shape), start)
 
 
 def test_the_27_rotations_are_distinct(rng):

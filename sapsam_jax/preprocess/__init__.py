@@ -10,6 +10,7 @@ from ._geometry import (
     resample_to_grid,
     rotate_coords,
     rotate_volume,
+    unrotate_coords,
     working_to_ct,
 )
 from ._projection import (
@@ -54,6 +55,7 @@ __all__ = [
     "subregion_image_shape",
     "subregion_shape",
     "subregion_slices",
+    "unrotate_coords",
     "working_to_ct",
 ]
 if "lung_mask" not in globals():  # pragma: no cover

@@ -139,6 +139,13 @@ def rotate_coords(coords, angles_deg, shape) -> np.ndarray:
     return (np.asarray(coords, dtype=np.float64) - centre) @ rot.T + centre
 
 
+def unrotate_coords(coords, angles_deg, shape) -> np.ndarray:
+    """Inverse of :func:`rotate_coords`: where points of a rotated volume came from."""
+    centre = (np.asarray(shape, dtype=np.float64) - 1.0) / 2.0
+    rot = rotation_matrix(angles_deg)
+    return (np.asarray(coords, dtype=np.float64) - centre) @ rot + centre
+
+
 def rotate_volume(volume, angles_deg, order: int = 1, *, config=_PAPER_GEOMETRY):
     """Rotate ``volume`` about its centre by ``config.rotation_matrix(angles_deg)`` (paper 2.3).
 
@@ -173,5 +180,6 @@ __all__ = [
     "resample_to_grid",
     "rotate_coords",
     "rotate_volume",
+    "unrotate_coords",
     "working_to_ct",
 ]

@@ -31,7 +31,7 @@ class ScanProjections:
     lesions[axis]: uint8 (6, Hs, Ws, 3) or None: 1 where the unrotated ray meets each sign
     qc:            lung volumes (mL), refined-lung fraction per sub-region, implausible flag
     mapping:       crop box and scale, working grid -> CT voxels (``working_to_ct``), JSON-able
-    rotations:     the 27 (about-k, about-j, about-i) angles, index of the first axis of gray/bands
+    rotations:     the 27 (about-k, about-j, about-i) angle triples, in gray/bands order
     masks:         CT-grid boolean masks {"conservative", "refined"}, only with keep_masks=True
     """
 
@@ -94,6 +94,20 @@ def lesion_projections(labels, spacing, bbox, geometry, axes=tuple(AXES)) -> dic
     return out
 
 
+def _both_masks(hu, spacing, config: PreprocessConfig, bk, progress) -> dict:
+    """Conservative (gray images) and refined (band images) lung masks on the CT grid."""
+    masks = {}
+    for n, kind in enumerate(MASK_METHODS):
+        mask = _lung_mask(hu, spacing, method=kind, config=config.segmentation, backend=bk)
+        masks[kind] = bk.asarray(mask).astype(bool)
+        _report(progress, "masks", n + 1, len(MASK_METHODS))
+    return masks
+
+
+def _host(arrays: dict | None) -> dict | None:
+    return None if arrays is None else {name: to_numpy(a) for name, a in arrays.items()}
+
+
 def preprocess_scan(
     hu,
     spacing,
@@ -111,14 +125,9 @@ def preprocess_scan(
     label map on the CT grid; ``progress(stage, done, total)`` is told of each stage;
     ``method`` picks the rotate+project path (``rotate_project``: fused kernel on the GPU).
     """
-    bk = get_backend(backend)
-    geometry = config.geometry
+    bk, geometry = get_backend(backend), config.geometry
     hu = bk.asarray(hu)
-    masks = {}
-    for n, kind in enumerate(MASK_METHODS):
-        mask = _lung_mask(hu, spacing, method=kind, config=config.segmentation, backend=bk)
-        masks[kind] = bk.asarray(mask).astype(bool)
-        _report(progress, "masks", n + 1, len(MASK_METHODS))
+    masks = _both_masks(hu, spacing, config, bk, progress)
     # The refined mask's box: sub-region thirds and halves are then those of the lungs.
     bbox = lung_bbox(masks["refined"], spacing, geometry.bbox_margin_mm)
     work_hu, mapping = resample_to_grid(hu, spacing, bbox, geometry, order=1)
@@ -126,32 +135,22 @@ def preprocess_scan(
     _report(progress, "resample")
     rotations = tuple(tuple(float(a) for a in r) for r in geometry.rotations())
     gray, bands = rotate_project(
-        work_hu,
-        work["conservative"],
-        work["refined"],
-        rotations,
-        config=config,
-        method=method,
-        progress=progress,
-    )
+        work_hu, work["conservative"], work["refined"], rotations,
+        config=config, method=method, progress=progress,
+    )  # fmt: skip
     lesions = None
     if lesion_labels is not None:
         lesions = lesion_projections(bk.asarray(lesion_labels), spacing, bbox, geometry)
         _report(progress, "lesions")
-    qc = scan_qc(masks, work["refined"], spacing, geometry)
-    # The one device -> host copy, at the end.
-    host = {
-        name: {a: to_numpy(v) for a, v in d.items()}
-        for name, d in (("gray", gray), ("bands", bands), ("lesions", lesions or {}))
-    }
+    # The device -> host copies happen here, once per result array.
     return ScanProjections(
-        gray=host["gray"],
-        bands=host["bands"],
-        lesions=host["lesions"] if lesions is not None else None,
-        qc=qc,
+        gray=_host(gray),
+        bands=_host(bands),
+        lesions=_host(lesions),
+        qc=scan_qc(masks, work["refined"], spacing, geometry),
         mapping=mapping,
         rotations=rotations,
-        masks={k: to_numpy(m) for k, m in masks.items()} if keep_masks else None,
+        masks=_host(masks) if keep_masks else None,
     )
 
 
