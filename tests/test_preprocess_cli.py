@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_cache import TINY, write_cohort
+from test_cache import TINY, read_csv, write_cohort
 
 from sapsam_jax.data._cache import ProjectionCache
+from sapsam_jax.io import read_manifest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GRID = ",".join(map(str, TINY.geometry.grid_shape))
@@ -32,19 +33,38 @@ def cohort(tmp_path_factory) -> Path:
     return write_cohort(tmp_path_factory.mktemp("cli_cohort"), n=3)
 
 
-def test_cli_builds_cache_with_qc_png(tmp_path, cohort):
+def test_cli_builds_cache_from_synthetic_cohort(tmp_path):
+    from sapsam_jax.data.synthetic import make_cohort
+
+    # Two DICOM series of one CPA patient, with lesion label maps: the real input path.
+    manifest = make_cohort(
+        tmp_path / "cohort",
+        n_patients=1,
+        shape=(40, 48, 48),
+        fmt="dicom",
+        scans_per_patient=(2, 2),
+        control_fraction=0.0,
+        progress=False,
+    )
     out = tmp_path / "cache"
     run = preprocess(
-        *("--manifest", str(cohort), "--out", str(out), "--preset", "tiny", "--grid", GRID),
+        *("--manifest", str(manifest), "--out", str(out), "--preset", "tiny", "--grid", GRID),
         "--qc-png",
     )
     assert run.returncode == 0, run.stderr
-    assert "3 done, 0 already cached, 0 failed" in run.stderr
+    assert "2 done, 0 already cached, 0 failed" in run.stderr
+    studies = read_manifest(manifest)
     cache = ProjectionCache(out)
-    assert cache.study_ids == ["S0", "S1", "S2"]
+    assert cache.study_ids == sorted(studies.study_ids)
     assert cache.config.geometry.grid_shape == TINY.geometry.grid_shape
     assert cache.preset == f"tiny-grid{GRID.replace(',', 'x')}"
-    assert (out / "studies" / "S1" / "qc.png").read_bytes().startswith(b"\x89PNG")
+    for study in studies:
+        sid = study.study_id
+        assert cache.meta(sid)["cpa"] == study.cpa == 1
+        assert cache.bands(sid, "axial").shape[:2] == (27, 6)
+        assert cache.lesions(sid, "axial").shape[0] == 6  # make_cohort writes label maps
+        assert (out / "studies" / sid / "qc.png").read_bytes().startswith(b"\x89PNG")
+    assert read_csv(out / "failures.csv") == []
 
 
 def test_cli_bad_manifest_exits_nonzero_with_row_and_column(tmp_path, cohort):

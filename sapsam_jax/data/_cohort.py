@@ -22,7 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from sapsam_jax.backend import Backend, get_backend, to_numpy
-from sapsam_jax.config import AXES, PreprocessConfig
+from sapsam_jax.config import AXES, PreprocessConfig, preprocess_preset
 from sapsam_jax.data._cache import (
     clean_stale_tmp,
     init_cache_dir,
@@ -67,7 +67,7 @@ def preprocess_cohort(
     manifest,
     out_dir: str | os.PathLike,
     *,
-    config: PreprocessConfig,
+    config: PreprocessConfig | str,
     backend: str | Backend | None = None,
     shard: tuple[int, int] | None = (0, 1),
     qc_png: bool = False,
@@ -75,17 +75,21 @@ def preprocess_cohort(
 ) -> CohortResult:
     """Preprocess shard ``shard = (i, n)`` of the cohort in ``manifest`` into the cache ``out_dir``.
 
-    ``manifest`` is a manifest CSV path or a ``Manifest`` from ``read_manifest``. ``shard=None``
+    ``manifest`` is a manifest CSV path or a ``Manifest`` from ``read_manifest``; ``config`` a
+    ``PreprocessConfig`` or a preset name ("paper", "quick", "tiny"). ``shard=None``
     takes ``(jax.process_index(), jax.process_count())`` when ``jax.distributed`` is initialised
     and ``(0, 1)`` otherwise. Shard ``i`` owns every ``n``-th study of the manifest, so shards
     share nothing but ``out_dir``. ``qc_png`` adds ``qc.png`` (mask outlines over three slices)
     to each new study.
     """
     start = time.perf_counter()
+    if isinstance(config, str):
+        config = preprocess_preset(config)
+    # Everything that can be wrong with the call fails here, before the cache folder is made.
     shard = resolve_shard(shard)
+    backend = get_backend(backend)
     studies = shard_studies(manifest_studies(manifest), shard)
     out = init_cache_dir(out_dir, config)
-    backend = get_backend(backend)
     todo = [s for s in studies if not _is_cached(out, s.study_id)]
     result = CohortResult(out, shard, skipped=len(studies) - len(todo))
     bar = tqdm(
