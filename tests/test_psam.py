@@ -107,6 +107,8 @@ def test_psam_to_ct_composes(mapping, rng):
     direct = psam_to_ct(map2d, axis="coronal", subregion="right_lower", mapping=mapping)
     volume = backproject(map2d, "coronal", "right_lower", WORKING)
     np.testing.assert_array_equal(direct, working_volume_to_ct(volume, mapping))
+    for k in (0, 7, 20, 39):  # one axial CT slice alone matches the volume's slice
+        np.testing.assert_array_equal(working_volume_to_ct(volume, mapping, ct_k=k), direct[k])
 
 
 def _projections(volume, subregion, rotation=None):

@@ -129,14 +129,14 @@ def rotated_to_ct(points, mapping: Mapping, rotation=None) -> np.ndarray:
     return working_to_ct(points, mapping)
 
 
-def working_volume_to_ct(volume, mapping: Mapping, *, rotation=None, order: int = 1):
+def working_volume_to_ct(volume, mapping: Mapping, *, rotation=None, order: int = 1, ct_k=None):
     """Resample a working-grid volume onto the CT grid (``mapping["ct_shape"]``), float32.
 
     Pulls every CT voxel from ``volume`` through the inverse mapping (and the augmentation
     ``rotation``, index 0-26 or angles, when the volume lives in a rotated frame) with one
     ``scipy.ndimage.affine_transform``; voxels outside the working grid get 0. Only the CT box
     that can see the volume's non-zero support is interpolated, so a sub-region map costs a sixth
-    of the lung box.
+    of the lung box. With ``ct_k`` only that axial CT slice is computed and returned, (J, I).
     """
     volume = np.asarray(volume, dtype=np.float32)
     if volume.shape != tuple(mapping["working_shape"]):
@@ -144,25 +144,27 @@ def working_volume_to_ct(volume, mapping: Mapping, *, rotation=None, order: int 
             f"volume {volume.shape} is not on the working grid {tuple(mapping['working_shape'])}"
         )
     out = np.zeros(tuple(mapping["ct_shape"]), dtype=np.float32)
-    box = _ct_box_of_support(volume, mapping, rotation)
-    if box is None:
-        return out
-    matrix, offset = ct_to_rotated_affine(mapping, rotation)
-    start = np.array([s.start for s in box], dtype=np.float64)
-    out[box] = ndi.affine_transform(
-        volume,
-        matrix,
-        offset=offset + matrix @ start,
-        output_shape=out[box].shape,
-        order=order,
-        mode="constant",
-        cval=0.0,
-    )
-    return out
+    if ct_k is not None:
+        out = out[int(ct_k) : int(ct_k) + 1]
+    box = _ct_box_of_support(volume, mapping, rotation, ct_k)
+    if box is not None:
+        matrix, offset = ct_to_rotated_affine(mapping, rotation)
+        start = np.array([s.start for s in box], dtype=np.float64)
+        local = box if ct_k is None else (slice(0, 1),) + box[1:]
+        out[local] = ndi.affine_transform(
+            volume,
+            matrix,
+            offset=offset + matrix @ start,
+            output_shape=out[local].shape,
+            order=order,
+            mode="constant",
+            cval=0.0,
+        )
+    return out if ct_k is None else out[0]
 
 
-def _ct_box_of_support(volume, mapping, rotation) -> tuple[slice, slice, slice] | None:
-    """CT slices covering the non-zero voxels of ``volume`` (its 8 box corners mapped, +1 voxel)."""
+def _ct_box_of_support(volume, mapping, rotation, ct_k=None) -> tuple[slice, ...] | None:
+    """CT slices covering the non-zero voxels of ``volume`` (its box corners mapped, +1 voxel)."""
     nonzero = [
         np.flatnonzero(volume.any(axis=tuple(d for d in range(3) if d != a))) for a in range(3)
     ]
@@ -175,6 +177,8 @@ def _ct_box_of_support(volume, mapping, rotation) -> tuple[slice, slice, slice] 
     shape = np.asarray(mapping["ct_shape"])
     start = np.clip(np.floor(ct.min(axis=0)).astype(int) - 1, 0, shape)
     stop = np.clip(np.ceil(ct.max(axis=0)).astype(int) + 2, 0, shape)
+    if ct_k is not None:
+        start[0], stop[0] = max(start[0], int(ct_k)), min(stop[0], int(ct_k) + 1)
     if np.any(stop <= start):
         return None
     return tuple(slice(int(a), int(b)) for a, b in zip(start, stop, strict=True))

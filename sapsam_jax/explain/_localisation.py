@@ -1,0 +1,268 @@
+"""Localisation scores of Grad-CAM maps and 3-D PSAMs where lesion truth is known (synthetic).
+
+The paper judges localisation by eye (paper 3.2, Fig. 3: "locations of maximum activation match
+very well"); with the synthetic cohort's lesion masks it can be measured:
+
+- pointing game (Zhang et al. 2018): the map's maximum lies in the lesion's projection
+  (``lesions_<axis>.npy``), dilated by ``tolerance_px`` pixels;
+- energy inside: the share of the map's sum that falls on the lesion's projection;
+- 3-D distance: from the 3-D PSAM maximum (three axes of one sign) to the nearest voxel of that
+  sign in the CT-grid label map (manifest ``lesion_labels``), in mm.
+
+Each score comes with its chance level (a map placed at random) so a reader can tell skill from
+lesion size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import scipy.ndimage as ndi
+
+from sapsam_jax.config import AXES, SIGNS, SUBREGIONS
+from sapsam_jax.explain._psam import locate_maximum, psam_3d, working_volume_to_ct
+from sapsam_jax.explain._study import (
+    IDENTITY_ROTATION,
+    group_runs,
+    run_labels,
+    split_studies,
+    view_maps,
+)
+
+DEFAULT_TOLERANCE_PX = 3  # "a few pixels" of the projection image
+# 3-D hit radius: a maximum within 1 cm of a lesion points at it (fungus balls are 1-5 cm).
+DEFAULT_TOLERANCE_MM = 10.0
+
+
+def dilate_mask(mask, tolerance_px: int) -> np.ndarray:
+    """``mask`` grown by a disc of radius ``tolerance_px`` pixels (the pointing-game tolerance)."""
+    mask = np.asarray(mask, dtype=bool)
+    if tolerance_px <= 0:
+        return mask
+    r = int(tolerance_px)
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    return ndi.binary_dilation(mask, structure=(yy**2 + xx**2) <= r * r)
+
+
+def pointing_game(cam, mask, tolerance_px: int = DEFAULT_TOLERANCE_PX) -> bool:
+    """True when the map's maximum falls on ``mask`` dilated by ``tolerance_px``.
+
+    An all-zero map (ReLU removed everything) points nowhere: False.
+    """
+    cam = np.asarray(cam)
+    if not np.any(cam > 0):
+        return False
+    peak = np.unravel_index(int(np.argmax(cam)), cam.shape)
+    return bool(dilate_mask(mask, tolerance_px)[peak])
+
+
+def energy_inside(cam, mask) -> float:
+    """Share of the map's (non-negative) sum on ``mask``; 0 for an all-zero map."""
+    cam = np.maximum(np.asarray(cam, dtype=np.float64), 0.0)
+    total = cam.sum()
+    return float(cam[np.asarray(mask, dtype=bool)].sum() / total) if total > 0 else 0.0
+
+
+def distance_to_lesion_mm(point_kji, lesion_mask, spacing) -> float:
+    """Euclidean distance (mm) from a CT point (fractional voxel (k, j, i)) to the nearest lesion
+    voxel centre of ``lesion_mask`` (CT grid, ``spacing`` (dk, dj, di) mm); 0 inside a lesion
+    voxel, inf without lesion voxels.
+
+    The same value a Euclidean distance transform with ``sampling=spacing`` gives at that voxel,
+    computed for the one point instead of the whole volume.
+    """
+    lesion_mask = np.asarray(lesion_mask, dtype=bool)
+    point = np.asarray(point_kji, dtype=np.float64)
+    voxel = tuple(np.clip(np.round(point).astype(int), 0, np.array(lesion_mask.shape) - 1))
+    if lesion_mask[voxel]:
+        return 0.0
+    voxels = np.argwhere(lesion_mask)
+    if voxels.size == 0:
+        return float("inf")
+    delta = (voxels - point) * np.asarray(spacing, dtype=np.float64)
+    return float(np.sqrt((delta**2).sum(axis=1).min()))
+
+
+def localisation_scores(
+    runs,
+    split: str = "test",
+    *,
+    method: str = "gradcam",
+    tolerance_px: int = DEFAULT_TOLERANCE_PX,
+    tolerance_mm: float = DEFAULT_TOLERANCE_MM,
+    three_d: bool = True,
+    batch_size: int | None = 32,
+) -> dict:
+    """Localisation of sign runs on the ``split`` studies that carry lesion truth.
+
+    ``runs`` is a TrainedRun or a sequence of them (e.g. the three axes of each sign). Every
+    sub-region whose lesion projection for the sign is non-empty gets a map (unrotated scan,
+    target :func:`target_class`). Returns::
+
+        {"split", "method", "tolerance_px", "tolerance_mm",
+         "signs": {sign: {axis: {"n", "pointing_game", "pointing_chance",
+                                  "energy_inside", "energy_chance"},
+                          "3d": {"n", "pointing_game", "energy_inside", "energy_chance",
+                                 "distance_mm_mean", "distance_mm_median"}}},
+         "records": [{"study_id", "sign", "axis" (or "3d"), "subregion", "probability",
+                      "hit", "energy_inside", "energy_chance", ...}, ...]}
+
+    2-D: ``pointing_game`` is the hit rate (maximum on the lesion projection dilated by
+    ``tolerance_px``), ``pointing_chance`` the mean share of the image that dilated mask covers
+    (a random maximum's hit rate), ``energy_inside`` the mean share of the map on the lesion
+    projection and ``energy_chance`` the mean lesion share (a flat map's). 3-D ("3d", only when
+    the sign has runs on all three axes): ``pointing_game`` is the share of PSAM maxima within
+    ``tolerance_mm`` of a lesion voxel, ``energy_inside`` the share of the CT-grid PSAM on the
+    sign's voxels (chance: their share of the PSAM's support). Sign runs only; disease and
+    survival runs are skipped.
+    """
+    runs = [runs] if not isinstance(runs, Sequence) else list(runs)
+    groups = group_runs([r for r in runs if r.config.task == "signs"])
+    result = {
+        "split": split,
+        "method": method,
+        "tolerance_px": int(tolerance_px),
+        "tolerance_mm": float(tolerance_mm),
+        "signs": {},
+        "records": [],
+    }
+    for sign, by_axis in groups.items():
+        records = _sign_records(sign, by_axis, split, method, tolerance_px, three_d, batch_size)
+        result["records"] += records
+        result["signs"][sign] = _summarise(records, tolerance_mm)
+    return result
+
+
+def _sign_records(
+    sign, by_axis, split, method, tolerance_px, tolerance_mm, three_d, batch_size
+) -> list[dict]:
+    """One record per (study, axis, sub-region with lesion), plus 3-D records with all axes."""
+    records = []
+    first = next(iter(by_axis.values()))
+    cache, s = first.cache, SIGNS.index(sign)
+    for study_id in split_studies(first, split):
+        truth = {a: cache.lesions(study_id, a) for a in by_axis}
+        if any(t is None for t in truth.values()):
+            continue
+        views = {
+            a: view_maps(run, study_id, sign, method=method, batch_size=batch_size)
+            for a, run in by_axis.items()
+        }
+        for a, view in views.items():
+            for r, name in enumerate(SUBREGIONS):
+                mask = truth[a][r, ..., s].astype(bool)
+                if mask.any():
+                    records.append(_record_2d(view, r, name, mask, tolerance_px))
+        if three_d and len(by_axis) == len(AXES):
+            records += _records_3d(cache, study_id, sign, views, truth, tolerance_mm)
+    return records
+
+
+def _record_2d(view, r: int, name: str, mask, tolerance_px: int) -> dict:
+    cam = view.maps[r]
+    return {
+        "study_id": view.study_id,
+        "sign": view.label,
+        "axis": view.axis,
+        "subregion": name,
+        "probability": float(view.probabilities[r]),
+        "hit": pointing_game(cam, mask, tolerance_px),
+        "energy_inside": energy_inside(cam, mask),
+        "pointing_chance": float(dilate_mask(mask, tolerance_px).mean()),
+        "energy_chance": float(mask.mean()),
+    }
+
+
+def _records_3d(cache, study_id, sign, views, truth, tolerance_mm) -> list[dict]:
+    """3-D PSAM maximum -> distance to the sign's nearest voxel in the CT label map, and the
+    share of the PSAM (on the CT grid) that lies on the sign's voxels."""
+    from sapsam_jax.io import load_ct
+
+    meta = cache.meta(study_id)
+    if not meta.get("lesion_labels_path"):
+        return []
+    labels = load_ct(meta["lesion_labels_path"])
+    lesion = np.asarray(labels.hu) == SIGNS.index(sign) + 1  # manifest: 1 cavity, 2 fungus, 3 PT
+    mapping, s = meta["mapping"], SIGNS.index(sign)
+    working = tuple(mapping["working_shape"])
+    records = []
+    for r, name in enumerate(SUBREGIONS):
+        if not any(t[r, ..., s].any() for t in truth.values()):
+            continue
+        volume = psam_3d({a: v.maps[r] for a, v in views.items()}, name, working)
+        peak = locate_maximum(volume, mapping, labels.affine, rotation=IDENTITY_ROTATION)
+        distance = float("inf")
+        if peak["value"] > 0:
+            distance = distance_to_lesion_mm(peak["ct_index"], lesion, labels.spacing)
+        on_ct = working_volume_to_ct(volume, mapping, rotation=IDENTITY_ROTATION)
+        support = on_ct > 0
+        records.append(
+            {
+                "study_id": study_id,
+                "sign": sign,
+                "axis": "3d",
+                "subregion": name,
+                "probability": float(np.mean([v.probabilities[r] for v in views.values()])),
+                "distance_mm": distance,
+                "hit": bool(distance <= tolerance_mm),
+                "energy_inside": energy_inside(on_ct, lesion),
+                "energy_chance": float(lesion[support].mean()) if support.any() else 0.0,
+                "maximum": peak,
+            }
+        )
+    return records
+
+
+def _summarise(records: list[dict]) -> dict:
+    """Per axis (and "3d"): counts and mean scores; see :func:`localisation_scores`."""
+    out = {}
+    for axis in (*AXES, "3d"):
+        rows = [r for r in records if r["axis"] == axis]
+        if not rows:
+            continue
+        keys = ("energy_inside", "energy_chance") + (("pointing_chance",) if axis != "3d" else ())
+        out[axis] = {"n": len(rows), "pointing_game": _mean(rows, "hit")}
+        out[axis] |= {k: _mean(rows, k) for k in keys}
+        if axis == "3d":
+            d = np.array([r["distance_mm"] for r in rows], dtype=np.float64)
+            out[axis] |= {
+                "distance_mm_mean": float(np.mean(d)),
+                "distance_mm_median": float(np.median(d)),
+            }
+    return out
+
+
+def _mean(rows, key) -> float:
+    return float(np.mean([float(r[key]) for r in rows])) if rows else float("nan")
+
+
+def localisation_report(runs, split: str = "test", **kwargs) -> list[dict]:
+    """Report-table rows, one per (sign, axis) and per sign "3d" (:func:`localisation_scores`).
+
+    ``runs`` are TrainedRuns or workdirs; sign runs whose cache holds lesion truth are scored,
+    grouped by cache and architecture (so the three axes of a sign meet for the 3-D PSAM). Each
+    row is ``{"sign", "axis", "n", "pointing_game", "energy_inside", "energy_chance",
+    "pointing_chance" (2-D), "distance_mm_median"/"distance_mm_mean" (3-D), "workdirs"}``.
+    """
+    from sapsam_jax.train import load_trained
+
+    loaded = [r if hasattr(r, "model") else load_trained(r) for r in runs]
+    loaded = [r for r in loaded if r.config.task == "signs" and _has_lesion_truth(r, split)]
+    groups: dict[tuple, list] = {}
+    for run in loaded:
+        key = (str(run.config.cache), run.config.arch, run.config.width, run.config.seed)
+        groups.setdefault(key, []).append(run)
+    rows = []
+    for group in groups.values():
+        scores = localisation_scores(group, split, **kwargs)
+        for sign, by_axis in scores["signs"].items():
+            for axis, values in by_axis.items():
+                workdirs = [str(r.workdir) for r in group if sign in run_labels(r)]
+                rows.append({"sign": sign, "axis": axis, **values, "workdirs": workdirs})
+    return rows
+
+
+def _has_lesion_truth(run, split: str) -> bool:
+    studies = split_studies(run, split)
+    return bool(studies) and run.cache.lesions(studies[0], run.config.axis) is not None

@@ -1,0 +1,289 @@
+"""Grad-CAM maps of trained runs for one study, and the figures + 3-D PSAM files of a study.
+
+A trained run (``sapsam_jax.train.load_trained``) is one network: one task, one projection axis,
+and for the sign task one sign (or all three, ``sign="multi"``). The 3-D PSAM of a sign needs the
+three runs of that sign, one per axis (paper 2.4 trains 9 sign networks).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from sapsam_jax.config import AXES, SIGNS, SUBREGIONS, GeometryConfig
+from sapsam_jax.explain._figures import figure_title, save_fig3, save_psam3d_figure
+from sapsam_jax.explain._gradcam import grad_cam
+from sapsam_jax.explain._psam import (
+    backproject,
+    locate_maximum,
+    psam_3d,
+    region_slices,
+    resize_map,
+    rotated_to_ct,
+    working_volume_to_ct,
+)
+
+IDENTITY_ROTATION = GeometryConfig().identity_rotation_index  # paper 2.3: index 13
+# A run's workdir holds these (docs/ARCHITECTURE.md, "Training workdir").
+_WORKDIR_FILES = ("config.json", "run.json", "split.json")
+
+
+@dataclass(frozen=True)
+class ViewMaps:
+    """Grad-CAM maps of one run for one study and label, one per image (sub-region or scan).
+
+    ``maps`` (N, H, W) float32 are resized back to the cache image size (H, W), so a pixel is a
+    ray of the working volume; ``images`` (N, H, W, C) are the cache images they explain;
+    ``probabilities`` (N,) the run's output for the label; ``subregions`` names each image
+    (None for a whole-scan image).
+    """
+
+    study_id: str
+    label: str
+    axis: str
+    rotation: int
+    subregions: tuple[str | None, ...]
+    images: np.ndarray
+    maps: np.ndarray
+    probabilities: np.ndarray
+
+
+def find_workdirs(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Training workdirs at or up to two levels under ``paths`` (``runs``, ``runs/signs-axial``)."""
+    found = []
+    for root in map(Path, paths):
+        candidates = [root, *sorted(root.glob("*")), *sorted(root.glob("*/*"))]
+        found += [p for p in candidates if all((p / f).is_file() for f in _WORKDIR_FILES)]
+    if not found:
+        raise FileNotFoundError(f"no training workdir (config.json + run.json) under {paths}")
+    return list(dict.fromkeys(found))
+
+
+def run_labels(run) -> tuple[str, ...]:
+    """What a run predicts: its sign(s) for the sign task, else the task (disease, survival)."""
+    if run.config.task != "signs":
+        return (run.config.task,)
+    return SIGNS if run.config.sign in ("multi", "all") else (run.config.sign,)
+
+
+def target_class(run, label: str) -> int:
+    """Output index whose logit is y^c of eq. (1): the sign's output of a multi-label run, else
+    class 1 (sign present / CPA / death within 2 years) of the two-class softmax."""
+    return SIGNS.index(label) if run.multi_label else 1
+
+
+def split_studies(run, split: str = "test") -> list[str]:
+    """Study ids of the cache whose patient is in ``run.split[split]`` (split by patient)."""
+    patients = set(run.split.get(split, []))
+    return [s for s in run.cache.study_ids if run.cache.meta(s)["patient_id"] in patients]
+
+
+def view_maps(
+    run,
+    study_id: str,
+    label: str,
+    *,
+    method: str = "gradcam",
+    rotation: int = IDENTITY_ROTATION,
+    layer: str | None = None,
+    batch_size: int | None = 32,
+) -> ViewMaps:
+    """Grad-CAM of ``run`` on one study: the six sub-region images (sign task) or the scan.
+
+    Images go through ``train.model_inputs`` (the exact training input), the map comes back at
+    model size and is resized to the cache image; the target is :func:`target_class`.
+    """
+    from sapsam_jax.train import model_inputs
+
+    axis, cache = run.config.axis, run.cache
+    if run.config.task == "signs":
+        images = np.asarray(cache.bands(study_id, axis)[rotation], dtype=np.float32)
+        subregions = tuple(SUBREGIONS)
+    else:
+        images = np.asarray(cache.gray(study_id, axis)[rotation], dtype=np.float32)[None, ..., None]
+        subregions = (None,)
+    target = target_class(run, label)
+    x = model_inputs(run, images)
+    maps, logits = grad_cam(
+        run.model,
+        x,
+        target,
+        layer=layer,
+        method=method,
+        batch_size=batch_size and min(batch_size, len(images)),
+        return_logits=True,
+    )
+    maps = np.stack([resize_map(m, images.shape[1:3]) for m in np.asarray(maps)])
+    return ViewMaps(
+        study_id=study_id,
+        label=label,
+        axis=axis,
+        rotation=int(rotation),
+        subregions=subregions,
+        images=images,
+        maps=maps,
+        probabilities=_probabilities(np.asarray(logits), target, run.multi_label),
+    )
+
+
+def _probabilities(logits: np.ndarray, target: int, multi_label: bool) -> np.ndarray:
+    if multi_label:
+        return np.asarray(jax.nn.sigmoid(logits[:, target]))
+    return np.asarray(jax.nn.softmax(logits, axis=-1)[:, target])
+
+
+def group_runs(runs: Sequence) -> dict[str, dict[str, object]]:
+    """``{label: {axis: run}}``; two runs for the same label and axis are an error."""
+    groups: dict[str, dict[str, object]] = {}
+    for run in runs:
+        for label in run_labels(run):
+            axes = groups.setdefault(label, {})
+            if run.config.axis in axes:
+                raise ValueError(f"two runs for {label} on the {run.config.axis} axis")
+            axes[run.config.axis] = run
+    return groups
+
+
+def choose_subregions(views: dict[str, ViewMaps], which="positive", threshold: float = 0.5):
+    """Indices of the images to explain: ``"all"``, ``"positive"`` (any view predicts the label
+    with p >= ``threshold``; the highest-scoring one if none does) or a list of names."""
+    first = next(iter(views.values()))
+    n = len(first.subregions)
+    if which == "all" or n == 1:
+        return list(range(n))
+    if which == "positive":
+        probs = np.stack([v.probabilities for v in views.values()])
+        chosen = np.flatnonzero((probs >= threshold).any(axis=0)).tolist()
+        return chosen or [int(np.argmax(probs.mean(axis=0)))]
+    names = [which] if isinstance(which, str) else list(which)
+    return [first.subregions.index(name) for name in names]
+
+
+def explain_study(
+    runs: Sequence,
+    study_id: str,
+    out_dir: str | os.PathLike,
+    *,
+    method: str = "gradcam",
+    subregions="positive",
+    threshold: float = 0.5,
+    labels: Sequence[str] | None = None,
+    rotation: int = IDENTITY_ROTATION,
+) -> dict:
+    """Fig. 3-style PNGs for every chosen sub-region and view, plus the 3-D PSAM (NIfTI on the CT
+    grid, PNG, maximum in mm and sub-region terms) where all three axes have a run.
+
+    Writes ``out_dir/<study>/<label>_<subregion>_<axis>.png``, ``..._psam3d.nii.gz`` and
+    ``..._psam3d.png``, and ``summary.json`` (also returned): per label and sub-region the
+    probability per axis, the files and the 3-D maximum (:func:`locate_maximum`).
+    """
+    from sapsam_jax.io import load_ct, save_nifti
+
+    out = Path(out_dir) / study_id
+    groups = {k: v for k, v in group_runs(runs).items() if labels is None or k in labels}
+    if not groups:
+        raise ValueError(f"no run predicts any of {labels}")
+    meta = next(iter(next(iter(groups.values())).values())).cache.meta(study_id)
+    ct = load_ct(meta["ct_path"])
+    summary = {"study_id": study_id, "method": method, "rotation": rotation, "labels": {}}
+    for label, by_axis in groups.items():
+        views = {
+            axis: view_maps(run, study_id, label, method=method, rotation=rotation)
+            for axis, run in sorted(by_axis.items(), key=lambda item: AXES[item[0]])
+        }
+        entries = {}
+        for index in choose_subregions(views, subregions, threshold):
+            entries[_name(views, index)] = _explain_region(
+                views, index, meta["mapping"], ct, out, save_nifti
+            )
+        summary["labels"][label] = entries
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _name(views, index) -> str:
+    return next(iter(views.values())).subregions[index] or "scan"
+
+
+def _explain_region(views: dict[str, ViewMaps], index: int, mapping, ct, out: Path, save_nifti):
+    """Figures (and the 3-D PSAM when all axes are there) of one sub-region of one study."""
+    first = next(iter(views.values()))
+    subregion, label, rotation = first.subregions[index], first.label, first.rotation
+    working = tuple(mapping["working_shape"])
+    stem = f"{label}_{subregion or 'scan'}"
+    entry = {"probability": {a: float(v.probabilities[index]) for a, v in views.items()}}
+    peak = None
+    if len(views) == len(AXES):
+        volume = psam_3d({a: v.maps[index] for a, v in views.items()}, subregion, working)
+        peak = locate_maximum(volume, mapping, ct.affine, rotation=rotation)
+        ct_volume = working_volume_to_ct(volume, mapping, rotation=rotation)
+        nifti = save_nifti(out / f"{stem}_psam3d.nii.gz", ct_volume, ct)
+        mean_p = float(np.mean(list(entry["probability"].values())))
+        title = figure_title(first.study_id, label, subregion, "3-D PSAM", mean_p)
+        png = save_psam3d_figure(
+            out / f"{stem}_psam3d.png",
+            hu=ct.hu,
+            psam=ct_volume,
+            peak_index=peak["ct_index"],
+            spacing=ct.spacing,
+            title=title,
+        )
+        entry["psam3d"] = {"maximum": peak, "nifti": str(nifti), "png": str(png)}
+    entry["figures"] = {}
+    for axis, view in views.items():
+        k = _slice_through_maximum(view.maps[index], axis, subregion, mapping, rotation, peak)
+        plane = backproject(view.maps[index], axis, subregion, working)
+        overlay = working_volume_to_ct(plane, mapping, rotation=rotation, ct_k=k)
+        title = figure_title(
+            view.study_id, label, subregion, f"{axis}, slice {k}", view.probabilities[index]
+        )
+        entry["figures"][axis] = str(
+            save_fig3(
+                out / f"{stem}_{axis}.png",
+                image=view.images[index],
+                cam=view.maps[index],
+                axis=axis,
+                ct_slice=ct.hu[k],
+                overlay=overlay,
+                title=title,
+                image_spacing=_image_spacing(mapping, axis),
+                ct_spacing=ct.spacing[1:],
+            )
+        )
+    return entry
+
+
+def _slice_through_maximum(map2d, axis, subregion, mapping, rotation, peak) -> int:
+    """Axial CT slice index through the map's maximum.
+
+    With a 3-D PSAM its maximum fixes k. Otherwise a coronal or sagittal map's brightest pixel
+    gives k directly (its row); an axial map says nothing about depth, so the ray through its
+    maximum is cut in the middle of the sub-region's k range.
+    """
+    if peak is not None:
+        k_ct = peak["ct_index"][0]
+    else:
+        working = tuple(mapping["working_shape"])
+        region = region_slices(subregion, working)
+        k0, k1, _ = region[0].indices(working[0])
+        point = np.array([(k0 + k1 - 1) / 2.0, (working[1] - 1) / 2.0, (working[2] - 1) / 2.0])
+        row, col = np.unravel_index(int(np.argmax(map2d)), np.shape(map2d))
+        a = AXES[axis]
+        others = [d for d in range(3) if d != a]
+        starts = [region[d].indices(working[d])[0] for d in range(3)]
+        point[others[0]], point[others[1]] = starts[others[0]] + row, starts[others[1]] + col
+        k_ct = rotated_to_ct(point, mapping, rotation)[0]
+    return int(np.clip(round(float(k_ct)), 0, mapping["ct_shape"][0] - 1))
+
+
+def _image_spacing(mapping, axis: str) -> tuple[float, float]:
+    """(row, col) mm of a projection image's pixels: the working spacing of its two axes."""
+    spacing = mapping.get("working_spacing_mm") or [1.0, 1.0, 1.0]
+    return tuple(float(s) for d, s in enumerate(spacing) if d != AXES[axis])
