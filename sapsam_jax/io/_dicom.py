@@ -29,9 +29,12 @@ DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 # Two slices closer than this along the normal are the same slice acquired twice.
 DUPLICATE_TOLERANCE_MM = 0.01
 # A slice step may differ from the series' usual step by this much (DICOM positions are decimal
-# strings, rounded by scanners and converters) before it counts as a gap or uneven spacing.
-SPACING_TOLERANCE_MM = 0.01
+# strings, rounded by scanners and converters) before it counts as a gap or uneven spacing:
+# 0.05 mm or 2 %, far below any CT voxel, so rounding to 0.01 mm never trips it.
+SPACING_TOLERANCE_MM = 0.05
 SPACING_TOLERANCE_FRACTION = 0.02
+# A gap within this fraction of a whole number of steps is reported as missing slices.
+MISSING_SLICE_TOLERANCE = 0.1
 # Slices of one series must share their orientation to this precision (direction cosines).
 ORIENTATION_TOLERANCE = 1e-4
 _MAX_LISTED = 5  # problems listed in one error message
@@ -83,14 +86,13 @@ def read_dicom(path: Path, series_uid: str | None, allow_gaps: bool) -> CTVolume
         positions = np.array([fr.position @ normal for fr in frames])
         targets = _check_spacing(positions, frames, path, allow_gaps)
         hu = decode(frames, pool)
-    positions_read = positions
+    interpolated = 0
     if targets is not None:
-        hu = _interpolate_slices(hu, positions, targets)
-        positions = targets
-    affine = _native_affine(frames[0], normal, positions)
-    hu, affine = to_canonical(hu, affine, path)
+        interpolated = _count_new(positions, targets)
+        hu, positions = _interpolate_slices(hu, positions, targets), targets
+    hu, affine = to_canonical(hu, _native_affine(frames[0], normal, positions), path)
     meta = _metadata(items[0][1], path, hu, affine, len(frames))
-    meta["interpolated_slices"] = 0 if targets is None else _count_new(positions_read, targets)
+    meta["interpolated_slices"] = interpolated
     return CTVolume(hu=hu, spacing=spacing_of(affine), affine=affine, meta=meta)
 
 
@@ -246,7 +248,8 @@ def _check_spacing(positions, frames: list[_Frame], source: Path, allow_gaps: bo
     if not allow_gaps:
         raise CTLoadError(message + "\npass allow_gaps=True to interpolate across them")
     count = max(int(round((positions[-1] - positions[0]) / step)), 1) + 1
-    warnings.warn(message + f"\ninterpolating linearly onto {count} even slices", stacklevel=3)
+    # stacklevel 4: _check_spacing <- read_dicom <- load_ct <- the caller's line.
+    warnings.warn(message + f"\ninterpolating linearly onto {count} even slices", stacklevel=4)
     return np.linspace(positions[0], positions[-1], count)
 
 
@@ -258,7 +261,7 @@ def _describe_gap(positions, frames: list[_Frame], n: int, step: float) -> str:
         f"{positions[n + 1]:.2f} mm ({frames[n + 1].label()})"
     )
     multiple = gap / step
-    if round(multiple) >= 2 and abs(multiple - round(multiple)) < SPACING_TOLERANCE_FRACTION * 5:
+    if round(multiple) >= 2 and abs(multiple - round(multiple)) < MISSING_SLICE_TOLERANCE:
         return f"{round(multiple) - 1} missing slice(s) {where}"
     return f"uneven step of {gap:.3f} mm {where}"
 
