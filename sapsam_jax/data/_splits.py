@@ -43,9 +43,10 @@ def split_by_patient(
 
 def _partition(n: int, fractions: Sequence[float]) -> list[slice]:
     """Cut ``n`` items into consecutive parts; every non-zero fraction gets >= 1 item if possible."""
-    counts = np.floor(np.asarray(fractions) * n).astype(int)
-    # Hand the rounding remainder to the largest fractions, then make sure no wanted split is empty.
-    for idx in np.argsort(-np.asarray(fractions))[: n - counts.sum()]:
+    exact = np.asarray(fractions, dtype=np.float64) * n
+    counts = np.floor(exact).astype(int)
+    # Largest-remainder rounding, then make sure no wanted split is empty.
+    for idx in np.argsort(-(exact - counts), kind="stable")[: n - counts.sum()]:
         counts[idx] += 1
     for idx in np.flatnonzero((counts == 0) & (np.asarray(fractions) > 0)):
         donor = int(np.argmax(counts))

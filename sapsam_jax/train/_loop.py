@@ -33,7 +33,7 @@ from sapsam_jax.train._checkpoint import RunCheckpoints
 from sapsam_jax.train._config import MIN_INPUT_SIZE, TrainConfig
 from sapsam_jax.train._data import Batches, prepare_cache
 from sapsam_jax.train._metrics import binary_metrics
-from sapsam_jax.train._model import build_model, initial_preprocessing
+from sapsam_jax.train._model import build_model
 from sapsam_jax.train._step import (
     StepSpec,
     frozen_block_names,
@@ -302,11 +302,11 @@ def _check_or_write_config(cfg: TrainConfig, workdir: Path) -> None:
     if path.is_file():
         old = TrainConfig.from_dict(json.loads(path.read_text()))
         keys = ("task", "axis", "sign", "arch", "width", "cache", "seed", "preset", "weights")
-        diff = [k for k in keys if getattr(old, k) != getattr(cfg, k)]
+        diff = [f"{k}: {getattr(old, k)!r} != {getattr(cfg, k)!r}" for k in keys
+                if getattr(old, k) != getattr(cfg, k)]
         if diff:
             raise ValueError(
-                f"{path} belongs to a different run ({', '.join(f'{k}: {getattr(old, k)!r} != '
-                f'{getattr(cfg, k)!r}' for k in diff)}); use another --workdir"
+                f"{path} belongs to a different run ({'; '.join(diff)}); use another --workdir"
             )
     _write_json_atomic(path, json.loads(cfg.to_json()))
 

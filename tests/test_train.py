@@ -1,0 +1,220 @@
+"""Training: splits, balancing, augmentation, frozen blocks, sharding, resume (issue 5 checks)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+from _fake_cache import FakeCache
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from sapsam_jax.data import augment_batch, balance_indices, rotate_zoom, split_by_patient
+from sapsam_jax.train import TINY, binary_metrics, bootstrap_intervals, roc_auc
+from sapsam_jax.train._loop import _replicate, fit, load_run_data
+from sapsam_jax.train._model import build_model
+from sapsam_jax.train._step import StepSpec, make_optimizer, make_train_step, set_train_mode
+
+# ---------------------------------------------------------------- splits and balancing (2.3)
+
+
+def test_split_by_patient_has_no_leakage_and_is_stratified():
+    patients = [f"P{i // 3}" for i in range(60)]  # 20 patients, 3 studies each
+    labels = [int(i // 3 % 4 == 0) for i in range(60)]  # 5 positive patients
+    split = split_by_patient(patients, labels, fractions=(0.6, 0.2, 0.2), seed=3)
+    sets = [set(split[name]) for name in ("train", "val", "test")]
+    assert sets[0].isdisjoint(sets[1]) and sets[0].isdisjoint(sets[2])
+    assert sets[1].isdisjoint(sets[2])
+    assert set().union(*sets) == set(patients)
+    positives = {p for p, lab in zip(patients, labels, strict=True) if lab}
+    assert all(s & positives for s in sets), "every split must see positive patients"
+    assert [len(s) for s in sets] == [12, 4, 4]
+    assert split == split_by_patient(patients, labels, fractions=(0.6, 0.2, 0.2), seed=3)
+    assert split != split_by_patient(patients, labels, fractions=(0.6, 0.2, 0.2), seed=4)
+
+
+def test_split_allows_no_validation_set():
+    split = split_by_patient([f"P{i}" for i in range(9)], [i % 2 for i in range(9)],
+                             fractions=(2 / 3, 0.0, 1 / 3), seed=0)
+    assert split["val"] == [] and len(split["train"]) == 6 and len(split["test"]) == 3
+
+
+@pytest.mark.parametrize("mode, expected", [("undersample", 3), ("oversample", 9)])
+def test_balance_indices(mode, expected):
+    labels = np.array([0] * 9 + [1] * 3)
+    idx = balance_indices(labels, mode=mode, seed=0)
+    assert np.bincount(labels[idx]).tolist() == [expected, expected]
+    if mode == "undersample":
+        assert len(set(idx)) == len(idx)  # no repeats
+    else:
+        assert set(idx[labels[idx] == 1]) == {9, 10, 11}  # every minority sample is used
+
+
+# ---------------------------------------------------------------- augmentation (2.3)
+
+
+def _smooth_image(shape=(41, 33), seed=0):
+    rng = np.random.default_rng(seed)
+    return ndi.gaussian_filter(rng.random(shape), 3).astype(np.float32)
+
+
+@pytest.mark.parametrize("angle", [17.0, -9.5])
+def test_rotation_matches_scipy(angle):
+    img = _smooth_image()
+    ref = ndi.rotate(img, angle, reshape=False, order=1, mode="constant", cval=0.0)
+    out = np.asarray(rotate_zoom(jnp.asarray(img[..., None]), angle, 1.0))[..., 0]
+    # Compare where the source pixel lies inside the image (the libraries treat edges differently).
+    ones = np.ones_like(img)
+    inside = (ndi.rotate(ones, angle, reshape=False, order=1) > 0.999) & (
+        np.asarray(rotate_zoom(jnp.asarray(ones[..., None]), angle, 1.0))[..., 0] > 0.999
+    )
+    assert inside.mean() > 0.6
+    np.testing.assert_allclose(out[inside], ref[inside], atol=2e-5)
+
+
+def test_zoom_scales_a_blob_by_the_requested_factor():
+    yy, xx = np.mgrid[:65, :65] - 32.0
+    blob = np.exp(-(yy**2 + xx**2) / (2 * 6.0**2)).astype(np.float32)
+    for zoom in (0.8, 1.2):
+        out = np.asarray(rotate_zoom(jnp.asarray(blob[..., None]), 0.0, zoom))[..., 0]
+        sigma = np.sqrt((out * (yy**2 + xx**2)).sum() / out.sum() / 2)
+        assert sigma == pytest.approx(6.0 * zoom, rel=0.02)
+
+
+def test_augment_batch_keeps_statistics_and_is_seeded():
+    images = jnp.asarray(np.stack([_smooth_image(seed=s) for s in range(16)])[..., None])
+    a = augment_batch(images, jax.random.key(1))
+    b = augment_batch(images, jax.random.key(1))
+    c = augment_batch(images, jax.random.key(2))
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+    centre = (slice(None), slice(12, 29), slice(10, 23))
+    # Rotation and zoom move content but keep the intensity distribution of the centre.
+    assert float(a[centre].mean()) == pytest.approx(float(images[centre].mean()), abs=0.01)
+    assert float(a.max()) <= float(images.max()) + 1e-6
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_metrics_against_brute_force():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    s = np.round(rng.random(200) * 0.5 + y * 0.3, 2)  # ties included
+    pos, neg = s[y == 1], s[y == 0]
+    brute = np.mean((pos[:, None] > neg[None]) + 0.5 * (pos[:, None] == neg[None]))
+    assert roc_auc(y, s) == pytest.approx(brute)
+    m = binary_metrics(y, s)
+    pred = s >= 0.5
+    tp = np.sum(pred & (y == 1))
+    assert m["precision"] == pytest.approx(tp / pred.sum())
+    assert m["recall"] == pytest.approx(tp / (y == 1).sum())
+    ci = bootstrap_intervals(y, s, n_resamples=200)
+    assert ci["f1"][0] <= m["f1"] <= ci["f1"][1]
+    assert ci["auc"][1] - ci["auc"][0] < 0.2
+
+
+# ---------------------------------------------------------------- steps: freezing, sharding
+
+
+def _tiny_setup(cfg, n_devices=None):
+    model, preprocessing = build_model(cfg, num_classes=2, seed=0)
+    spec = StepSpec(image_size=(32, 32), preprocessing=preprocessing)
+    optimizer = make_optimizer(model, cfg, steps_per_epoch=10)
+    devices = np.array(jax.devices()[: n_devices or len(jax.devices())])
+    mesh = Mesh(devices, ("data",))
+    _replicate((model, optimizer), NamedSharding(mesh, P()))
+    return model, optimizer, spec, mesh
+
+
+def _batch(mesh, n=8, seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.random((n, 32, 32, 3)).astype(np.float32)
+    labels = (np.arange(n) % 2).astype(np.int32)
+    return jax.device_put((images, labels), NamedSharding(mesh, P("data")))
+
+
+def test_frozen_blocks_do_not_change_and_the_rest_does():
+    cfg = TINY.replace(frozen_blocks=2, warmup_epochs=0.0, learning_rate=0.05)
+    model, optimizer, spec, mesh = _tiny_setup(cfg)
+    before = jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    set_train_mode(model, ("block1", "block2"))
+    make_train_step(spec)(model, optimizer, *_batch(mesh), jax.random.key(0))
+    after = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    for block in before:
+        changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)),
+                                               before[block], after[block]))
+        if block in ("block1", "block2"):
+            assert not any(changed), f"{block} is frozen but changed"
+        else:
+            assert all(changed), f"{block} should train"
+
+
+def test_sharded_step_equals_single_device_step():
+    assert len(jax.devices()) == 2, "conftest sets 2 fake CPU devices"
+    cfg = TINY.replace(frozen_blocks=0, warmup_epochs=0.0, learning_rate=0.05)
+    results = []
+    for n_devices in (1, 2):
+        model, optimizer, spec, mesh = _tiny_setup(cfg, n_devices)
+        loss, _ = make_train_step(spec)(model, optimizer, *_batch(mesh), jax.random.key(0))
+        results.append((float(loss), nnx.to_pure_dict(nnx.state(model, nnx.Param))))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 results[0][1], results[1][1])
+
+
+# ---------------------------------------------------------------- data and the loop
+
+
+def test_run_data_splits_by_patient_and_balances(tmp_path):
+    cache = FakeCache(n_patients=10)
+    cfg = TINY.replace(task="signs", sign="cavity", workdir=str(tmp_path))
+    data = load_run_data(cfg, cache, tmp_path)
+    patients = {name: set(getattr(data, name).patient_ids) for name in ("train", "val", "test")}
+    assert patients["train"].isdisjoint(patients["test"] | patients["val"])
+    assert np.bincount(data.train.labels).tolist()[0] == np.bincount(data.train.labels)[1]
+    assert set(np.unique(data.train.rotations)) == set(range(27))  # paper 2.3 rotations
+    assert set(np.unique(data.test.rotations)) == {13}  # evaluation on the unrotated scan
+    assert json.loads((tmp_path / "split.json").read_text())["train"] == sorted(patients["train"])
+
+
+def _fit(tmp_path, epochs, **changes):
+    cfg = TINY.replace(task="disease", epochs=epochs, workdir=str(tmp_path), cache="fake",
+                       learning_rate=0.02, **changes)
+    return fit(cfg, FakeCache(n_patients=6), log=lambda *_: None)
+
+
+def _metrics_lines(path):
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypatch):
+    full = _fit(tmp_path / "full", epochs=3)
+    # Interrupted run: the third epoch dies half way (as a kill -9 would), then we rerun.
+    import sapsam_jax.train._loop as loop
+
+    original = loop._train_epoch
+
+    def dying(cfg, *args):
+        if args[5] == 3:  # epoch argument
+            raise KeyboardInterrupt
+        return original(cfg, *args)
+
+    monkeypatch.setattr(loop, "_train_epoch", dying)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(tmp_path / "cut", epochs=3)
+    assert len(_metrics_lines(tmp_path / "cut")) == 2
+    monkeypatch.setattr(loop, "_train_epoch", original)
+    resumed = _fit(tmp_path / "cut", epochs=3)
+    assert resumed == pytest.approx(full)
+    a, b = _metrics_lines(tmp_path / "full"), _metrics_lines(tmp_path / "cut")
+    assert [r["train_loss"] for r in a] == pytest.approx([r["train_loss"] for r in b], rel=1e-6)
+
+
+def test_workdir_of_another_run_is_refused(tmp_path):
+    _fit(tmp_path, epochs=1)
+    with pytest.raises(ValueError, match="different run"):
+        _fit(tmp_path, epochs=1, seed=5)
