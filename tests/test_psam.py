@@ -1,12 +1,26 @@
 """PSAM back-projection to the working grid and the CT, 3-D PSAMs, localisation scores."""
 
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.ndimage as ndi
+from flax import nnx
 
-from sapsam_jax.config import AXES, GeometryConfig
+from sapsam_jax.config import AXES, SUBREGIONS, GeometryConfig
 from sapsam_jax.explain import (
     backproject,
+    distance_to_lesion_mm,
+    energy_inside,
+    explain_study,
+    localisation_report,
+    localisation_scores,
     locate_maximum,
+    pointing_game,
     psam_3d,
     psam_to_ct,
     working_volume_to_ct,
@@ -142,3 +156,235 @@ def test_psam_3d_geometric_mean_and_zero_maps():
     assert not psam_3d(ones, "right_upper", WORKING).any()
     with pytest.raises(ValueError):
         psam_3d({"oblique": np.ones((2, 2))}, None, WORKING)
+
+
+# ----------------------------------------------------------------- a study with lesion truth
+
+STUDY_CT = (36, 40, 40)
+STUDY_SPACING = (3.0, 2.0, 2.0)
+STUDY_GEOMETRY = GeometryConfig(grid_shape=(24, 32, 32))  # working (12, 16, 16)
+LESION_CENTRE_CT = (17.5, 19.5, 29.5)  # inside left_middle (working k 4-7, i 8-15)
+
+
+class Brightness(nnx.Module):
+    """Feature map = channel 0; logits = (-1, +1) x its mean (GAP -> linear).
+
+    Grad-CAM of class 1 is the channel-0 image itself (closed form), so a run on images that
+    show the lesion localises perfectly; ``sign=-1`` looks away and its maps are all zero.
+    """
+
+    layer_names = ("bright",)
+    default_cam_layer = "bright"
+
+    def __init__(self, sign=1.0):
+        self.weights = nnx.Param(jnp.array([[-sign, sign]], jnp.float32))
+
+    def forward_to(self, x, layer):
+        return jax.nn.relu(x[..., :1])
+
+    def forward_from(self, h, layer):
+        return h.mean(axis=(1, 2)) @ self.weights[...]
+
+
+class FakeCache:
+    """The ProjectionCache reader interface over in-memory arrays."""
+
+    def __init__(self, meta, bands, lesions):
+        self.study_ids = [meta["study_id"]]
+        self._meta, self._bands, self._lesions = meta, bands, lesions
+
+    def meta(self, study_id):
+        return self._meta
+
+    def bands(self, study_id, axis):
+        return self._bands[axis]
+
+    def lesions(self, study_id, axis):
+        return self._lesions[axis]
+
+
+def _ct_volume(hu):
+    from sapsam_jax.io import CTVolume
+
+    dk, dj, di = STUDY_SPACING
+    affine = np.array([[0, 0, di, -40.0], [0, dj, 0, -30.0], [dk, 0, 0, 100.0], [0, 0, 0, 1]])
+    return CTVolume(hu=hu.astype(np.int16), spacing=STUDY_SPACING, affine=affine)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """CT + label map (a fungus ball in left_middle, a cavity in right_upper) on disk, and the
+    cache view of them: lesion projections and band images that show the fungus ball."""
+    from sapsam_jax.io import save_nifti
+    from sapsam_jax.preprocess import lesion_projections
+
+    root = tmp_path_factory.mktemp("study")
+    grids = np.meshgrid(
+        *[np.arange(n) * s for n, s in zip(STUDY_CT, STUDY_SPACING, strict=True)], indexing="ij"
+    )
+    centre_mm = np.multiply(LESION_CENTRE_CT, STUDY_SPACING)
+    ball = sum((g - c) ** 2 for g, c in zip(grids, centre_mm, strict=True)) <= 8.0**2
+    labels = np.zeros(STUDY_CT, np.int16)
+    labels[ball] = 2
+    labels[26:30, 10:16, 4:10] = 1
+    hu = np.where(ball, 20, -800)
+    ct = _ct_volume(hu)
+    save_nifti(root / "ct.nii.gz", hu.astype(np.int16), ct)
+    save_nifti(root / "labels.nii.gz", labels, ct)
+    bbox = tuple(slice(0, n) for n in STUDY_CT)
+    mapping = grid_mapping(STUDY_CT, STUDY_SPACING, bbox, STUDY_GEOMETRY.working_shape)
+    lesions = lesion_projections(labels, STUDY_SPACING, bbox, STUDY_GEOMETRY)
+    bands = {}
+    for axis, masks in lesions.items():
+        image = np.full(masks.shape, 0.2, np.float16)
+        image[..., 0] = masks[..., 1]  # channel 0 shows the fungus ball only
+        bands[axis] = np.broadcast_to(image, (27, *image.shape))
+    meta = {
+        "study_id": "S1",
+        "patient_id": "P1",
+        "mapping": mapping,
+        "ct_path": str(root / "ct.nii.gz"),
+        "lesion_labels_path": str(root / "labels.nii.gz"),
+    }
+    return FakeCache(meta, bands, lesions)
+
+
+def _runs(cache, sign=1.0, axes=tuple(AXES)):
+    from sapsam_jax.train._step import StepSpec
+
+    return [
+        SimpleNamespace(
+            workdir=f"runs/{axis}",
+            config=SimpleNamespace(
+                task="signs",
+                axis=axis,
+                sign="fungus_ball",
+                cache="c",
+                arch="vgg19",
+                width=1.0,
+                seed=0,
+            ),
+            model=Brightness(sign),
+            multi_label=False,
+            split={"train": [], "val": [], "test": ["P1"]},
+            cache=cache,
+            step_spec=StepSpec((32, 32), "none", augment=False),  # maps come back resized
+        )
+        for axis in axes
+    ]
+
+
+def test_localisation_of_a_perfect_localiser(study):
+    scores = localisation_scores(_runs(study), "test", tolerance_px=1)
+    fungus = scores["signs"]["fungus_ball"]
+    assert set(fungus) == {*AXES, "3d"}
+    for axis in AXES:
+        assert fungus[axis]["n"] == 1 and fungus[axis]["pointing_game"] == 1.0
+        assert fungus[axis]["energy_inside"] > max(0.6, 2 * fungus[axis]["energy_chance"])
+    assert fungus["3d"]["n"] == 1 and fungus["3d"]["pointing_game"] == 1.0
+    assert fungus["3d"]["distance_mm_median"] <= 2.0
+    assert fungus["3d"]["energy_inside"] > 2 * fungus["3d"]["energy_chance"]
+    record = [r for r in scores["records"] if r["axis"] == "3d"][0]
+    assert record["subregion"] == "left_middle"
+    assert record["maximum"]["subregion"] == "left_middle"
+
+
+def test_localisation_of_maps_that_look_away(study):
+    scores = localisation_scores(_runs(study, sign=-1.0, axes=("axial",)), "test")
+    axial = scores["signs"]["fungus_ball"]["axial"]
+    assert axial["pointing_game"] == 0.0 and axial["energy_inside"] == 0.0
+    assert "3d" not in scores["signs"]["fungus_ball"]
+
+
+def test_localisation_report_rows(study):
+    rows = localisation_report(_runs(study), "test")
+    assert {(r["sign"], r["axis"]) for r in rows} == {("fungus_ball", a) for a in (*AXES, "3d")}
+    assert all({"n", "pointing_game", "energy_inside"} <= set(r) for r in rows)
+
+
+def test_explain_study_writes_fig3_and_3d_psam(study, tmp_path):
+    import nibabel as nib
+
+    summary = explain_study(_runs(study), "S1", tmp_path, subregions=["left_middle"])
+    entry = summary["labels"]["fungus_ball"]["left_middle"]
+    for axis in AXES:
+        assert Path(entry["figures"][axis]).stat().st_size > 10_000
+    peak = entry["psam3d"]["maximum"]
+    lesion_lps = _ct_volume(np.zeros(STUDY_CT)).index_to_lps(LESION_CENTRE_CT)
+    assert np.linalg.norm(np.subtract(peak["lps_mm"], lesion_lps)) <= 6.0
+    image = nib.load(entry["psam3d"]["nifti"])
+    reference = nib.load(study.meta("S1")["ct_path"])
+    assert image.shape == reference.shape
+    np.testing.assert_allclose(image.affine, reference.affine)
+    assert float(np.asarray(image.dataobj).max()) == pytest.approx(1.0, abs=0.05)
+    assert (tmp_path / "S1" / "summary.json").is_file()
+
+
+def test_gradcam_cli_with_stand_in_runs(study, tmp_path, monkeypatch):
+    import sapsam_jax.train
+    from sapsam_jax.explain import main
+
+    runs = dict(zip(AXES, _runs(study), strict=True))
+    for axis in AXES:
+        for name in ("config.json", "run.json", "split.json"):
+            (tmp_path / "runs" / axis).mkdir(parents=True, exist_ok=True)
+            (tmp_path / "runs" / axis / name).write_text("{}")
+    monkeypatch.setattr(sapsam_jax.train, "load_trained", lambda w: runs[Path(w).name])
+    out = tmp_path / "out"
+    argv = [
+        "--workdir",
+        str(tmp_path / "runs"),
+        "--all",
+        "--out",
+        str(out),
+        "--subregions",
+        "left_middle",
+        "--localisation",
+    ]
+    assert main(argv) == 0
+    assert (out / "S1" / "fungus_ball_left_middle_psam3d.nii.gz").is_file()
+    assert json.loads((out / "localisation.json").read_text())["signs"]["fungus_ball"]["3d"]
+
+
+def test_pointing_game_energy_and_distance(rng):
+    mask = np.zeros((20, 20), bool)
+    mask[5:8, 5:8] = True
+    cam = np.zeros((20, 20))
+    cam[10, 6] = 1.0  # two pixels below the lesion
+    assert not pointing_game(cam, mask, tolerance_px=1)
+    assert pointing_game(cam, mask, tolerance_px=3)
+    assert not pointing_game(np.zeros((20, 20)), mask)
+    cam[6, 6] = 3.0
+    assert energy_inside(cam, mask) == pytest.approx(0.75)
+    lesion = rng.random((12, 14, 10)) > 0.97
+    spacing = (2.5, 0.7, 0.9)
+    edt = ndi.distance_transform_edt(~lesion, sampling=spacing)
+    for point in [(0, 0, 0), (6, 7, 3), (11, 13, 9)]:
+        assert distance_to_lesion_mm(point, lesion, spacing) == pytest.approx(edt[point])
+    assert distance_to_lesion_mm((1, 1, 1), np.zeros((3, 3, 3), bool), spacing) == np.inf
+
+
+def test_choose_subregions():
+    from sapsam_jax.explain._study import ViewMaps, choose_subregions
+
+    def view(probs):
+        n = len(probs)
+        return ViewMaps(
+            "S",
+            "cavity",
+            "axial",
+            13,
+            SUBREGIONS,
+            np.zeros((n, 2, 2, 3)),
+            np.zeros((n, 2, 2)),
+            np.asarray(probs),
+        )
+
+    views = {
+        "axial": view([0.1, 0.7, 0.2, 0.1, 0.1, 0.1]),
+        "coronal": view([0.1, 0.2, 0.2, 0.6, 0.1, 0.1]),
+    }
+    assert choose_subregions(views, "positive") == [1, 3]
+    assert choose_subregions({"axial": view([0.1, 0.2, 0.3, 0.1, 0.1, 0.1])}) == [2]
+    assert choose_subregions(views, "all") == list(range(6))
+    assert choose_subregions(views, ["right_lower"]) == [5]

@@ -128,9 +128,11 @@ def localisation_scores(
         "records": [],
     }
     for sign, by_axis in groups.items():
-        records = _sign_records(sign, by_axis, split, method, tolerance_px, three_d, batch_size)
+        records = _sign_records(
+            sign, by_axis, split, method, tolerance_px, tolerance_mm, three_d, batch_size
+        )
         result["records"] += records
-        result["signs"][sign] = _summarise(records, tolerance_mm)
+        result["signs"][sign] = _summarise(records)
     return result
 
 
