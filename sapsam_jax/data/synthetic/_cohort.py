@@ -1,0 +1,262 @@
+"""A synthetic CPA cohort: patients, longitudinal scans, labels, files and the manifest.
+
+Mirrors the paper's cohort (paper 1.1): CPA patients with 1-3 longitudinal scans whose signs
+persist or grow, control patients without lung disease, sparse sub-region annotations of the CPA
+scans (paper 1.2, Table 1) and a 2-year survival label that depends on sign burden (paper 3.3).
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from ...config import ANNOTATION_FLAGS, SUBREGIONS
+from ...io import CTVolume, Study, save_nifti, write_manifest
+from ._anatomy import OUTSIDE, Anatomy, render_anatomy, sample_anatomy
+from ._dicom_writer import RESCALE_INTERCEPT, write_dicom_series
+from ._grid import DEFAULT_SHAPE, Grid, default_spacing
+from ._lesions import (
+    Canvas,
+    Lesion,
+    LungBox,
+    Planner,
+    annotations_from_labels,
+    paint_lesions,
+    plan_lesions,
+)
+
+MANIFEST_NAME = "manifest.csv"
+# Paper 1.1: 76 of 352 studies are controls.
+DEFAULT_CONTROL_FRACTION = 0.25
+NOISE_SIGMA_HU = (12.0, 22.0)  # per-scan image noise, spatially correlated like CT noise
+NOISE_CORRELATION_VOXELS = 0.7
+# Paper 3.3: 43 of 143 CPA patients died within two years; the midpoint gives about 30 %.
+SURVIVAL_SLOPE = 1.2
+SURVIVAL_MIDPOINT = 6.0
+POSITION_JITTER_MM = (5.0, 4.0, 4.0)  # patient positioning differs a little between scans
+
+
+@dataclass
+class SyntheticScan:
+    """One generated study, in memory, on ``grid``: int16 ``hu``, uint8 lesion ``labels``
+    (``LABELS``), and the truth the files do not carry: ``lung`` (lungs incl. vessels and
+    lesions) and ``tissue`` (anatomy codes of ``_anatomy``, lesions not included)."""
+
+    study_id: str
+    patient_id: str
+    scan_index: int
+    grid: Grid
+    hu: np.ndarray
+    labels: np.ndarray
+    cpa: int
+    survival_2y: int | None
+    annotations: dict[str, dict[str, int]]
+    lung: np.ndarray | None = None
+    tissue: np.ndarray | None = None
+
+    @property
+    def affine(self) -> np.ndarray:
+        """(k, j, i, 1) -> LPS mm; voxel (0, 0, 0) is at the grid's corner, centre at 0."""
+        z0, y0, x0 = (round(float(v), 6) for v in self.grid.to_mm([0, 0, 0]))
+        dk, dj, di = self.grid.spacing
+        return np.array([[0, 0, di, x0], [0, dj, 0, y0], [dk, 0, 0, z0], [0, 0, 0, 1]], float)
+
+    def ct_volume(self) -> CTVolume:
+        return CTVolume(self.hu, tuple(float(s) for s in self.grid.spacing), self.affine)
+
+
+def patient_id_of(index: int) -> str:
+    return f"SYN{index:04d}"
+
+
+def _rng(seed: int, *keys: int) -> np.random.Generator:
+    """Independent stream per (seed, patient, scan): a patient does not depend on cohort size."""
+    return np.random.default_rng([int(seed), *map(int, keys)])
+
+
+def generate_patient(
+    index: int,
+    *,
+    cpa: bool,
+    n_scans: int = 1,
+    shape=DEFAULT_SHAPE,
+    spacing=None,
+    seed: int = 0,
+) -> list[SyntheticScan]:
+    """All scans of one patient, in memory (no files). Deterministic in (seed, index)."""
+    grid = Grid(tuple(int(n) for n in shape), tuple(spacing or default_spacing(shape)))
+    rng = _rng(seed, index)
+    anatomy = render_anatomy(sample_anatomy(rng, grid), grid, rng)
+    lesions = plan_lesions(Planner(anatomy, rng), rng, n_scans) if cpa else []
+    survival = _survival(lesions, rng) if cpa else None
+    box = LungBox.from_mask(anatomy.lung, grid)
+    scans = []
+    for s in range(n_scans):
+        hu, labels = _render_scan(anatomy, lesions, s, n_scans, _rng(seed, index, s, 1))
+        flags = annotations_from_labels(labels, box, grid)
+        hu, labels, lung, tissue = _jitter(
+            [hu, labels, anatomy.lung, anatomy.tissue], grid, _rng(seed, index, s, 2)
+        )
+        pid = patient_id_of(index)
+        scans.append(
+            SyntheticScan(
+                f"{pid}_S{s + 1:02d}",
+                pid,
+                s,
+                grid,
+                hu,
+                labels,
+                int(cpa),
+                survival,
+                flags,
+                lung,
+                tissue,
+            )
+        )
+    return scans
+
+
+def _render_scan(anatomy: Anatomy, lesions: list[Lesion], scan: int, n_scans: int, rng):
+    """Anatomy + the lesions visible at ``scan`` + correlated noise inside the body, as int16."""
+    canvas = Canvas(anatomy, anatomy.hu.copy(), np.zeros(anatomy.grid.shape, np.uint8))
+    paint_lesions(canvas, lesions, scan, n_scans)
+    noise = ndi.gaussian_filter(
+        rng.standard_normal(anatomy.grid.shape, dtype=np.float32),
+        NOISE_CORRELATION_VOXELS,
+        truncate=3.0,
+    )
+    noise *= np.float32(rng.uniform(*NOISE_SIGMA_HU) / max(float(noise.std()), 1e-6))
+    # Outside the body stays exactly air (-1000 HU), as after a scanner's field-of-view masking.
+    noise[anatomy.tissue == OUTSIDE] = 0.0
+    canvas.hu += noise
+    hu = np.clip(np.rint(canvas.hu), RESCALE_INTERCEPT, 3071).astype(np.int16)
+    return hu, canvas.labels
+
+
+def _jitter(arrays, grid: Grid, rng):
+    """Shift the patient by whole voxels (edge slices repeat), as repositioning would."""
+    shift = [
+        int(round(rng.uniform(-m, m) / s))
+        for m, s in zip(POSITION_JITTER_MM, grid.spacing, strict=True)
+    ]
+    for axis, s in enumerate(shift):
+        if s:
+            index = np.clip(np.arange(grid.shape[axis]) - s, 0, grid.shape[axis] - 1)
+            arrays = [a.take(index, axis=axis) for a in arrays]
+    return arrays
+
+
+def _survival(lesions: list[Lesion], rng) -> int:
+    """1 = alive two years after the scans, 0 = died within two years (paper 3.3).
+
+    The risk grows with sign burden at the last scan (cavity volume, fungus balls, pleural
+    thickening, involved sub-regions, pre-existing disease) plus noise, so survival is learnable
+    from the images but not a function of them.
+    """
+    burden = sign_burden(lesions)
+    return int(SURVIVAL_SLOPE * (burden - SURVIVAL_MIDPOINT) + rng.normal() < 0)
+
+
+def sign_burden(lesions: list[Lesion]) -> float:
+    """Disease burden at the last scan, the driver of the synthetic 2-year mortality."""
+    cavity_ml = sum(4 / 3 * np.pi * les.size**3 / 1000 for les in lesions if les.kind == "cavity")
+    balls = sum("ball_fraction" in les.params for les in lesions)
+    pleural = sum(les.kind == "pleural_thickening" for les in lesions)
+    regions = len({les.region for les in lesions if les.is_sign})
+    confounders = sum(not les.is_sign for les in lesions)
+    return cavity_ml / 15 + 0.8 * balls + 0.6 * pleural + 0.4 * regions + 0.4 * confounders
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _study(scan: SyntheticScan, ct_path: Path, labels_path: Path) -> Study:
+    annotations = {r: {f: scan.annotations[r][f] for f in ANNOTATION_FLAGS} for r in SUBREGIONS}
+    return Study(
+        scan.study_id,
+        scan.patient_id,
+        ct_path,
+        scan.cpa,
+        scan.survival_2y,
+        annotations,
+        labels_path,
+    )
+
+
+def write_scan(scan: SyntheticScan, out_dir: Path, fmt: str, seed: int) -> Study:
+    """Write a scan's CT (DICOM folder or NIfTI) and label map; its manifest row."""
+    ct = scan.ct_volume()
+    if fmt == "dicom":
+        ct_path = out_dir / "studies" / scan.study_id
+        origin = ct.affine[:3, 3]
+        date = datetime.date(2010, 1, 1) + datetime.timedelta(days=200 * scan.scan_index)
+        write_dicom_series(
+            ct_path,
+            scan.hu,
+            scan.grid.spacing,
+            origin,
+            uid_seed=seed,
+            patient_id=scan.patient_id,
+            study_id=scan.study_id,
+            date=date.strftime("%Y%m%d"),
+        )
+    elif fmt == "nifti":
+        ct_path = save_nifti(out_dir / "studies" / f"{scan.study_id}.nii.gz", scan.hu, ct)
+    else:
+        raise ValueError(f"fmt must be 'dicom' or 'nifti', not {fmt!r}")
+    labels_path = save_nifti(
+        out_dir / "labels" / f"{scan.study_id}_lesions.nii.gz", scan.labels, ct
+    )
+    return _study(scan, ct_path, labels_path)
+
+
+def _plan_cohort(n_patients: int, scans_per_patient, control_fraction: float, seed: int):
+    """(index, cpa, n_scans) per patient; the control count is exact, their places random."""
+    rng = _rng(seed, 1_000_003)
+    n_controls = int(round(control_fraction * n_patients))
+    controls = set(rng.choice(n_patients, size=n_controls, replace=False).tolist())
+    lo, hi = scans_per_patient
+    counts = rng.integers(lo, hi + 1, size=n_patients)
+    return [(i, i not in controls, int(counts[i])) for i in range(n_patients)]
+
+
+def make_cohort(
+    out_dir,
+    n_patients: int = 24,
+    shape=DEFAULT_SHAPE,
+    spacing=None,
+    seed: int = 0,
+    fmt: str = "dicom",
+    scans_per_patient=(1, 3),
+    control_fraction: float = DEFAULT_CONTROL_FRACTION,
+    progress: bool = True,
+) -> Path:
+    """Generate a synthetic CPA cohort in ``out_dir`` and return its manifest path.
+
+    Writes ``studies/<study_id>`` (DICOM series) or ``studies/<study_id>.nii.gz``,
+    ``labels/<study_id>_lesions.nii.gz`` (0 background, 1 cavity, 2 fungus ball, 3 pleural
+    thickening, 4 pre-existing condition) and ``manifest.csv`` (docs/ARCHITECTURE.md).
+    ``spacing=None`` keeps the default field of view (about 280 x 346 x 346 mm) at any ``shape``.
+    """
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir).expanduser()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan = _plan_cohort(n_patients, scans_per_patient, control_fraction, seed)
+    studies = []
+    bar = tqdm(
+        total=sum(n for _, _, n in plan), desc="synthetic cohort", unit="scan", disable=not progress
+    )
+    for index, cpa, n_scans in plan:
+        scans = generate_patient(
+            index, cpa=cpa, n_scans=n_scans, shape=shape, spacing=spacing, seed=seed
+        )
+        for scan in scans:
+            studies.append(write_scan(scan, out_dir, fmt, seed))
+            bar.update()
+    bar.close()
+    return write_manifest(out_dir / MANIFEST_NAME, studies)

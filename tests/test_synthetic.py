@@ -1,0 +1,218 @@
+"""The synthetic phantom cohort: labels where the manifest says, plausible HU, exact files.
+
+Small grids (same field of view, coarser voxels) keep the module well under a minute on 2 cores.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pydicom
+import pytest
+from scipy import ndimage as ndi
+
+from sapsam_jax.config import ANNOTATION_FLAGS, SUBREGIONS
+from sapsam_jax.data.synthetic import LABELS, generate_patient, make_cohort, table1_rates
+from sapsam_jax.data.synthetic._anatomy import BONE, FAT, LUNG, MUSCLE, OUTSIDE
+from sapsam_jax.io import load_ct, manifest_columns, read_manifest
+
+SHAPE = (56, 96, 96)  # spacing (5.0, 3.6, 3.6) mm: the default field of view, ~0.5 M voxels
+SEED = 11
+N_PATIENTS = 4
+SCANS = (1, 2)
+LABEL_FLAG = {v: k for k, v in LABELS.items()}  # label value -> annotation flag
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synthetic")
+    path = make_cohort(
+        out,
+        n_patients=N_PATIENTS,
+        shape=SHAPE,
+        seed=SEED,
+        scans_per_patient=SCANS,
+        control_fraction=0.25,
+        progress=False,
+    )
+    return read_manifest(path)
+
+
+@pytest.fixture(scope="module")
+def volumes(cohort):
+    """study_id -> (hu, labels) read back from the files."""
+    return {s.study_id: (load_ct(s.path).hu, load_ct(s.lesion_labels).hu) for s in cohort}
+
+
+def _lung_box(hu, spacing):
+    """Lung bounding box as preprocessing takes it (refined mask + margin, docs/ARCHITECTURE.md)."""
+    from sapsam_jax.preprocess import lung_bbox, lung_mask
+
+    return lung_bbox(lung_mask(hu, spacing, method="refined"), spacing)
+
+
+def _regions_of(voxels, box) -> set[str]:
+    """Sub-regions (k thirds, i halves of the box) that the (k, j, i) voxels fall in."""
+    k0, k1, i0, i1 = box[0].start, box[0].stop, box[2].start, box[2].stop
+    level = np.clip((voxels[:, 0] - k0) * 3 // (k1 - k0), 0, 2)
+    left = (voxels[:, 2] - i0) * 2 >= (i1 - i0)
+    return {
+        f"{'left' if side else 'right'}_{('lower', 'middle', 'upper')[lev]}"
+        for lev, side in set(zip(level.tolist(), left.tolist(), strict=True))
+    }
+
+
+def test_manifest_has_controls_and_fully_annotated_cpa_studies(cohort):
+    header = (cohort.path.read_text().splitlines()[0]).split(",")
+    assert tuple(header) == manifest_columns
+    controls = [s for s in cohort if s.cpa == 0]
+    assert len({s.patient_id for s in controls}) == 1  # 25 % of 4 patients
+    for study in cohort:
+        flags = [study.annotations[r][f] for r in SUBREGIONS for f in ANNOTATION_FLAGS]
+        assert study.lesion_labels is not None and study.lesion_labels.is_file()
+        if study.cpa:
+            assert study.survival_2y in (0, 1)
+            assert None not in flags and any(
+                study.annotations[r][f] for r in SUBREGIONS for f in LABELS if f != "preexisting"
+            ), f"{study.study_id}: a CPA study shows at least one sign"
+        else:
+            assert study.survival_2y is None and flags == [0] * 24
+
+
+def test_controls_have_no_lesion_voxels(cohort, volumes):
+    for study in cohort:
+        if not study.cpa:
+            assert not volumes[study.study_id][1].any()
+
+
+def test_every_sign_lies_in_its_flagged_subregion(cohort, volumes):
+    spacing = load_ct(cohort[0].path).spacing
+    checked = 0
+    for study in (s for s in cohort if s.cpa):
+        hu, labels = volumes[study.study_id]
+        box = _lung_box(hu, spacing)
+        present = set()
+        for value, flag in LABEL_FLAG.items():
+            components, n = ndi.label(labels == value)
+            for c in range(1, n + 1):
+                regions = _regions_of(np.argwhere(components == c), box)
+                assert len(regions) == 1, f"{study.study_id}: {flag} straddles {regions}"
+                region = regions.pop()
+                assert study.annotations[region][flag] == 1, f"{study.study_id}: {flag} {region}"
+                present.add((region, flag))
+                checked += 1
+        flagged = {(r, f) for r in SUBREGIONS for f in ANNOTATION_FLAGS if study.annotations[r][f]}
+        assert flagged == present, f"{study.study_id}: flags without voxels {flagged - present}"
+    assert checked > 0
+
+
+def test_dicom_round_trips_exactly(cohort):
+    study = next(s for s in cohort if s.cpa)
+    index = int(study.patient_id[3:])
+    n_scans = sum(s.patient_id == study.patient_id for s in cohort)
+    scan = generate_patient(index, cpa=True, n_scans=n_scans, shape=SHAPE, seed=SEED)[0]
+    assert scan.study_id == study.study_id
+    ct = load_ct(study.path)
+    assert ct.hu.dtype == np.int16 and np.array_equal(ct.hu, scan.hu)
+    assert np.allclose(ct.spacing, scan.grid.spacing, atol=1e-6)
+    assert np.array_equal(load_ct(study.lesion_labels).hu, scan.labels)
+    files = sorted(study.path.iterdir())
+    first, second = (pydicom.dcmread(f) for f in files[:2])
+    assert first.Modality == "CT" and first.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    assert (float(first.RescaleSlope), float(first.RescaleIntercept)) == (1.0, -1024.0)
+    assert [float(v) for v in first.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
+    assert float(second.ImagePositionPatient[2]) > float(first.ImagePositionPatient[2])
+    assert first.PatientID == study.patient_id and "PatientBirthDate" not in first
+
+
+def test_hu_values_are_plausible():
+    scan = generate_patient(0, cpa=False, shape=SHAPE, seed=SEED)[0]
+    hu, tissue = scan.hu, scan.tissue
+    assert -900 <= np.median(hu[tissue == LUNG]) <= -800
+    assert 20 <= np.median(hu[tissue == MUSCLE]) <= 70
+    assert -130 <= np.median(hu[tissue == FAT]) <= -70
+    assert np.percentile(hu[tissue == BONE], 5) > 300
+    assert np.all(hu[tissue == OUTSIDE] == -1000) and (tissue == OUTSIDE).any()
+    # The lungs are big, within the body, and away from the volume's sides.
+    assert 0.05 < scan.lung.mean() < 0.3
+    assert not scan.lung[:, [0, -1], :].any() and not scan.lung[:, :, [0, -1]].any()
+
+
+def test_generation_is_deterministic_per_seed():
+    small = (32, 48, 48)
+    a = generate_patient(2, cpa=True, n_scans=2, shape=small, seed=3)
+    b = generate_patient(2, cpa=True, n_scans=2, shape=small, seed=3)
+    c = generate_patient(2, cpa=True, n_scans=2, shape=small, seed=4)
+    for x, y in zip(a, b, strict=True):
+        assert np.array_equal(x.hu, y.hu) and np.array_equal(x.labels, y.labels)
+        assert x.annotations == y.annotations and x.survival_2y == y.survival_2y
+    assert not np.array_equal(a[0].hu, c[0].hu)
+
+
+def test_fungus_balls_sit_in_cavities_behind_an_air_crescent(cohort, volumes):
+    balls = 0
+    for study in (s for s in cohort if s.cpa):
+        hu, labels = volumes[study.study_id]
+        components, n = ndi.label(labels == LABELS["fungus_ball"])
+        enclosed = ndi.binary_fill_holes(labels == LABELS["cavity"])
+        for c in range(1, n + 1):
+            ball = components == c
+            assert enclosed[ball].all(), f"{study.study_id}: fungus ball outside its cavity"
+            rim = ndi.binary_dilation(ball) & ~ball & (labels == LABELS["cavity"]) & (hu < -800)
+            j_ball = np.argwhere(ball)[:, 1].mean()
+            # Air between the ball and the wall, anterior to it (the ball lies dependent).
+            assert (np.argwhere(rim)[:, 1] < j_ball).any(), f"{study.study_id}: no air crescent"
+            balls += 1
+    assert balls > 0, "the test cohort should contain a fungus ball; change SEED"
+
+
+def test_signs_persist_and_grow_over_longitudinal_scans():
+    scans = generate_patient(1, cpa=True, n_scans=3, shape=SHAPE, seed=SEED)
+    cavity = [np.isin(s.labels, (1, 2)).sum() for s in scans]
+    pleural = [(s.labels == 3).sum() for s in scans]
+    assert cavity == sorted(cavity) and pleural == sorted(pleural)
+    for earlier, later in zip(scans, scans[1:], strict=False):
+        for region in SUBREGIONS:
+            for flag in ("cavity", "fungus_ball", "pleural_thickening", "preexisting"):
+                assert later.annotations[region][flag] >= earlier.annotations[region][flag]
+    assert len({s.survival_2y for s in scans}) == 1
+
+
+def test_table1_rates_favour_the_upper_lungs():
+    rates = table1_rates()
+    for sign, by_region in rates.items():
+        for side in ("left", "right"):
+            assert by_region[f"{side}_upper"] > by_region[f"{side}_middle"], sign
+            assert by_region[f"{side}_upper"] > by_region[f"{side}_lower"], sign
+
+
+def test_cli_writes_a_nifti_cohort(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "make_synthetic_cohort.py"
+    spec = importlib.util.spec_from_file_location("make_synthetic_cohort", script)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    argv = [
+        "--out",
+        str(tmp_path),
+        "--patients",
+        "2",
+        "--shape",
+        "40",
+        "64",
+        "64",
+        "--format",
+        "nifti",
+        "--scans",
+        "1",
+        "1",
+        "--control-fraction",
+        "0.5",
+        "--quiet",
+    ]
+    assert cli.main(argv) == 0
+    manifest = read_manifest(tmp_path / "manifest.csv")
+    assert len(manifest) == 2 and sorted(s.cpa for s in manifest) == [0, 1]
+    ct = load_ct(manifest[0].path)
+    assert ct.hu.shape == (40, 64, 64) and ct.spacing == pytest.approx((7.0, 5.4, 5.4))
