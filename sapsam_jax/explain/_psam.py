@@ -221,24 +221,36 @@ def _unit_scale(map2d: np.ndarray) -> np.ndarray:
     return map2d / top if top > 0 else np.zeros_like(map2d)
 
 
+# Voxels within this share of the maximum count as the peak (maps of step-like rays plateau).
+PEAK_PLATEAU = 0.01
+
+
 def locate_maximum(volume, mapping: Mapping, affine=None, *, rotation=None) -> dict:
     """Where a working-grid volume (e.g. a 3-D PSAM) peaks, in every frame a reader needs.
 
-    Returns ``{"value", "working_index" (k, j, i), "ct_index" (fractional CT voxel (k, j, i)),
-    "lps_mm" (patient LPS via the CT ``affine``; None without it), "subregion" (name, or None
-    outside all six), "relative" {"superior", "posterior", "left"}: the position inside that
-    sub-region along k, j and i, each 0 (inferior/anterior/right edge) .. 1}``.
+    Back-projected rays are piecewise constant, so the maximum is often a plateau; its position is
+    the centroid of the connected voxels within ``PEAK_PLATEAU`` of the maximum around the
+    first arg-max. Returns ``{"value", "working_index" (fractional (k, j, i)), "ct_index"
+    (fractional CT voxel (k, j, i)), "lps_mm" (patient LPS via the CT ``affine``; None without
+    it), "subregion" (name, or None outside all six), "relative" {"superior", "posterior",
+    "left"}: the position inside that sub-region along k, j and i, 0 (inferior / anterior /
+    right edge) .. 1}``.
     """
     volume = np.asarray(volume)
     index = np.unravel_index(int(np.argmax(volume)), volume.shape)
-    ct_index = rotated_to_ct(np.asarray(index, dtype=np.float64), mapping, rotation)
+    top = float(volume[index])
+    centre = np.asarray(index, dtype=np.float64)
+    if top > 0:
+        components, _ = ndi.label(volume >= top * (1.0 - PEAK_PLATEAU))
+        centre = np.asarray(ndi.center_of_mass(components == components[index]))
+    ct_index = rotated_to_ct(centre, mapping, rotation)
     lps = None
     if affine is not None:
         lps = (np.asarray(affine, dtype=np.float64) @ np.append(ct_index, 1.0))[:3].tolist()
-    name, relative = _subregion_position(index, volume.shape)
+    name, relative = _subregion_position(centre, volume.shape)
     return {
-        "value": float(volume[index]),
-        "working_index": [int(i) for i in index],
+        "value": top,
+        "working_index": centre.tolist(),
         "ct_index": ct_index.tolist(),
         "lps_mm": lps,
         "subregion": name,
@@ -248,6 +260,7 @@ def locate_maximum(volume, mapping: Mapping, affine=None, *, rotation=None) -> d
 
 def _subregion_position(index, working_shape) -> tuple[str | None, dict | None]:
     """Sub-region containing ``index`` and the relative position inside it (0..1 per axis)."""
+    index = np.floor(np.asarray(index, dtype=np.float64) + 0.5).astype(int)
     for name, region in subregion_slices(working_shape).items():
         bounds = [s.indices(n) for s, n in zip(region, working_shape, strict=True)]
         if all(b[0] <= i < b[1] for i, b in zip(index, bounds, strict=True)):
