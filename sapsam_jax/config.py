@@ -46,14 +46,50 @@ class SegmentationConfig:
     paper_pixel_mm: float = 0.9
     intermediate_marker_radius_px: float = 10.0  # paper 2.1: intermediate markers, radius 10 px
     external_marker_radius_px: float = 35.0  # paper 2.1: external markers, radius 35 px
+    # Air counts only inside the body. The table shell touching the patient's back is cut off
+    # by an in-plane erosion of this many mm first (table shells are thinner than twice this,
+    # the chest wall is much thicker); not in the paper.
+    body_erosion_mm: float = 3.0
     # Paper 2.1 "removing the smallest" components: air pockets under this volume are not lung.
     min_component_ml: float = 5.0
+    # Paper 2.1 keeps the large components as lungs. Not in the paper, chosen on the real scans
+    # in shared/data/real_ct: a component is lung when it is at least this fraction of the
+    # largest lung-like one (a second lung is >= 0.3 of the first; stomach or bowel gas and
+    # table cavities are smaller or fail the gas test below) ...
+    keep_fraction: float = 0.1
+    # ... and is not gas: lung parenchyma is denser than air, -950 HU being the usual emphysema
+    # cut-off (LAA-950), so even emphysematous lungs keep most voxels above it, while bowel
+    # and stomach gas sit below it.
+    pure_air_hu: float = -950.0
+    gas_fraction_max: float = 0.5
+    # Smaller air components are kept when lung surrounds them (cavities, bullae, paper 1.2):
+    # at least this fraction of the shell within the intermediate-marker radius is lung.
+    enclosed_fraction: float = 0.5
+    # Trachea and extra-pulmonary bronchi are removed: chains of axial cross-sections that are
+    # smaller than this (a 30 mm disc; the adult trachea is <= 25 mm wide), mostly in the
+    # paper's air-like band (< -900 HU, paper 2.2), and rise above the lung apices.
+    airway_hu: float = -900.0
+    airway_max_area_mm2: float = 700.0
+    # The refined mask closes each lung on its own. Lungs touching at the junction lines (or
+    # joined by bronchial stubs) are told apart by an erosion of this radius, in mm: junctions
+    # are a few mm thick, lungs several cm (not in the paper).
+    lung_split_radius_mm: float = 5.0
     # Conservative mask (paper 2.1): closing then opening radii, in mm.
     closing_radius_mm: float = 3.0
     opening_radius_mm: float = 1.5
-    # Refined mask top-hat (paper 2.1, Fig. 2c): closing radius that bridges juxtapleural
-    # soft tissue (fungus balls, pleural thickening) back into the lung, in mm.
-    tophat_radius_mm: float = 12.0
+    # Refined mask watershed (paper 2.1, Fig. 2b) on a Sobel edge map quantised to this many
+    # levels (reference [5] of the paper rescales its Sobel map to 0..255), face connectivity.
+    watershed_levels: int = 256
+    watershed_connectivity: int = 1
+    # Refined mask top-hat (paper 2.1, Fig. 2c): each lung is closed with a ball of the external
+    # markers' radius, the paper's bound on where lung tissue may be added (35 px), so bays of
+    # juxtapleural soft tissue (fungus balls, pleural thickening, tumours) up to ~6 cm across
+    # fill. Measured on the real scans: 20 px takes in a third of what 35 px does of the
+    # tumours, for the same mask volume (docs/readme/segmentation.md).
+    tophat_radius_px: float = 35.0
+    # Tissue the top-hat may add: soft tissue and fluid, not bone (cortical bone > 300 HU; the
+    # paper's soft-tissue band ends at 240 HU, paper 2.2).
+    soft_tissue_max_hu: float = 300.0
 
     @property
     def intermediate_marker_radius_mm(self) -> float:
@@ -62,6 +98,10 @@ class SegmentationConfig:
     @property
     def external_marker_radius_mm(self) -> float:
         return self.external_marker_radius_px * self.paper_pixel_mm
+
+    @property
+    def tophat_radius_mm(self) -> float:
+        return self.tophat_radius_px * self.paper_pixel_mm
 
 
 @dataclass(frozen=True)
