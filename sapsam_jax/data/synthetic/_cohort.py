@@ -7,7 +7,14 @@ scans (paper 1.2, Table 1) and a 2-year survival label that depends on sign burd
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import functools
+import multiprocessing
+import os
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,31 +181,32 @@ def sign_burden(lesions: list[Lesion]) -> float:
 # ----------------------------------------------------------------------------- files
 
 
-def _study(scan: SyntheticScan, ct_path: Path, labels_path: Path) -> Study:
+def _study_fields(scan: SyntheticScan, ct_path: Path, labels_path: Path) -> dict:
+    """Keyword arguments of the scan's manifest ``Study`` (plain, so worker processes can send
+    them back; a Study holds read-only mappings, which do not pickle)."""
     annotations = {r: {f: scan.annotations[r][f] for f in ANNOTATION_FLAGS} for r in SUBREGIONS}
-    return Study(
-        scan.study_id,
-        scan.patient_id,
-        ct_path,
-        scan.cpa,
-        scan.survival_2y,
-        annotations,
-        labels_path,
-    )
+    return {
+        "study_id": scan.study_id,
+        "patient_id": scan.patient_id,
+        "path": ct_path,
+        "cpa": scan.cpa,
+        "survival_2y": scan.survival_2y,
+        "annotations": annotations,
+        "lesion_labels": labels_path,
+    }
 
 
-def write_scan(scan: SyntheticScan, out_dir: Path, fmt: str, seed: int) -> Study:
-    """Write a scan's CT (DICOM folder or NIfTI) and label map; its manifest row."""
+def _write_files(scan: SyntheticScan, out_dir: Path, fmt: str, seed: int) -> dict:
     ct = scan.ct_volume()
     if fmt == "dicom":
         ct_path = out_dir / "studies" / scan.study_id
-        origin = ct.affine[:3, 3]
+        # Synthetic study dates, 200 days apart, order a patient's longitudinal scans.
         date = datetime.date(2010, 1, 1) + datetime.timedelta(days=200 * scan.scan_index)
         write_dicom_series(
             ct_path,
             scan.hu,
             scan.grid.spacing,
-            origin,
+            ct.affine[:3, 3],
             uid_seed=seed,
             patient_id=scan.patient_id,
             study_id=scan.study_id,
@@ -211,7 +219,15 @@ def write_scan(scan: SyntheticScan, out_dir: Path, fmt: str, seed: int) -> Study
     labels_path = save_nifti(
         out_dir / "labels" / f"{scan.study_id}_lesions.nii.gz", scan.labels, ct
     )
-    return _study(scan, ct_path, labels_path)
+    return _study_fields(scan, ct_path, labels_path)
+
+
+def write_scan(scan: SyntheticScan, out_dir, fmt: str = "dicom", seed: int = 0) -> Study:
+    """Write a scan's CT (DICOM folder or NIfTI) and label map; returns its manifest row.
+
+    ``seed`` seeds the DICOM UIDs (use the cohort's seed for reproducible files).
+    """
+    return Study(**_write_files(scan, Path(out_dir), fmt, seed))
 
 
 def _plan_cohort(n_patients: int, scans_per_patient, control_fraction: float, seed: int):
@@ -224,6 +240,46 @@ def _plan_cohort(n_patients: int, scans_per_patient, control_fraction: float, se
     return [(i, i not in controls, int(counts[i])) for i in range(n_patients)]
 
 
+def _write_patient(out_dir: Path, fmt: str, seed: int, shape, spacing, patient) -> list[dict]:
+    """Generate and write one patient's scans (a worker's unit of work)."""
+    index, cpa, n_scans = patient
+    scans = generate_patient(
+        index, cpa=cpa, n_scans=n_scans, shape=shape, spacing=spacing, seed=seed
+    )
+    return [_write_files(scan, out_dir, fmt, seed) for scan in scans]
+
+
+def _auto_workers(n_patients: int, shape) -> int:
+    """Worker processes for a cohort: one for small grids (spawning costs seconds), else as many
+    as cores and memory allow (about 60 bytes per voxel in flight per worker)."""
+    voxels = int(np.prod(shape))
+    if voxels < 4_000_000:
+        return 1
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        free = 8 * 2**30
+    by_memory = max(1, int(0.7 * free // (60 * voxels)))
+    return max(1, min(os.cpu_count() or 1, n_patients, by_memory))
+
+
+def _run(work, plan, workers: int, bar) -> list[Study]:
+    """Apply ``work`` to every patient of ``plan``, in ``workers`` processes; Studies in order."""
+    with contextlib.ExitStack() as stack:
+        if workers > 1:
+            # spawn, not fork: the caller may hold JAX or BLAS threads that fork would break.
+            context = multiprocessing.get_context("spawn")
+            pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=context))
+            results = pool.map(work, plan)
+        else:
+            results = map(work, plan)
+        studies = []
+        for patient_studies in results:  # in patient order, whatever the completion order
+            studies.extend(Study(**fields) for fields in patient_studies)
+            bar.update(len(patient_studies))
+    return studies
+
+
 def make_cohort(
     out_dir,
     n_patients: int = 24,
@@ -234,6 +290,7 @@ def make_cohort(
     scans_per_patient=(1, 3),
     control_fraction: float = DEFAULT_CONTROL_FRACTION,
     progress: bool = True,
+    workers: int | None = None,
 ) -> Path:
     """Generate a synthetic CPA cohort in ``out_dir`` and return its manifest path.
 
@@ -241,22 +298,31 @@ def make_cohort(
     ``labels/<study_id>_lesions.nii.gz`` (0 background, 1 cavity, 2 fungus ball, 3 pleural
     thickening, 4 pre-existing condition) and ``manifest.csv`` (docs/ARCHITECTURE.md).
     ``spacing=None`` keeps the default field of view (about 280 x 346 x 346 mm) at any ``shape``.
+    ``workers``: processes generating patients in parallel (None: one for small grids, else by
+    cores and free memory); the output does not depend on it.
     """
     from tqdm.auto import tqdm
 
+    if fmt not in ("dicom", "nifti"):
+        raise ValueError(f"fmt must be 'dicom' or 'nifti', not {fmt!r}")
     out_dir = Path(out_dir).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
     plan = _plan_cohort(n_patients, scans_per_patient, control_fraction, seed)
-    studies = []
+    work = functools.partial(_write_patient, out_dir, fmt, seed, shape, spacing)
+    workers = _auto_workers(n_patients, shape) if workers is None else max(1, int(workers))
     bar = tqdm(
-        total=sum(n for _, _, n in plan), desc="synthetic cohort", unit="scan", disable=not progress
+        total=sum(n for *_, n in plan), desc="synthetic cohort", unit="scan", disable=not progress
     )
-    for index, cpa, n_scans in plan:
-        scans = generate_patient(
-            index, cpa=cpa, n_scans=n_scans, shape=shape, spacing=spacing, seed=seed
-        )
-        for scan in scans:
-            studies.append(write_scan(scan, out_dir, fmt, seed))
-            bar.update()
-    bar.close()
+    with bar:
+        try:
+            studies = _run(work, plan, workers, bar)
+        except BrokenProcessPool as err:
+            # e.g. a caller without an importable __main__ (python - < script): go serial.
+            warnings.warn(
+                f"synthetic cohort: worker processes failed ({err}); running serially",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            bar.reset()
+            studies = _run(work, plan, 1, bar)
     return write_manifest(out_dir / MANIFEST_NAME, studies)
