@@ -6,14 +6,21 @@ preprocessed; ``--manifest`` preprocesses a cohort into a cache; ``--cache`` use
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import shutil
 import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from queue import Queue
 
 import jax
 import numpy as np
 
+from tqdm.auto import tqdm
+
+from sapsam_jax.backend import get_backend
 from sapsam_jax.config import preprocess_preset
 from sapsam_jax.data import ProjectionCache, preprocess_cohort
 
@@ -33,13 +40,53 @@ def prepare_cache(cfg, log=print) -> ProjectionCache:
         manifest = ensure_synthetic_cohort(cfg, log=log)
         cache_dir = data_dir / f"cache-{manifest.parent.name}"
     log(f"preprocessing {manifest} -> {cache_dir} (finished studies are reused)")
-    preprocess_cohort(
-        manifest,
-        cache_dir,
-        config=preprocess_preset(cfg.preprocess_preset),
-        backend=cfg.backend,
-    )
+    config = preprocess_preset(cfg.preprocess_preset)
+    if get_backend(cfg.backend).is_gpu or _cpu_workers() == 1:
+        preprocess_cohort(manifest, cache_dir, config=config, backend=cfg.backend)
+    else:
+        _preprocess_on_cpu_cores(manifest, cache_dir, config, _cpu_workers())
     return ProjectionCache(cache_dir)
+
+
+def _cpu_workers() -> int:
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+def _preprocess_on_cpu_cores(manifest: Path, cache_dir: Path, config, workers: int) -> None:
+    """The CPU backend is single-threaded per scan: run one shard per core, one progress bar.
+
+    Shards are disjoint (no shared state but the cache folder, see preprocess_cohort), and the
+    processes are spawned, not forked, so no JAX or BLAS thread state is inherited.
+    """
+    from sapsam_jax.io import read_manifest
+
+    total = len(read_manifest(manifest))
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        futures = [
+            pool.submit(_preprocess_shard, manifest, cache_dir, config, (k, workers))
+            for k in range(workers)
+        ]
+        with tqdm(total=total, desc="preprocess", unit="study", disable=None) as bar:
+            while not all(f.done() for f in futures):
+                time.sleep(1.0)
+                bar.update(_finished_studies(cache_dir) - bar.n)
+            bar.update(_finished_studies(cache_dir) - bar.n)
+    failed = sum(f.result().failed for f in futures)
+    if failed:
+        print(f"{failed} studies failed to preprocess: see {cache_dir / 'failures.csv'}")
+
+
+def _preprocess_shard(manifest, cache_dir, config, shard):
+    return preprocess_cohort(manifest, cache_dir, config=config, backend="cpu", shard=shard,
+                             progress=False)
+
+
+def _finished_studies(cache_dir: Path) -> int:
+    studies = Path(cache_dir) / "studies"
+    if not studies.is_dir():
+        return 0
+    return sum(1 for p in studies.iterdir() if p.is_dir() and not p.name.startswith(".tmp-"))
 
 
 def ensure_synthetic_cohort(cfg, log=print) -> Path:

@@ -1,0 +1,57 @@
+"""End to end: `scripts/train.py` on the tiny preset (synthetic cohort -> cache -> train ->
+report), then `scripts/evaluate.py` rebuilds the same test metrics from the checkpoint."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_cli")
+    cmd = [sys.executable, "scripts/train.py", "--preset", "tiny", "--task", "signs",
+           "--axis", "axial", "--sign", "cavity", "--epochs", "1",
+           "--workdir", str(root / "run"), "--data-dir", str(root / "data")]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root / "run", proc
+
+
+def test_train_command_writes_report_and_says_its_preset(tiny_run):
+    run, proc = tiny_run
+    assert proc.stdout.splitlines()[0] == "preset tiny (chosen on the command line)"
+    for name in ("config.json", "split.json", "metrics.jsonl", "report.md", "report.json",
+                 "predictions_test.npz", "roc.png", "learning_curves.png", "confusion.png"):
+        assert (run / name).is_file(), name
+    report = json.loads((run / "report.json").read_text())
+    (row,) = report["rows"]
+    assert row["row"] == "cavity" and row["axis"] == "axial"
+    pred = np.load(run / "predictions_test.npz")
+    assert row["metrics"]["n"] == len(pred["labels"]) > 0
+    assert np.bincount(pred["labels"]).tolist()[0] == np.bincount(pred["labels"])[1]  # balanced
+    split = json.loads((run / "split.json").read_text())
+    assert set(split["test"]).isdisjoint(split["train"])
+    assert set(pred["patient_ids"]) <= set(split["test"])
+
+
+def test_evaluate_rebuilds_the_same_metrics_from_checkpoints(tiny_run):
+    run, _ = tiny_run
+    before = json.loads((run / "report.json").read_text())["rows"][0]["metrics"]
+    (run / "predictions_test.npz").unlink()
+    proc = subprocess.run([sys.executable, "scripts/evaluate.py", "--workdir", str(run),
+                           "--no-localisation"], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    after = json.loads((run / "report.json").read_text())["rows"][0]["metrics"]
+    assert after == pytest.approx(before)
+
+
+def test_evaluate_without_runs_is_a_clear_error(tmp_path):
+    proc = subprocess.run([sys.executable, "scripts/evaluate.py", "--workdir", str(tmp_path)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no training run" in proc.stderr
