@@ -87,8 +87,9 @@ class SegmentationConfig:
     # fill. Measured on the real scans: 20 px takes in a third of what 35 px does of the
     # tumours, for the same mask volume (docs/readme/segmentation.md).
     tophat_radius_px: float = 35.0
-    # Tissue the top-hat may add: soft tissue and fluid, not bone (cortical bone > 300 HU; the
-    # paper's soft-tissue band ends at 240 HU, paper 2.2).
+    # What the masks may add to the thresholded air (watershed, top-hat, filled holes): soft
+    # tissue and fluid, never bone (cortical bone > 300 HU; the paper's soft-tissue band ends
+    # at 240 HU, paper 2.2).
     soft_tissue_max_hu: float = 300.0
 
     @property

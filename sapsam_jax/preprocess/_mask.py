@@ -126,6 +126,8 @@ def lung_air(hu, spacing, *, config: SegmentationConfig = PAPER_SEGMENTATION, ba
     labels, count = bk.ndi.label(air)
     keep = _lung_components(labels, count, hu, spacing, config, bk)
     lung = keep[labels]
+    if not bool(lung.any()):
+        return lung, lung
     airway = _airway(lung, hu, spacing, config, bk)
     return lung & ~airway, airway
 
@@ -289,8 +291,9 @@ def _shifted(axis: int, start: int):
     return tuple(index)
 
 
-def _fill_holes_in_slice(mask, bk: Backend):
-    """Fill holes per axial slice, except holes bordered by two lungs (the mediastinum)."""
+def _fill_holes_in_slice(mask, allowed, bk: Backend):
+    """Fill holes per axial slice with ``allowed`` voxels, except holes bordered by two lungs
+    (the mediastinum)."""
     xp = bk.xp
     holes = _enclosed_in_slice(~mask, bk)
     if not bool(holes.any()):
@@ -305,7 +308,7 @@ def _fill_holes_in_slice(mask, bk: Backend):
             pairs.append(h[touch].astype(xp.int64) * (n_parts + 1) + p[touch])
     pairs = xp.unique(xp.concatenate(pairs))
     neighbours = xp.bincount(pairs // (n_parts + 1), minlength=n_holes + 1)
-    return mask | (neighbours == 1)[hole_labels]
+    return mask | ((neighbours == 1)[hole_labels] & allowed)
 
 
 # --- the two masks ----------------------------------------------------------------------------
@@ -315,7 +318,7 @@ def _conservative(hu, lung, airway, spacing, config, bk: Backend):
     """Paper 2.1: threshold mask closed, then opened, holes filled per axial slice."""
     mask = _closing(lung, config.closing_radius_mm, spacing, bk)
     mask = _opening(mask, config.opening_radius_mm, spacing, bk) & ~airway
-    return _fill_holes_in_slice(mask, bk)
+    return _fill_holes_in_slice(mask, hu < config.soft_tissue_max_hu, bk)
 
 
 def _refined(hu, lung, airway, spacing, config, bk: Backend):
@@ -331,7 +334,7 @@ def _refined(hu, lung, airway, spacing, config, bk: Backend):
     closed = _closing_per_part(grown, owner, config.tophat_radius_mm, spacing, bk)
     # The black top-hat (closing minus mask) is added within the external markers' extent.
     tophat = closed & ~grown & soft & (distance <= config.external_marker_radius_mm)
-    return _fill_holes_in_slice((grown | tophat) & ~airway, bk)
+    return _fill_holes_in_slice((grown | tophat) & ~airway, soft, bk)
 
 
 def _watershed_lung(hu, lung, airway, distance, spacing, config, bk: Backend):
