@@ -23,7 +23,7 @@ HU_FAT = -100.0
 HU_MUSCLE = 45.0
 HU_SOFT = 35.0  # mediastinum, heart, liver: unenhanced soft tissue
 HU_BLOOD = 40.0  # pulmonary vessels (paper 2.2 soft-tissue band)
-HU_LUNG = -860.0  # aerated parenchyma at full inspiration (paper 1.1)
+HU_LUNG = -845.0  # aerated parenchyma at full inspiration (paper 1.1)
 HU_CANCELLOUS = 420.0
 HU_CORTICAL = 900.0
 HU_RIB = 650.0
@@ -255,7 +255,7 @@ def _render_chunk(p: AnatomyParams, grid: Grid, box, hu, tissue, lung):
     lungs &= ~central
     ay = p.body_half[1] - p.cavity_inset
     # Dependent (posterior) lung is a little denser in a supine patient.
-    gradient = 30.0 * np.clip((y - p.lung_cy) / ay, -1, 1) + 12.0 * texture
+    gradient = 25.0 * np.clip((y - p.lung_cy) / ay, -1, 1) + 12.0 * texture
     _put(hu_c, tis_c, lungs, HU_LUNG + gradient, LUNG)
     hu[box], tissue[box], lung[box] = hu_c, tis_c, np.broadcast_to(lungs, hu_c.shape)
 

@@ -45,7 +45,7 @@ LEVELS = ("upper", "middle", "lower")
 
 HU_WALL = 30.0  # cavity wall, fungus ball, pleura: soft tissue (paper 2.2 band [-160, 240])
 HU_EMPHYSEMA = -950.0
-HU_FIBROSIS = -650.0
+HU_FIBROSIS = -620.0  # fibrotic lung under the pleura: denser, still below -570 (paper 2.1)
 # Sign rates (Table 1) are per study; the first scans of a patient carry smaller, fewer signs.
 P_FUNGUS_GIVEN_CAVITY_MAX = 0.8
 CAVITY_BUMP = 0.08  # irregularity of a cavity's outline, fraction of its radius
@@ -238,7 +238,7 @@ def _place_cavity(planner: Planner, rng, region: str, fungus: bool) -> Lesion | 
     axes /= np.cbrt(axes.prod())
     wall = rng.uniform(2.0, 4.0)  # paper Fig. 3 / radiology: thin-to-moderate cavity walls
     for shrink in (1.0, 0.8, 0.65, 0.5):
-        radius = max(rng.uniform(11.0, 22.0) * shrink, 3.0 * vox)
+        radius = max(rng.uniform(12.0, 24.0) * shrink, 3.0 * vox)
         extent = radius * axes.max() * (1.0 + CAVITY_BUMP)
         # Clearance from the pleura keeps the wall (and any fungus ball) off the chest wall, so
         # the whole cavity is a hole in the lung mask that hole filling recovers (paper 2.1).
@@ -249,13 +249,13 @@ def _place_cavity(planner: Planner, rng, region: str, fungus: bool) -> Lesion | 
         return None
     params = {"wall": wall, "axes": axes, "rotation": _random_rotation(rng)}
     if fungus:
-        params["ball_fraction"] = rng.uniform(0.5, 0.68)
+        params["ball_fraction"] = rng.uniform(0.55, 0.78)
     return Lesion("cavity", region, center, radius, seed=int(rng.integers(2**31)), params=params)
 
 
 def _place_pleural(planner: Planner, rng, region: str) -> Lesion | None:
-    for shrink in (1.0, 0.75, 0.55):
-        radius = rng.uniform(20.0, 35.0) * shrink
+    for shrink in (1.0, 0.8, 0.6):
+        radius = rng.uniform(24.0, 40.0) * shrink
         center = planner.pleural(region, radius)
         if center is not None:
             break
@@ -263,8 +263,8 @@ def _place_pleural(planner: Planner, rng, region: str) -> Lesion | None:
         return None
     vox = max(planner.grid.spacing)
     params = {
-        "thickness": max(rng.uniform(4.0, 9.0), 1.2 * vox),
-        "fibrosis": rng.uniform(5.0, 10.0),
+        "thickness": max(rng.uniform(5.0, 10.0), 1.2 * vox),
+        "fibrosis": rng.uniform(8.0, 14.0),
     }
     return Lesion(
         "pleural_thickening", region, center, radius, seed=int(rng.integers(2**31)), params=params
@@ -443,17 +443,20 @@ def paint_pleural(canvas: Canvas, lesion: Lesion, scale: float) -> None:
     depth = ndi.distance_transform_edt(lung, sampling=grid.spacing).astype(np.float32)
     depth -= 0.5 * grid.voxel_mm
     rng = np.random.default_rng(lesion.seed)
-    irregular, strands = (
-        SmoothField(rng, (8, 25), 6)(dz, dy, dx),
+    nodules, strands = (
+        SmoothField(rng, (8, 20), 8)(dz, dy, dx),
         SmoothField(rng, (5, 12), 6)(dz, dy, dx),
     )
     r2 = (dz * dz + dy * dy + dx * dx) / np.float32(lesion.size**2)
-    weight = np.clip(1.0 - r2, 0.0, 1.0)
-    thick = p["thickness"] * (0.7 + 0.3 * scale) * weight * (1.0 + 0.35 * np.clip(irregular, -1, 1))
+    weight = np.clip(1.0 - r2 * r2, 0.0, 1.0)  # flat-topped lens
+    # Irregular, nodular inner surface (bumps about 1 cm apart): CPA thickening is rarely smooth,
+    # and bumps narrower than the top-hat radius are what the refined mask takes back (paper 2.1).
+    bumps = 0.35 + 0.65 * np.clip(0.5 + 0.8 * nodules, 0.0, 1.0)
+    thick = p["thickness"] * (0.7 + 0.3 * scale) * weight * bumps
     fibrosis = thick + p["fibrosis"] * scale * np.clip(1.0 - r2 / 0.81, 0.0, 1.0)
     plaque = soft_inside(depth - thick, grid.voxel_mm) * lung
     fibrotic = soft_inside(depth - fibrosis, grid.voxel_mm) * lung
-    reticulation = np.where(np.abs(strands) < 0.15, -150.0, HU_FIBROSIS).astype(np.float32)
+    reticulation = np.where(np.abs(strands) < 0.2, -150.0, HU_FIBROSIS).astype(np.float32)
     blend(canvas.hu, box, fibrotic, reticulation)
     blend(canvas.hu, box, plaque, HU_WALL)
     canvas.labels[box][lung & (depth < fibrosis) & (weight > 0)] = LABELS["pleural_thickening"]
