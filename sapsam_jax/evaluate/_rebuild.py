@@ -6,7 +6,8 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from sapsam_jax.train import load_trained
 
@@ -23,9 +24,10 @@ def find_trained_runs(workdirs) -> list[Path]:
 
 def rebuild_predictions(run_dir: Path) -> dict:
     """Predict the run's held-out test patients again with its best checkpoint."""
-    from sapsam_jax.train._loop import load_run_data, write_test_predictions
+    from sapsam_jax.train._loop import _replicate, load_run_data, write_test_predictions
 
     run = load_trained(run_dir)
     data = load_run_data(run.config, run.cache, Path(run_dir))
     mesh = Mesh(np.array(jax.devices()), ("data",))
+    _replicate(run.model, NamedSharding(mesh, P()))  # batches are sharded over every device
     return write_test_predictions(run.model, run.step_spec, data.test, mesh, Path(run_dir))
