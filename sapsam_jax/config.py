@@ -74,6 +74,9 @@ class SegmentationConfig:
     # joined by bronchial stubs) are told apart by an erosion of this radius, in mm: junctions
     # are a few mm thick, lungs several cm (not in the paper).
     lung_split_radius_mm: float = 5.0
+    # Morphology with the large radii (9-32 mm: marker extents, top-hat) runs on a grid of about
+    # this voxel size; an error of one such voxel is small against the radii (not in the paper).
+    coarse_voxel_mm: float = 2.0
     # Conservative mask (paper 2.1): closing then opening radii, in mm.
     closing_radius_mm: float = 3.0
     opening_radius_mm: float = 1.5

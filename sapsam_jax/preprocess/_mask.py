@@ -18,9 +18,11 @@ shape from 0.6 mm voxels to 5 mm slices. Usage and measured accuracy: docs/readm
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from ..backend import Backend, backend_of, get_backend, is_cupy_array
+from ..backend import Backend, backend_of, get_backend, is_cupy_array, to_numpy
 from ..config import SegmentationConfig
 from ._watershed import watershed
 
@@ -31,6 +33,8 @@ _SLICE_FACES[1] = [[0, 1, 0], [1, 1, 1], [0, 1, 0]]
 _SLICE_FULL = np.zeros((3, 3, 3), bool)
 _SLICE_FULL[1] = True
 _LUNG, _BACKGROUND = 2, 1  # watershed labels
+# Balls of at most this many voxels are structuring elements, larger ones distance transforms.
+_MAX_FOOTPRINT = 400
 PAPER_SEGMENTATION = SegmentationConfig()
 
 
@@ -64,7 +68,7 @@ def lung_masks(
     if unknown:
         raise ValueError(f"unknown method {sorted(unknown)}; expected one of {', '.join(METHODS)}")
     bk = backend_of(hu) if backend is None else get_backend(backend)
-    volume = bk.asarray(hu)
+    volume = bk.asarray(hu if bk.is_gpu else to_numpy(hu))
     spacing = _check_spacing(spacing, volume)
     lung, airway = lung_air(volume, spacing, config=config, backend=bk)
     masks = {}
@@ -73,8 +77,15 @@ def lung_masks(
         box = _bounding_box(lung, _margin_mm(method, config), spacing)
         if box is not None:
             mask[box] = _METHODS[method](volume[box], lung[box], airway[box], spacing, config, bk)
-        masks[method] = mask if is_cupy_array(hu) or not bk.is_gpu else bk.to_numpy(mask)
+        masks[method] = _like(mask, hu)
     return masks
+
+
+def _like(mask, hu):
+    """``mask`` as the array type of ``hu`` (NumPy stays NumPy, CuPy stays CuPy)."""
+    if is_cupy_array(hu) == is_cupy_array(mask):
+        return mask
+    return get_backend("gpu").asarray(mask) if is_cupy_array(hu) else to_numpy(mask)
 
 
 def _margin_mm(method: str, config: SegmentationConfig) -> float:
@@ -98,16 +109,12 @@ def _bounding_box(mask, margin_mm: float, spacing):
     box = []
     for axis, step in enumerate(spacing):
         other = tuple(a for a in range(3) if a != axis)
-        hits = np.flatnonzero(_host(mask.any(axis=other)))
+        hits = np.flatnonzero(to_numpy(mask.any(axis=other)))
         if hits.size == 0:
             return None
         pad = int(np.ceil(margin_mm / step)) + 1
         box.append(slice(max(int(hits[0]) - pad, 0), int(hits[-1]) + pad + 1))
     return tuple(box)
-
-
-def _host(array) -> np.ndarray:
-    return array.get() if is_cupy_array(array) else np.asarray(array)
 
 
 # --- internal markers ----------------------------------------------------------------------
@@ -215,7 +222,7 @@ def _airway(lung, hu, spacing, config, bk: Backend):
     small = area_mm2 <= config.airway_max_area_mm2
     small[0] = False
     chains, n_chains = bk.ndi.label(small[labels])
-    top = int(np.flatnonzero(_host(lung.any(axis=(1, 2))))[-1])
+    top = int(np.flatnonzero(to_numpy(lung.any(axis=(1, 2))))[-1])
     _, air_fraction = _component_stats(chains, n_chains, hu, config.airway_hu, bk)
     tube = air_fraction > 0.5  # median HU in the paper's air-like band
     tube[0] = False
@@ -224,18 +231,33 @@ def _airway(lung, hu, spacing, config, bk: Backend):
     return (tube & at_top)[chains]
 
 
-# --- morphology by distance transforms -------------------------------------------------------
+# --- morphology with Euclidean balls in mm ----------------------------------------------------
+
+
+def _ball(radius_mm: float, spacing) -> np.ndarray:
+    """Voxel offsets within ``radius_mm`` (an ellipsoid in voxels when spacing is anisotropic)."""
+    reach = [int(radius_mm // step) for step in spacing]
+    axes = [np.arange(-n, n + 1) * step for n, step in zip(reach, spacing, strict=True)]
+    grid = np.meshgrid(*axes, indexing="ij")
+    return sum(g * g for g in grid) <= radius_mm * radius_mm
 
 
 def _dilate(mask, radius_mm: float, spacing, bk: Backend):
+    """Dilation by a ball: a structuring element when small, a distance transform otherwise
+    (both give exactly the voxels within ``radius_mm``)."""
+    ball = _ball(radius_mm, spacing)
+    if ball.sum() <= _MAX_FOOTPRINT:
+        return bk.ndi.binary_dilation(mask, structure=bk.asarray(ball))
     return bk.ndi.distance_transform_edt(~mask, sampling=spacing) <= radius_mm
 
 
 def _erode(mask, radius_mm: float, spacing, bk: Backend):
-    """Erosion by a ball; outside the array counts as background (a one-voxel False rim)."""
-    padded = bk.xp.pad(mask, 1)
-    inner = tuple(slice(1, -1) for _ in range(3))
-    return bk.ndi.distance_transform_edt(padded, sampling=spacing)[inner] > radius_mm
+    """Erosion by a ball; outside the array counts as background."""
+    ball = _ball(radius_mm, spacing)
+    if ball.sum() <= _MAX_FOOTPRINT:
+        return bk.ndi.binary_erosion(mask, structure=bk.asarray(ball), border_value=0)
+    inner = tuple(slice(1, -1) for _ in range(3))  # a one-voxel False rim stands for outside
+    return bk.ndi.distance_transform_edt(bk.xp.pad(mask, 1), sampling=spacing)[inner] > radius_mm
 
 
 def _closing(mask, radius_mm: float, spacing, bk: Backend):
@@ -246,29 +268,52 @@ def _opening(mask, radius_mm: float, spacing, bk: Backend):
     return _dilate(_erode(mask, radius_mm, spacing, bk), radius_mm, spacing, bk) & mask
 
 
+@dataclass(frozen=True)
+class _Coarse:
+    """A subsampled grid of about ``voxel_mm`` voxels for the large radii (9-32 mm), where an
+    error of one such voxel does not matter and distance transforms cost a fraction."""
+
+    shape: tuple
+    strides: tuple
+    spacing: tuple
+
+    @classmethod
+    def of(cls, shape, spacing, voxel_mm: float):
+        strides = tuple(max(1, int(voxel_mm // step)) for step in spacing)
+        return cls(
+            tuple(shape), strides, tuple(s * t for s, t in zip(spacing, strides, strict=True))
+        )
+
+    def down(self, volume):
+        return volume[tuple(slice(None, None, t) for t in self.strides)]
+
+    def up(self, volume, bk: Backend):
+        for axis, stride in enumerate(self.strides):
+            volume = bk.xp.repeat(volume, stride, axis=axis)
+        return volume[tuple(slice(0, n) for n in self.shape)]
+
+
 def _lung_parts(lung, spacing, config, bk: Backend):
     """Label each lung voxel with its lung: cores left by an erosion that cuts the junction
-    lines and airway stubs joining the lungs, each voxel owned by its nearest core."""
+    lines and bronchial stubs joining the lungs, each voxel owned by its nearest core."""
     xp = bk.xp
     cores, count = bk.ndi.label(_erode(lung, config.lung_split_radius_mm, spacing, bk))
-    if count == 0:
-        return lung.astype(xp.int32)
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    large = xp.bincount(cores.ravel()) * voxel_ml >= config.min_component_ml
+    large = xp.bincount(cores.ravel(), minlength=count + 1) * voxel_ml >= config.min_component_ml
     large[0] = False
-    cores = xp.where(large[cores], cores, 0)
     if not bool(large.any()):
-        return lung.astype(xp.int32)
+        return lung.astype(xp.int32)  # one lung, or too thin to split
+    cores = xp.where(large[cores], cores, 0)
     _, nearest = bk.ndi.distance_transform_edt(cores == 0, sampling=spacing, return_indices=True)
     return xp.where(lung, cores[tuple(nearest)], 0).astype(xp.int32)
 
 
-def _closing_per_part(mask, owner, radius_mm: float, spacing, bk: Backend):
+def _closing_per_lung(mask, owner, radius_mm: float, spacing, bk: Backend):
     """Closing of each lung on its own, so the gap between two lungs is never bridged.
 
-    ``owner`` labels every voxel with its nearest lung. The dilation is split between lungs by
-    owner, and the seams between owners erode like background, so only a lung's own
-    concavities fill.
+    ``owner`` labels every voxel with the lung of its nearest lung voxel. The dilation is split
+    between lungs by owner, and the seams between owners erode like background, so only a
+    lung's own concavities fill.
     """
     owner = bk.xp.where(_dilate(mask, radius_mm, spacing, bk), owner, 0)
     barrier = owner == 0
@@ -323,30 +368,37 @@ def _conservative(hu, lung, airway, spacing, config, bk: Backend):
 
 def _refined(hu, lung, airway, spacing, config, bk: Backend):
     """Paper 2.1: markers -> watershed (Fig. 2b) -> top-hat (Fig. 2c) -> holes closed (2d)."""
-    parts = _lung_parts(lung, spacing, config, bk)
+    coarse = _Coarse.of(hu.shape, spacing, config.coarse_voxel_mm)
+    lung_c = coarse.down(lung)
     distance, nearest = bk.ndi.distance_transform_edt(
-        parts == 0, sampling=spacing, return_indices=True
+        ~lung_c, sampling=coarse.spacing, return_indices=True
     )
+    owner = _lung_parts(lung_c, coarse.spacing, config, bk)[tuple(nearest)]
+    distance = coarse.up(distance, bk)  # mm to the nearest internal marker
     # Whatever is added to the threshold mask is soft tissue or fluid, never bone.
     soft = hu < config.soft_tissue_max_hu
-    grown = _watershed_lung(hu, lung, airway, distance, spacing, config, bk) & (lung | soft)
-    owner = parts[tuple(nearest)]
-    closed = _closing_per_part(grown, owner, config.tophat_radius_mm, spacing, bk)
+    step = max(coarse.spacing)
+    grown = _watershed_lung(hu, lung, airway, distance, spacing, step, config, bk) & (lung | soft)
+    radius = config.tophat_radius_mm
+    closed = coarse.up(_closing_per_lung(coarse.down(grown), owner, radius, coarse.spacing, bk), bk)
     # The black top-hat (closing minus mask) is added within the external markers' extent.
     tophat = closed & ~grown & soft & (distance <= config.external_marker_radius_mm)
     return _fill_holes_in_slice((grown | tophat) & ~airway, soft, bk)
 
 
-def _watershed_lung(hu, lung, airway, distance, spacing, config, bk: Backend):
+def _watershed_lung(hu, lung, airway, distance, spacing, step_mm, config, bk: Backend):
     """Lung voxels of the watershed: internal markers against the ring beyond the intermediate
-    markers, flooded within the intermediate-marker radius on a Sobel edge map."""
+    markers, flooded within the intermediate-marker radius on a Sobel edge map.
+
+    ``distance`` (mm to the markers) changes by at most ``step_mm`` between neighbours.
+    """
     xp = bk.xp
     inner = config.intermediate_marker_radius_mm
     markers = xp.zeros(hu.shape, dtype=xp.int32)
     markers[(distance > inner) | airway] = _BACKGROUND
     markers[lung] = _LUNG
     # The ring needs only its first voxel layer: labels reach the band through it alone.
-    region = distance <= inner + max(spacing)
+    region = distance <= inner + step_mm
     labels = watershed(
         _sobel_magnitude(hu, spacing, bk),
         markers,

@@ -11,11 +11,12 @@
 // race-free and deterministic. Ties between equal keys go to the first neighbour in C order.
 //
 // Preamble defines: LEVEL_T (level dtype), CONNECTIVITY (1: faces, 2: +edges, 3: +corners),
-// FLOOD_KERNEL (the kernel's name, e.g. sapsam_watershed_flood_3d_c1_u8).
+// FLOOD_KERNEL (the kernel's name, e.g. sapsam_watershed_flood_3d_c1_u8). The kernel has C++
+// linkage; CuPy finds its mangled name through RawModule(name_expressions=[FLOOD_KERNEL]).
 
 #define SAPSAM_UNLABELLED_KEY 0x7fffffff
 
-extern "C" __global__ void FLOOD_KERNEL(
+__global__ void FLOOD_KERNEL(
     const LEVEL_T* __restrict__ levels,
     const unsigned char* __restrict__ mask,
     int* labels,
