@@ -97,6 +97,16 @@ def test_working_to_ct_puts_a_voxel_where_working_to_ct_says(mapping):
     assert not ct[~box].any()
 
 
+def test_working_grid_footprint_is_the_crop_box(mapping):
+    # Each working voxel covers [w - 0.5, w + 0.5]: a full volume of ones lands exactly on the
+    # crop box, edge CT slices included (half a working voxel past the outer voxel centres).
+    ct = working_volume_to_ct(np.ones(WORKING, np.float32), mapping)
+    box = np.zeros(CT_SHAPE, dtype=bool)
+    box[BBOX] = True
+    np.testing.assert_allclose(ct[box], 1.0, rtol=1e-6)
+    assert not ct[~box].any()
+
+
 def test_rotation_is_undone():
     # A blob seen in the rotated frame of augmentation index 0 (-5, -5, -5 degrees), taken back
     # with rotation=0, lands where the unrotated blob does (preprocess.rotate_volume convention).

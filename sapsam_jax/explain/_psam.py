@@ -151,16 +151,28 @@ def working_volume_to_ct(volume, mapping: Mapping, *, rotation=None, order: int 
         matrix, offset = ct_to_rotated_affine(mapping, rotation)
         start = np.array([s.start for s in box], dtype=np.float64)
         local = box if ct_k is None else (slice(0, 1),) + box[1:]
-        out[local] = ndi.affine_transform(
-            volume,
-            matrix,
-            offset=offset + matrix @ start,
-            output_shape=out[local].shape,
-            order=order,
-            mode="constant",
-            cval=0.0,
-        )
+        out[local] = _pull(volume, matrix, offset + matrix @ start, out[local].shape, order)
     return out if ct_k is None else out[0]
+
+
+def _pull(volume, matrix, offset, shape, order: int) -> np.ndarray:
+    """``volume`` sampled at ``matrix @ q + offset`` for every output voxel q; 0 off the grid.
+
+    A working voxel covers [w - 0.5, w + 0.5], so CT voxels up to half a working voxel past the
+    outer voxel centres still belong to it (scipy's ``mode="constant"`` would drop them and leave
+    the top CT slice of a box empty): the volume is edge-padded by one voxel for interpolation
+    and the footprint [-0.5, n - 0.5] is cut by a nearest-neighbour pull of a padded mask.
+    """
+    shift = offset + 1.0  # index i of the volume is index i + 1 of the padded one
+    padded = np.pad(volume, 1, mode="edge")
+    values = ndi.affine_transform(
+        padded, matrix, offset=shift, output_shape=shape, order=order, mode="constant", cval=0.0
+    )
+    inside = np.pad(np.ones(volume.shape, np.uint8), 1)
+    footprint = ndi.affine_transform(
+        inside, matrix, offset=shift, output_shape=shape, order=0, mode="constant", cval=0
+    )
+    return np.where(footprint > 0, values, np.float32(0.0))
 
 
 def _ct_box_of_support(volume, mapping, rotation, ct_k=None) -> tuple[slice, ...] | None:
