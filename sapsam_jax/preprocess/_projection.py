@@ -13,7 +13,8 @@ such voxel gives 0.
 Rotations x projections (paper 2.3) come in three interchangeable methods, see
 :func:`rotate_project`: ``unfused`` (rotate_volume, then project: the reference), ``twin``
 (the fused kernel's sampling, written with ``ndi.map_coordinates``), ``fused`` (the CUDA kernel
-``kernels/rotate_project.cu``: samples rotated rays, never builds the 27 rotated volumes).
+``sapsam_rotate_project_bands_3d`` in ``kernels/project_bands.cu``: it samples rotated rays and
+never builds the 27 rotated volumes).
 """
 
 from __future__ import annotations
