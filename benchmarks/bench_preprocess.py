@@ -8,7 +8,7 @@
 Cases: ``paper`` is a synthetic 432x512x512 chest CT (0.7 mm pixels, 1 mm slices) on the paper's
 grid; ``quick`` a 108x128x128 CT (4 x 2.8 x 2.8 mm) on the QUICK preset. Stages:
 
-    masks     lung_mask conservative + refined on the CT grid (paper 2.1)
+    masks     lung_masks conservative + refined on the CT grid (paper 2.1)
     resample  lung box -> working grid, HU and both masks (paper 2.3)
     rotate    27 rotate_volume of HU and both masks (unfused rotation alone)
     project   27 x (gray + six sub-region band images) x 3 axes of a working volume
@@ -17,7 +17,7 @@ grid; ``quick`` a 108x128x128 CT (4 x 2.8 x 2.8 mm) on the QUICK preset. Stages:
     scan      preprocess_scan, everything, results back on the host
 
 Stages after ``masks`` start from fast threshold masks so every backend gets the same input;
-``scan`` uses the real lung_mask. GPU stages run once untimed first (kernel compilation). JSON
+``scan`` uses the real lung_masks. GPU stages run once untimed first (kernel compilation). JSON
 goes to ``benchmarks/results/`` (device, versions, commit, seconds, scans/s, CPU/GPU ratio).
 """
 
@@ -92,20 +92,20 @@ def threshold_masks(hu: np.ndarray, threshold_hu: float) -> dict[str, np.ndarray
 
 
 def _mask_stub(masks):
-    """A _scan._lung_mask stand-in returning precomputed masks (used when _mask is missing)."""
+    """A _scan._lung_masks stand-in returning precomputed masks (used when _mask is missing)."""
 
-    def lung_mask(hu, spacing, *, method, config, backend):
-        return backend.asarray(masks[method])
+    def lung_masks(hu, spacing, *, methods, config, backend):
+        return {m: backend.asarray(masks[m]) for m in methods}
 
-    return lung_mask
+    return lung_masks
 
 
-def _real_lung_mask():
+def _real_lung_masks():
     try:
-        from sapsam_jax.preprocess._mask import lung_mask
+        from sapsam_jax.preprocess._mask import lung_masks
     except ImportError:
         return None
-    return lung_mask
+    return lung_masks
 
 
 def stage_functions(hu, spacing, masks, config, bk):
@@ -116,13 +116,10 @@ def stage_functions(hu, spacing, masks, config, bk):
     bbox = lung_bbox(masks_d["refined"], spacing, geometry.bbox_margin_mm)
     work_hu, _ = resample_to_grid(hu_d, spacing, bbox, geometry)
     work = [work_hu] + [resample_to_grid(masks_d[k], spacing, bbox, geometry)[0] for k in masks_d]
-    real_mask = _real_lung_mask()
+    real_masks = _real_lung_masks()
 
     def masks_stage():
-        return [
-            real_mask(hu_d, spacing, method=m, config=config.segmentation, backend=bk)
-            for m in ("conservative", "refined")
-        ]
+        return real_masks(hu_d, spacing, config=config.segmentation, backend=bk)
 
     def resample_stage():
         return [resample_to_grid(v, spacing, bbox, geometry)[0] for v in (hu_d, *masks_d.values())]
@@ -140,7 +137,7 @@ def stage_functions(hu, spacing, masks, config, bk):
 
     fused_method = "fused" if bk.is_gpu else "twin"
     funcs = {
-        "masks": masks_stage if real_mask else None,
+        "masks": masks_stage if real_masks else None,
         "resample": resample_stage,
         "rotate": rotate_stage,
         "project": project_stage,
@@ -164,9 +161,9 @@ def run_case(name, case, backends, stages, repeat):
         "seconds": {},
         "notes": {"fused": "on the CPU, the NumPy twin of the fused kernel (map_coordinates)"},
     }
-    if _real_lung_mask() is None:
+    if _real_lung_masks() is None:
         result["notes"]["masks"] = "sapsam_jax.preprocess._mask missing: scan used threshold masks"
-        _scan._lung_mask = _mask_stub(masks)
+        _scan._lung_masks = _mask_stub(masks)
     for backend_name in backends:
         bk = get_backend(backend_name)
         funcs = stage_functions(hu, spacing, masks, config, bk)

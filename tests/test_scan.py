@@ -63,24 +63,24 @@ def _phantom(shape=(48, 60, 64), spacing=(2.5, 1.0, 1.0)):
     return hu.astype(np.int16), spacing, labels, np.argwhere(ball).mean(axis=0)
 
 
-def _stub_lung_mask(hu, spacing, *, method, config, backend):
-    """Threshold mask (paper 2.1's -570 HU): air not connected to the volume's border.
+def _stub_lung_masks(hu, spacing, *, methods, config, backend):
+    """Threshold masks (paper 2.1's -570 HU): air not connected to the volume's border.
 
     The refined stub fills the lungs' holes, so the fungus ball is in it and not in the
     conservative one, as with the real refined mask.
     """
     air = np.asarray(hu) < config.threshold_hu
     labels, _ = ndi_ref.label(air)
-    border = np.unique(
-        np.concatenate([labels[0].ravel(), labels[-1].ravel(), labels[:, 0].ravel()])
-    )
+    faces = (labels[0], labels[-1], labels[:, 0], labels[:, -1], labels[..., 0], labels[..., -1])
+    border = np.unique(np.concatenate([f.ravel() for f in faces]))
     lungs = air & ~np.isin(labels, border)
-    return ndi_ref.binary_fill_holes(lungs) if method == "refined" else lungs
+    both = {"conservative": lungs, "refined": ndi_ref.binary_fill_holes(lungs)}
+    return {m: both[m] for m in methods}
 
 
 @pytest.fixture
 def stub_masks(monkeypatch):
-    monkeypatch.setattr(_scan, "_lung_mask", _stub_lung_mask)
+    monkeypatch.setattr(_scan, "_lung_masks", _stub_lung_masks)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def quick_scan():
     hu, spacing, labels, ball_centre = _phantom()
     stages = []
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_scan, "_lung_mask", _stub_lung_mask)
+        mp.setattr(_scan, "_lung_masks", _stub_lung_masks)
         scan = preprocess_scan(
             hu,
             spacing,
@@ -117,6 +117,7 @@ def test_preprocess_scan_shapes_and_types(quick_scan):
         assert scan.gray[axis].max() > 0 and scan.bands[axis][:, :, ..., 1].max() > 0
     json.dumps({"mapping": scan.mapping, "qc": scan.qc})
     assert {s for s, _, _ in stages} == {"masks", "resample", "rotations", "lesions"}
+    assert [s for s, _, _ in stages][:2] == ["masks", "resample"]
     assert ("rotations", 27, 27) in stages
 
 
@@ -183,7 +184,7 @@ def test_real_lung_mask_runs_end_to_end():
 
 @pytest.mark.gpu
 def test_gpu_matches_cpu(monkeypatch):
-    monkeypatch.setattr(_scan, "_lung_mask", _stub_lung_mask_any_backend)
+    monkeypatch.setattr(_scan, "_lung_masks", _stub_lung_masks_any_backend)
     hu, spacing, labels, _ = _phantom()
     cpu = preprocess_scan(hu, spacing, config=QUICK, backend="cpu", lesion_labels=labels)
     gpu = preprocess_scan(hu, spacing, config=QUICK, backend="gpu", lesion_labels=labels)
@@ -196,9 +197,8 @@ def test_gpu_matches_cpu(monkeypatch):
             assert (np.abs(got.astype(float) - expected) > 1e-3).mean() < 0.01, (axis, name)
 
 
-def _stub_lung_mask_any_backend(hu, spacing, *, method, config, backend):
+def _stub_lung_masks_any_backend(hu, spacing, *, methods, config, backend):
     from sapsam_jax.backend import to_numpy
 
-    return backend.asarray(
-        _stub_lung_mask(to_numpy(hu), spacing, method=method, config=config, backend=backend)
-    )
+    masks = _stub_lung_masks(to_numpy(hu), spacing, methods=methods, config=config, backend=None)
+    return {m: backend.asarray(v) for m, v in masks.items()}

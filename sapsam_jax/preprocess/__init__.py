@@ -30,7 +30,7 @@ from ._subregions import (
 )
 
 try:  # The segmentation stage (_mask.py) lands separately; everything else works without it.
-    from ._mask import lung_mask
+    from ._mask import lung_mask, lung_masks
 except ImportError:  # pragma: no cover - only while _mask.py is missing
     pass
 
@@ -45,6 +45,7 @@ __all__ = [
     "lesion_projections",
     "lung_bbox",
     "lung_mask",
+    "lung_masks",
     "preprocess_scan",
     "resample_to_grid",
     "rotate_coords",
@@ -59,4 +60,4 @@ __all__ = [
     "working_to_ct",
 ]
 if "lung_mask" not in globals():  # pragma: no cover
-    __all__.remove("lung_mask")
+    __all__ = [name for name in __all__ if name not in ("lung_mask", "lung_masks")]

@@ -44,11 +44,11 @@ class ScanProjections:
     masks: dict[str, np.ndarray] | None = None
 
 
-def _lung_mask(hu, spacing, *, method, config, backend):
-    """The segmentation stage's lung mask (``_mask.lung_mask``); tests may replace this hook."""
-    from ._mask import lung_mask
+def _lung_masks(hu, spacing, *, methods, config, backend) -> dict:
+    """The segmentation stage's masks (``_mask.lung_masks``); tests may replace this hook."""
+    from ._mask import lung_masks
 
-    return lung_mask(hu, spacing, method=method, config=config, backend=backend)
+    return lung_masks(hu, spacing, methods=methods, config=config, backend=backend)
 
 
 def _report(progress, stage: str, done: int = 1, total: int = 1) -> None:
@@ -95,13 +95,13 @@ def lesion_projections(labels, spacing, bbox, geometry, axes=tuple(AXES)) -> dic
 
 
 def _both_masks(hu, spacing, config: PreprocessConfig, bk, progress) -> dict:
-    """Conservative (gray images) and refined (band images) lung masks on the CT grid."""
-    masks = {}
-    for n, kind in enumerate(MASK_METHODS):
-        mask = _lung_mask(hu, spacing, method=kind, config=config.segmentation, backend=bk)
-        masks[kind] = bk.asarray(mask).astype(bool)
-        _report(progress, "masks", n + 1, len(MASK_METHODS))
-    return masks
+    """Conservative (gray images) and refined (band images) lung masks on the CT grid.
+
+    One ``lung_masks`` call: both masks share their internal markers (paper 2.1).
+    """
+    masks = _lung_masks(hu, spacing, methods=MASK_METHODS, config=config.segmentation, backend=bk)
+    _report(progress, "masks")
+    return {kind: bk.asarray(masks[kind]).astype(bool) for kind in MASK_METHODS}
 
 
 def _host(arrays: dict | None) -> dict | None:
