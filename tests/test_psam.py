@@ -310,6 +310,8 @@ def test_localisation_report_rows(study):
     rows = localisation_report(_runs(study), "test")
     assert {(r["sign"], r["axis"]) for r in rows} == {("fungus_ball", a) for a in (*AXES, "3d")}
     assert all({"n", "pointing_game", "energy_inside"} <= set(r) for r in rows)
+    assert {tuple(r["workdirs"]) for r in rows if r["axis"] == "axial"} == {("runs/axial",)}
+    assert len([r for r in rows if r["axis"] == "3d"][0]["workdirs"]) == 3
 
 
 def test_explain_study_writes_fig3_and_3d_psam(study, tmp_path):

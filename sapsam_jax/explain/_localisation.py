@@ -260,7 +260,11 @@ def localisation_report(runs, split: str = "test", **kwargs) -> list[dict]:
         scores = localisation_scores(group, split, **kwargs)
         for sign, by_axis in scores["signs"].items():
             for axis, values in by_axis.items():
-                workdirs = [str(r.workdir) for r in group if sign in run_labels(r)]
+                workdirs = [
+                    str(r.workdir)
+                    for r in group
+                    if sign in run_labels(r) and axis in ("3d", r.config.axis)
+                ]
                 rows.append({"sign": sign, "axis": axis, **values, "workdirs": workdirs})
     return rows
 
