@@ -62,9 +62,11 @@ class SegmentationConfig:
     # and stomach gas sit below it.
     pure_air_hu: float = -950.0
     gas_fraction_max: float = 0.5
-    # Smaller air components are kept when lung surrounds them (cavities, bullae, paper 1.2):
-    # at least this fraction of the shell within the intermediate-marker radius is lung.
+    # Other air pockets down to min_pocket_ml are kept when lung surrounds them (cavities,
+    # bullae, paper 1.2): at least this fraction of the shell within the intermediate-marker
+    # radius is lung. Smaller specks are noise (not in the paper).
     enclosed_fraction: float = 0.5
+    min_pocket_ml: float = 0.5
     # Trachea and extra-pulmonary bronchi are removed: chains of axial cross-sections that are
     # smaller than this (a 30 mm disc; the adult trachea is <= 25 mm wide), mostly in the
     # paper's air-like band (< -900 HU, paper 2.2), and rise above the lung apices.
@@ -77,6 +79,11 @@ class SegmentationConfig:
     # Morphology with the large radii (9-32 mm: marker extents, top-hat) runs on a grid of about
     # this voxel size; an error of one such voxel is small against the radii (not in the paper).
     coarse_voxel_mm: float = 2.0
+    # Holes filled per axial slice (paper 2.1) are vessels, airway walls and small nodules: no
+    # disc of this radius fits in them. Thicker holes a slice shows ringed by lung are lesions
+    # (the refined mask fills those when lung encloses them in 3-D) or diaphragm domes cut
+    # across at the lung bases, which are not lung (not in the paper).
+    hole_max_radius_mm: float = 5.0
     # Conservative mask (paper 2.1): closing then opening radii, in mm.
     closing_radius_mm: float = 3.0
     opening_radius_mm: float = 1.5

@@ -208,6 +208,23 @@ def test_refined_mask_takes_in_a_juxtapleural_ball(spacing):
     np.testing.assert_array_equal(lung_mask(hu, spacing, method="conservative"), conservative)
 
 
+@pytest.mark.parametrize("patient", [1, 3])
+def test_masks_on_synthetic_cpa_phantoms(patient):
+    """The cohort generator's phantoms (data.synthetic) carry the true lung and sign labels."""
+    from sapsam_jax.data.synthetic import LABELS, generate_patient
+
+    scan = generate_patient(patient, cpa=True, seed=1)[0]
+    masks = lung_masks(scan.hu, scan.grid.spacing)
+    signs = {name: scan.labels == LABELS[name] for name in ("cavity", "fungus_ball")}
+    pleura = scan.labels == LABELS["pleural_thickening"]
+    for name, mask in masks.items():
+        assert dice(mask, scan.lung) >= 0.98, name
+    assert masks["conservative"][signs["cavity"]].mean() >= 0.8  # the air, not all the wall
+    for sign in signs.values():
+        assert masks["refined"][sign].mean() >= 0.95
+    assert masks["refined"][pleura].mean() >= masks["conservative"][pleura].mean() + 0.2
+
+
 def test_lung_mask_api():
     hu, lung, _ = chest_phantom((5.0, 4.0, 4.0))
     mask = lung_mask(hu, (5.0, 4.0, 4.0))

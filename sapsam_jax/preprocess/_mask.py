@@ -153,14 +153,18 @@ def _inside_body(tissue, spacing, config, bk: Backend):
         return bk.xp.zeros(tissue.shape, dtype=bool)
     sizes = bk.xp.bincount(labels.ravel())
     sizes[0] = 0
-    return _enclosed_in_slice(labels != sizes.argmax(), bk)
+    return _enclosed(labels != sizes.argmax(), bk, in_slice=True)
 
 
-def _enclosed_in_slice(binary, bk: Backend):
-    """Components of ``binary`` (per axial slice) that do not touch the slice border."""
+def _enclosed(binary, bk: Backend, in_slice: bool):
+    """Components of ``binary`` that do not touch the border: of their axial slice
+    (``in_slice``, 2-D components) or of the volume (3-D components)."""
     xp = bk.xp
-    labels, count = bk.ndi.label(binary, structure=_SLICE_FACES)
-    rim = (labels[:, 0], labels[:, -1], labels[:, :, 0], labels[:, :, -1])
+    structure = _SLICE_FACES if in_slice else None
+    labels, count = bk.ndi.label(binary, structure=structure)
+    rim = [labels[:, 0], labels[:, -1], labels[:, :, 0], labels[:, :, -1]]
+    if not in_slice:
+        rim += [labels[0], labels[-1]]
     keep = xp.ones(count + 1, dtype=bool)
     keep[xp.concatenate([r.ravel() for r in rim])] = False
     keep[0] = False
@@ -179,7 +183,7 @@ def _component_stats(labels, count, hu, below_hu: float, bk: Backend):
 
 
 def _lung_components(labels, count, hu, spacing, config, bk: Backend):
-    """Boolean per label: the lungs, and smaller air pockets they enclose (cavities, bullae)."""
+    """Boolean per label: the lungs, and the air pockets they enclose (cavities, bullae)."""
     xp = bk.xp
     voxels, gas_fraction = _component_stats(labels, count, hu, config.pure_air_hu, bk)
     volume_ml = voxels * (float(np.prod(spacing)) / 1000.0)
@@ -189,27 +193,28 @@ def _lung_components(labels, count, hu, spacing, config, bk: Backend):
     if not bool(lung_like.any()):
         return xp.zeros(count + 1, dtype=bool)
     main = lung_like & (volume_ml >= config.keep_fraction * volume_ml[lung_like].max())
-    rest = large & ~main
-    if bool(rest.any()):
-        radius = config.intermediate_marker_radius_mm
-        enclosed = _shell_lung_fraction(labels, main, rest, radius, spacing, bk)
-        main = main | (rest & (enclosed >= config.enclosed_fraction))
+    pockets = (volume_ml >= config.min_pocket_ml) & ~main
+    pockets[0] = False
+    if bool(pockets.any()):
+        enclosed = _shell_lung_fraction(labels, main, pockets, spacing, config, bk)
+        main = main | (pockets & (enclosed >= config.enclosed_fraction))
     return main
 
 
-def _shell_lung_fraction(labels, main, rest, radius_mm, spacing, bk: Backend):
-    """Per label: fraction of the shell within ``radius_mm`` around it that is main lung."""
+def _shell_lung_fraction(labels, main, pockets, spacing, config, bk: Backend):
+    """Per label: the fraction of the shell within the intermediate-marker radius around each
+    pocket that is main lung (on the coarse grid: a shell's share needs no fine voxels)."""
     xp = bk.xp
-    box = _bounding_box(rest[labels], radius_mm, spacing)
-    labels = labels[box]
+    radius = config.intermediate_marker_radius_mm
+    coarse = _Coarse.of(labels.shape, spacing, config.coarse_voxel_mm)
+    labels = coarse.down(labels[_bounding_box(pockets[labels], radius, spacing)], bk)
     distance, nearest = bk.ndi.distance_transform_edt(
-        ~rest[labels], sampling=spacing, return_indices=True
+        ~pockets[labels], sampling=coarse.spacing, return_indices=True
     )
     owner = labels[tuple(nearest)]
-    shell = (distance > 0) & (distance <= radius_mm)
-    n = main.size
-    around = xp.bincount(owner[shell], minlength=n)
-    lung = xp.bincount(owner[shell & main[labels]], minlength=n)
+    shell = (distance > 0) & (distance <= radius)
+    around = xp.bincount(owner[shell], minlength=main.size)
+    lung = xp.bincount(owner[shell & main[labels]], minlength=main.size)
     return lung / xp.maximum(around, 1)
 
 
@@ -284,8 +289,8 @@ class _Coarse:
             tuple(shape), strides, tuple(s * t for s, t in zip(spacing, strides, strict=True))
         )
 
-    def down(self, volume):
-        return volume[tuple(slice(None, None, t) for t in self.strides)]
+    def down(self, volume, bk: Backend):
+        return bk.xp.ascontiguousarray(volume[tuple(slice(None, None, t) for t in self.strides)])
 
     def up(self, volume, bk: Backend):
         for axis, stride in enumerate(self.strides):
@@ -336,14 +341,26 @@ def _shifted(axis: int, start: int):
     return tuple(index)
 
 
-def _fill_holes_in_slice(mask, allowed, bk: Backend):
-    """Fill holes per axial slice with ``allowed`` voxels, except holes bordered by two lungs
-    (the mediastinum)."""
-    xp = bk.xp
-    holes = _enclosed_in_slice(~mask, bk)
+def _thin_holes_in_slice(mask, spacing, config, bk: Backend):
+    """Holes of an axial slice that one lung encloses and that are thin (vessels, airway walls,
+    small nodules): no disc of ``hole_max_radius_mm`` fits in them. Thick holes are lesions or,
+    at the lung bases, the top of a diaphragm dome cut across."""
+    holes = _enclosed(~mask, bk, in_slice=True)
     if not bool(holes.any()):
-        return mask
-    hole_labels, n_holes = bk.ndi.label(holes, structure=_SLICE_FACES)
+        return holes
+    labels, count = bk.ndi.label(holes, structure=_SLICE_FACES)
+    keep = _bordered_by_one_lung(labels, count, mask, bk)
+    radius = config.hole_max_radius_mm
+    in_plane = (radius + 1.0, spacing[1], spacing[2])  # slices further apart than the radius
+    keep[labels[_erode(holes, radius, in_plane, bk)]] = False
+    keep[0] = False
+    return keep[labels]
+
+
+def _bordered_by_one_lung(hole_labels, n_holes, mask, bk: Backend):
+    """Per hole label: it touches a single component of ``mask`` in its slice (holes that two
+    lungs enclose together are the mediastinum)."""
+    xp = bk.xp
     part_labels, n_parts = bk.ndi.label(mask, structure=_SLICE_FULL)
     pairs = []
     for axis in (1, 2):
@@ -352,24 +369,24 @@ def _fill_holes_in_slice(mask, allowed, bk: Backend):
             touch = (h > 0) & (p > 0)
             pairs.append(h[touch].astype(xp.int64) * (n_parts + 1) + p[touch])
     pairs = xp.unique(xp.concatenate(pairs))
-    neighbours = xp.bincount(pairs // (n_parts + 1), minlength=n_holes + 1)
-    return mask | ((neighbours == 1)[hole_labels] & allowed)
+    return xp.bincount(pairs // (n_parts + 1), minlength=n_holes + 1) == 1
 
 
 # --- the two masks ----------------------------------------------------------------------------
 
 
 def _conservative(hu, lung, airway, spacing, config, bk: Backend):
-    """Paper 2.1: threshold mask closed, then opened, holes filled per axial slice."""
+    """Paper 2.1: threshold mask closed, then opened; thin holes (vessels) filled per slice."""
     mask = _closing(lung, config.closing_radius_mm, spacing, bk)
     mask = _opening(mask, config.opening_radius_mm, spacing, bk) & ~airway
-    return _fill_holes_in_slice(mask, hu < config.soft_tissue_max_hu, bk)
+    holes = _thin_holes_in_slice(mask, spacing, config, bk)
+    return mask | (holes & (hu < config.soft_tissue_max_hu))
 
 
 def _refined(hu, lung, airway, spacing, config, bk: Backend):
     """Paper 2.1: markers -> watershed (Fig. 2b) -> top-hat (Fig. 2c) -> holes closed (2d)."""
     coarse = _Coarse.of(hu.shape, spacing, config.coarse_voxel_mm)
-    lung_c = coarse.down(lung)
+    lung_c = coarse.down(lung, bk)
     distance, nearest = bk.ndi.distance_transform_edt(
         ~lung_c, sampling=coarse.spacing, return_indices=True
     )
@@ -379,11 +396,16 @@ def _refined(hu, lung, airway, spacing, config, bk: Backend):
     soft = hu < config.soft_tissue_max_hu
     step = max(coarse.spacing)
     grown = _watershed_lung(hu, lung, airway, distance, spacing, step, config, bk) & (lung | soft)
-    radius = config.tophat_radius_mm
-    closed = coarse.up(_closing_per_lung(coarse.down(grown), owner, radius, coarse.spacing, bk), bk)
+    grown_c = coarse.down(grown, bk)
+    closed = _closing_per_lung(grown_c, owner, config.tophat_radius_mm, coarse.spacing, bk)
+    closed = coarse.up(closed, bk)
     # The black top-hat (closing minus mask) is added within the external markers' extent.
     tophat = closed & ~grown & soft & (distance <= config.external_marker_radius_mm)
-    return _fill_holes_in_slice((grown | tophat) & ~airway, soft, bk)
+    mask = (grown | tophat) & ~airway
+    # Closing the remaining holes (Fig. 2d): thin ones per slice, and all that lung encloses
+    # in 3-D (lesions), but not the dome tops that a slice shows ringed by lung.
+    holes = _thin_holes_in_slice(mask, spacing, config, bk) | _enclosed(~mask, bk, in_slice=False)
+    return mask | (holes & soft)
 
 
 def _watershed_lung(hu, lung, airway, distance, spacing, step_mm, config, bk: Backend):
