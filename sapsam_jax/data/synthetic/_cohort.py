@@ -207,7 +207,8 @@ def _write_files(scan: SyntheticScan, out_dir: Path, fmt: str, seed: int) -> dic
             scan.hu,
             scan.grid.spacing,
             ct.affine[:3, 3],
-            uid_seed=seed,
+            # UIDs differ between cohorts of another seed or grid, never between reruns.
+            uid_seed=f"{seed}/{scan.grid.shape}/{scan.grid.spacing}",
             patient_id=scan.patient_id,
             study_id=scan.study_id,
             date=date.strftime("%Y%m%d"),

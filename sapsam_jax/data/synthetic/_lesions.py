@@ -45,6 +45,7 @@ LEVELS = ("upper", "middle", "lower")
 
 HU_WALL = 30.0  # cavity wall, fungus ball, pleura: soft tissue (paper 2.2 band [-160, 240])
 HU_EMPHYSEMA = -950.0
+HU_GROUND_GLASS = -380.0
 HU_FIBROSIS = -620.0  # fibrotic lung under the pleura: denser, still below -570 (paper 2.1)
 # Sign rates (Table 1) are per study; the first scans of a patient carry smaller, fewer signs.
 P_FUNGUS_GIVEN_CAVITY_MAX = 0.8
@@ -175,8 +176,10 @@ class Planner:
         side, level = split_region(region)
         z0, z1 = self.box.z_range(level)
         z, x = self.points[:, 0], self.points[:, 2]
-        lo = z0 + self.margin + extent if level != "lower" else z0 + extent
-        hi = z1 - self.margin - extent if level != "upper" else z1 - extent
+        # The box's own top and bottom are the lungs' apex and base: no neighbour there, and a
+        # lesion (inside the lung) cannot cross them.
+        lo = z0 + self.margin + extent if level != "lower" else z0
+        hi = z1 - self.margin - extent if level != "upper" else z1
         ok = (z >= lo) & (z <= hi)
         sign = 1.0 if side == "left" else -1.0
         return ok & (sign * (x - self.box.x_mid) >= self.margin + extent)
@@ -209,7 +212,11 @@ class Planner:
         o = self.outward
         costal = (sign * o[:, 2] > 0.5) | (o[:, 1] > 0.6) | (o[:, 0] > 0.5)
         border = (self.depth <= 1.5 * self.step_mm) & costal & (o[:, 0] > -0.4)
-        return self._pick(self._in_region(region, extent) & border, extent)
+        border &= self._in_region(region, extent)
+        # Prefer the sloping costal pleura (also around the apex) to the flat top of the dome:
+        # a cap seen end-on adds little to an axial projection.
+        sloped = border & (o[:, 0] < 0.7)
+        return self._pick(sloped if sloped.any() else border, extent)
 
 
 def _sample_sign_regions(rng: np.random.Generator) -> list[tuple[str, str]]:
@@ -238,7 +245,8 @@ def _place_cavity(planner: Planner, rng, region: str, fungus: bool) -> Lesion | 
     axes /= np.cbrt(axes.prod())
     wall = rng.uniform(2.0, 4.0)  # paper Fig. 3 / radiology: thin-to-moderate cavity walls
     for shrink in (1.0, 0.8, 0.65, 0.5):
-        radius = max(rng.uniform(12.0, 24.0) * shrink, 3.0 * vox)
+        # Cavities holding a fungus ball are the larger, older ones (aspergillomas of 2-4 cm).
+        radius = max(rng.uniform(*((16.0, 26.0) if fungus else (12.0, 24.0))) * shrink, 3.0 * vox)
         extent = radius * axes.max() * (1.0 + CAVITY_BUMP)
         # Clearance from the pleura keeps the wall (and any fungus ball) off the chest wall, so
         # the whole cavity is a hole in the lung mask that hole filling recovers (paper 2.1).
@@ -264,7 +272,8 @@ def _place_pleural(planner: Planner, rng, region: str) -> Lesion | None:
     vox = max(planner.grid.spacing)
     params = {
         "thickness": max(rng.uniform(5.0, 10.0), 1.2 * vox),
-        "fibrosis": rng.uniform(8.0, 14.0),
+        "fibrosis": rng.uniform(10.0, 16.0),
+        "ground_glass": rng.uniform(3.0, 6.0),
     }
     return Lesion(
         "pleural_thickening", region, center, radius, seed=int(rng.integers(2**31)), params=params
@@ -434,9 +443,9 @@ def _paint_fungus_ball(canvas: Canvas, lesion: Lesion, radius: float, box, rel) 
 
 
 def paint_pleural(canvas: Canvas, lesion: Lesion, scale: float) -> None:
-    """Lenticular soft-tissue thickening of the pleura over fibrotic lung (label 3)."""
+    """Nodular soft-tissue thickening of the pleura over fibrotic lung (label 3)."""
     p, grid = lesion.params, canvas.grid
-    reach = lesion.size + p["thickness"] + p["fibrosis"] + 2 * grid.voxel_mm
+    reach = lesion.size + p["thickness"] + p["ground_glass"] + p["fibrosis"] + 2 * grid.voxel_mm
     box, (dz, dy, dx) = canvas.local(lesion.center, reach)
     lung = canvas.anatomy.lung[box]
     # Depth below the pleura, from the lung mask of this patch alone (it is wider than the depth).
@@ -453,12 +462,16 @@ def paint_pleural(canvas: Canvas, lesion: Lesion, scale: float) -> None:
     # and bumps narrower than the top-hat radius are what the refined mask takes back (paper 2.1).
     bumps = 0.35 + 0.65 * np.clip(0.5 + 0.8 * nodules, 0.0, 1.0)
     thick = p["thickness"] * (0.7 + 0.3 * scale) * weight * bumps
-    fibrosis = thick + p["fibrosis"] * scale * np.clip(1.0 - r2 / 0.81, 0.0, 1.0)
-    plaque = soft_inside(depth - thick, grid.voxel_mm) * lung
-    fibrotic = soft_inside(depth - fibrosis, grid.voxel_mm) * lung
+    # Beneath the plaque: a ground-glass seam, then fibrotic lung with reticular strands. Both stay
+    # inside the lung masks and light up the lung band (paper 2.2) where the plaque, against the
+    # chest wall, may be cut off with it.
+    seam = thick + p["ground_glass"] * weight
+    fibrosis = seam + p["fibrosis"] * scale * np.clip(1.0 - r2 / 0.81, 0.0, 1.0)
+    edge = grid.voxel_mm
     reticulation = np.where(np.abs(strands) < 0.2, -150.0, HU_FIBROSIS).astype(np.float32)
-    blend(canvas.hu, box, fibrotic, reticulation)
-    blend(canvas.hu, box, plaque, HU_WALL)
+    blend(canvas.hu, box, soft_inside(depth - fibrosis, edge) * lung, reticulation)
+    blend(canvas.hu, box, soft_inside(depth - seam, edge) * lung, HU_GROUND_GLASS)
+    blend(canvas.hu, box, soft_inside(depth - thick, edge) * lung, HU_WALL)
     canvas.labels[box][lung & (depth < fibrosis) & (weight > 0)] = LABELS["pleural_thickening"]
 
 
