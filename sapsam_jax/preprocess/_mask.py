@@ -405,7 +405,7 @@ def _refined(hu, lung, airway, spacing, config, bk: Backend):
     # Closing the remaining holes (Fig. 2d): thin ones per slice, and all that lung encloses
     # in 3-D (lesions), but not the dome tops that a slice shows ringed by lung.
     holes = _thin_holes_in_slice(mask, spacing, config, bk) | _enclosed(~mask, bk, in_slice=False)
-    return mask | (holes & soft)
+    return mask | (holes & soft & ~airway)
 
 
 def _watershed_lung(hu, lung, airway, distance, spacing, step_mm, config, bk: Backend):
