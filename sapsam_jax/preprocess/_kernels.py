@@ -1,4 +1,4 @@
-"""Generic loader for the custom CUDA kernels in ``sapsam_jax/preprocess/kernels/*.cu``.
+"""Generic loader for the custom CUDA kernels in the repository's ``kernels/*.cu``.
 
 A kernel file is specialised by a ``#define`` preamble (dtypes, connectivity, the kernel's own
 name) and compiled with ``cupy.RawModule(code=..., name_expressions=[...])``, once per device and
@@ -10,9 +10,10 @@ set of static parameters (as cuCIM ``feature/blob.py`` and cupyx ``ndimage/_filt
 from __future__ import annotations
 
 import functools
-from pathlib import Path
+import importlib.resources
 
-KERNEL_DIR = Path(__file__).with_name("kernels")
+# The top-level kernels/ folder is installed as the package sapsam_jax.kernels (pyproject.toml).
+KERNEL_DIR = importlib.resources.files("sapsam_jax.kernels")
 # NVRTC flags; C++14 keeps the sources compilable by every CUDA toolkit CuPy supports.
 NVRTC_OPTIONS = ("--std=c++14",)
 
