@@ -1,0 +1,27 @@
+"""Convert published ImageNet weights into a weights directory (Orbax + weights.json).
+
+    python scripts/convert_weights.py --arch vgg19 --from keras \
+        --input vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5 --output weights/vgg19_keras
+
+Nothing is downloaded; see docs/readme/models.md for the files to fetch by hand.
+"""
+
+import argparse
+
+from sapsam_jax.models import ARCHITECTURES, convert_weights
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", required=True, choices=sorted(ARCHITECTURES))
+    parser.add_argument("--from", dest="source", required=True, choices=("keras", "torchvision"))
+    parser.add_argument("--input", required=True, help="Keras .h5 or torchvision .pth/.safetensors")
+    parser.add_argument("--output", required=True, help="weights directory to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    args = parser.parse_args(argv)
+    out = convert_weights(args.arch, args.source, args.input, args.output, overwrite=args.overwrite)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
