@@ -111,17 +111,17 @@ def generate_patient(
         pid = patient_id_of(index)
         scans.append(
             SyntheticScan(
-                f"{pid}_S{s + 1:02d}",
-                pid,
-                s,
-                grid,
-                hu,
-                labels,
-                int(cpa),
-                survival,
-                flags,
-                lung,
-                tissue,
+                study_id=f"{pid}_S{s + 1:02d}",
+                patient_id=pid,
+                scan_index=s,
+                grid=grid,
+                hu=hu,
+                labels=labels,
+                cpa=int(cpa),
+                survival_2y=survival,
+                annotations=flags,
+                lung=lung,
+                tissue=tissue,
             )
         )
     return scans

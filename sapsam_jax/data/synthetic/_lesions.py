@@ -45,8 +45,8 @@ LEVELS = ("upper", "middle", "lower")
 
 HU_WALL = 30.0  # cavity wall, fungus ball, pleura: soft tissue (paper 2.2 band [-160, 240])
 HU_EMPHYSEMA = -950.0
-HU_GROUND_GLASS = -380.0
-HU_FIBROSIS = -620.0  # fibrotic lung under the pleura: denser, still below -570 (paper 2.1)
+HU_GROUND_GLASS = -350.0
+HU_FIBROSIS = -600.0  # fibrotic lung under the pleura: denser, still below -570 (paper 2.1)
 # Sign rates (Table 1) are per study; the first scans of a patient carry smaller, fewer signs.
 P_FUNGUS_GIVEN_CAVITY_MAX = 0.8
 CAVITY_BUMP = 0.08  # irregularity of a cavity's outline, fraction of its radius
@@ -191,12 +191,13 @@ class Planner:
             ok &= gap >= extent + radius + self.GAP_MM
         return ok
 
-    def _pick(self, candidates: np.ndarray, extent: float) -> np.ndarray | None:
-        idx = np.flatnonzero(candidates & self._free(extent))
+    def _pick(self, candidates: np.ndarray, occupy: float) -> np.ndarray | None:
+        """A random candidate at least ``occupy`` mm (+ gap) from the lesions placed so far."""
+        idx = np.flatnonzero(candidates & self._free(occupy))
         if idx.size == 0:
             return None
         center = self.points[self.rng.choice(idx)].copy()
-        self.taken.append((center, extent))
+        self.taken.append((center, occupy))
         return center
 
     def interior(self, region: str, extent: float, clearance: float) -> np.ndarray | None:
@@ -216,7 +217,9 @@ class Planner:
         # Prefer the sloping costal pleura (also around the apex) to the flat top of the dome:
         # a cap seen end-on adds little to an axial projection.
         sloped = border & (o[:, 0] < 0.7)
-        return self._pick(sloped if sloped.any() else border, extent)
+        # It hugs the pleura, so it may share its ball with an inner lesion (cavities are painted
+        # over it: fibrosis around a cavity is the usual CPA picture).
+        return self._pick(sloped if sloped.any() else border, 0.4 * extent)
 
 
 def _sample_sign_regions(rng: np.random.Generator) -> list[tuple[str, str]]:
@@ -262,8 +265,8 @@ def _place_cavity(planner: Planner, rng, region: str, fungus: bool) -> Lesion | 
 
 
 def _place_pleural(planner: Planner, rng, region: str) -> Lesion | None:
-    for shrink in (1.0, 0.8, 0.6):
-        radius = rng.uniform(24.0, 40.0) * shrink
+    for shrink in (1.0, 0.85, 0.7, 0.55):
+        radius = rng.uniform(30.0, 50.0) * shrink
         center = planner.pleural(region, radius)
         if center is not None:
             break
@@ -271,9 +274,9 @@ def _place_pleural(planner: Planner, rng, region: str) -> Lesion | None:
         return None
     vox = max(planner.grid.spacing)
     params = {
-        "thickness": max(rng.uniform(5.0, 10.0), 1.2 * vox),
-        "fibrosis": rng.uniform(10.0, 16.0),
-        "ground_glass": rng.uniform(3.0, 6.0),
+        "thickness": max(rng.uniform(6.0, 14.0), 1.2 * vox),
+        "fibrosis": rng.uniform(15.0, 25.0),
+        "ground_glass": rng.uniform(4.0, 8.0),
     }
     return Lesion(
         "pleural_thickening", region, center, radius, seed=int(rng.integers(2**31)), params=params
@@ -450,17 +453,19 @@ def paint_pleural(canvas: Canvas, lesion: Lesion, scale: float) -> None:
     lung = canvas.anatomy.lung[box]
     # Depth below the pleura, from the lung mask of this patch alone (it is wider than the depth).
     depth = ndi.distance_transform_edt(lung, sampling=grid.spacing).astype(np.float32)
+    lung = lung & (canvas.labels[box] == 0)  # a new array: leave other lesions as they are
     depth -= 0.5 * grid.voxel_mm
     rng = np.random.default_rng(lesion.seed)
     nodules, strands = (
-        SmoothField(rng, (8, 20), 8)(dz, dy, dx),
+        SmoothField(rng, (16, 32), 8)(dz, dy, dx),
         SmoothField(rng, (5, 12), 6)(dz, dy, dx),
     )
     r2 = (dz * dz + dy * dy + dx * dx) / np.float32(lesion.size**2)
     weight = np.clip(1.0 - r2 * r2, 0.0, 1.0)  # flat-topped lens
-    # Irregular, nodular inner surface (bumps about 1 cm apart): CPA thickening is rarely smooth,
-    # and bumps narrower than the top-hat radius are what the refined mask takes back (paper 2.1).
-    bumps = 0.35 + 0.65 * np.clip(0.5 + 0.8 * nodules, 0.0, 1.0)
+    # Nodular: soft-tissue bumps 1-2 cm wide on a thin pleural layer. CPA thickening is rarely
+    # smooth, and bumps narrower than the top-hat radius are what the refined mask takes back
+    # from the chest wall (paper 2.1), so they show in the soft-tissue band.
+    bumps = 0.25 + 0.75 * np.clip(1.6 * nodules, 0.0, 1.0)
     thick = p["thickness"] * (0.7 + 0.3 * scale) * weight * bumps
     # Beneath the plaque: a ground-glass seam, then fibrotic lung with reticular strands. Both stay
     # inside the lung masks and light up the lung band (paper 2.2) where the plaque, against the
@@ -468,7 +473,7 @@ def paint_pleural(canvas: Canvas, lesion: Lesion, scale: float) -> None:
     seam = thick + p["ground_glass"] * weight
     fibrosis = seam + p["fibrosis"] * scale * np.clip(1.0 - r2 / 0.81, 0.0, 1.0)
     edge = grid.voxel_mm
-    reticulation = np.where(np.abs(strands) < 0.2, -150.0, HU_FIBROSIS).astype(np.float32)
+    reticulation = np.where(np.abs(strands) < 0.25, -150.0, HU_FIBROSIS).astype(np.float32)
     blend(canvas.hu, box, soft_inside(depth - fibrosis, edge) * lung, reticulation)
     blend(canvas.hu, box, soft_inside(depth - seam, edge) * lung, HU_GROUND_GLASS)
     blend(canvas.hu, box, soft_inside(depth - thick, edge) * lung, HU_WALL)
@@ -543,9 +548,12 @@ PAINTERS = {
 }
 
 
+PAINT_ORDER = {"pleural_thickening": 1, "cavity": 2}  # confounders 0: later ones paint over
+
+
 def paint_lesions(canvas: Canvas, lesions: list[Lesion], scan: int, n_scans: int) -> None:
-    """Paint the lesions visible at ``scan``: confounders first, signs on top."""
-    for lesion in sorted(lesions, key=lambda lesion: lesion.is_sign):
+    """Paint the lesions visible at ``scan``: confounders, pleural thickening, then cavities."""
+    for lesion in sorted(lesions, key=lambda lesion: PAINT_ORDER.get(lesion.kind, 0)):
         scale = lesion.scale(scan, n_scans)
         if scale <= 0:
             continue
