@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from sapsam_jax.data import augment_batch, balance_indices, rotate_zoom, split_by_patient
 from sapsam_jax.train import TINY, binary_metrics, bootstrap_intervals, roc_auc
-from sapsam_jax.train._loop import _replicate, fit, load_run_data
+from sapsam_jax.train._loop import _replicate, epoch_order, fit, load_run_data
 from sapsam_jax.train._model import build_model
 from sapsam_jax.train._step import StepSpec, make_optimizer, make_train_step, set_train_mode
 
@@ -51,6 +51,16 @@ def test_balance_indices(mode, expected):
         assert len(set(idx)) == len(idx)  # no repeats
     else:
         assert set(idx[labels[idx] == 1]) == {9, 10, 11}  # every minority sample is used
+
+
+def test_epoch_order_draws_rotations_per_epoch_reproducibly():
+    rotations = np.repeat(np.arange(27), 4)
+    full = epoch_order(rotations, None, seed=0, epoch=1)
+    assert sorted(full) == list(range(len(rotations)))
+    part = epoch_order(rotations, 9, seed=0, epoch=1)
+    assert len(np.unique(rotations[part])) == 9 and len(part) == 36
+    np.testing.assert_array_equal(part, epoch_order(rotations, 9, seed=0, epoch=1))
+    assert set(rotations[part]) != set(rotations[epoch_order(rotations, 9, seed=0, epoch=2)])
 
 
 # ---------------------------------------------------------------- augmentation (2.3)

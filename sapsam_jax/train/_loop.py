@@ -114,12 +114,15 @@ def fit(cfg: TrainConfig, cache: ProjectionCache, *, log=print) -> dict:
     optimizer = make_optimizer(model, cfg, steps_per_epoch)
     _replicate((model, optimizer), NamedSharding(mesh, P()))
     ckpts = RunCheckpoints(workdir)
-    meta = ckpts.restore_latest(model, optimizer) or {"epoch": 0, "best_f1": -1.0, "best_epoch": 0}
+    meta = ckpts.restore_latest(model, optimizer) or {
+        "epoch": 0, "best_val_loss": float("inf"), "best_epoch": 0
+    }
     if meta["epoch"]:
         log(f"{workdir}: resuming after epoch {meta['epoch']}")
     _truncate_metrics(workdir / "metrics.jsonl", meta["epoch"])
     batches = Batches(data.train.images, data.train.labels, NamedSharding(mesh, P("data")),
                       NamedSharding(mesh, P()))
+    batches.rotations = data.train.rotations
     frozen = frozen_block_names(model, cfg.frozen_blocks)
     for epoch in range(meta["epoch"] + 1, cfg.num_epochs + 1):
         record = _train_epoch(cfg, model, optimizer, batches, spec, frozen, epoch, batch_size,
@@ -127,12 +130,14 @@ def fit(cfg: TrainConfig, cache: ProjectionCache, *, log=print) -> dict:
         if data.val is not None:
             record |= {f"val_{k}": v for k, v in evaluate_samples(model, spec, data.val,
                                                                   mesh).items()}
-        # Paper 3.1: "checkpoint evaluated on the validation data"; survival has no validation
-        # set (3.3), so its best checkpoint is simply the last epoch.
-        improved = data.val is None or record["val_f1"] > meta["best_f1"]
+        # Paper 3.1: "checkpoint evaluated on the validation data" -- on the validation loss, as
+        # Keras' ModelCheckpoint monitors by default. Survival has no validation set (3.3), so
+        # its best checkpoint is simply the last epoch.
+        improved = data.val is None or record["val_loss"] < meta["best_val_loss"]
         meta = {
             "epoch": epoch,
-            "best_f1": record["val_f1"] if data.val is not None and improved else meta["best_f1"],
+            "best_val_loss": record["val_loss"] if data.val is not None and improved
+            else meta["best_val_loss"],
             "best_epoch": epoch if improved else meta["best_epoch"],
         }
         ckpts.save(model, optimizer, meta, best=improved)
@@ -191,8 +196,10 @@ def _load_or_make_split(cfg, cache, workdir) -> dict:
 
 def _train_epoch(cfg, model, optimizer, batches, spec, frozen, epoch, batch_size, mesh) -> dict:
     train_step = make_train_step(spec)
-    order = np.random.default_rng([cfg.seed, epoch]).permutation(len(batches.labels))
+    order = epoch_order(batches.rotations, cfg.rotations_per_epoch, seed=cfg.seed, epoch=epoch)
     n_steps = len(order) // batch_size
+    if n_steps == 0:
+        raise ValueError(f"{len(order)} training samples are fewer than one batch of {batch_size}")
     set_train_mode(model, frozen)
     losses, probs, labels = [], [], []
     start = time.perf_counter()
@@ -220,6 +227,20 @@ def _train_epoch(cfg, model, optimizer, batches, spec, frozen, epoch, batch_size
         "images_per_s": n_steps * batch_size / seconds,
         "seconds": seconds,
     }
+
+
+def epoch_order(rotations: np.ndarray, per_epoch: int | None, *, seed: int, epoch: int):
+    """Shuffled sample indices of one epoch, seeded by (seed, epoch) so a resumed run repeats it.
+
+    With ``per_epoch`` only the samples of that many randomly drawn rotations (of the 27, paper
+    2.3) take part in this epoch.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    index = np.arange(len(rotations))
+    if per_epoch is not None:
+        chosen = rng.choice(np.unique(rotations), size=per_epoch, replace=False)
+        index = index[np.isin(rotations, chosen)]
+    return rng.permutation(index)
 
 
 def _check_finite(losses, epoch, step) -> None:
