@@ -58,8 +58,9 @@ def full_loop(model, optimizer, spec, mesh, images, labels, batch, steps, reside
     """img/s of the training loop's own path: shuffled gather (device or prefetch) + step."""
     step = make_train_step(spec)
     train_data.fits_on_device = (lambda _n: True) if resident else (lambda _n: False)
-    batches = train_data.Batches(images, labels, NamedSharding(mesh, P("data")),
-                                 NamedSharding(mesh, P()))
+    batches = train_data.Batches(
+        images, labels, NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    )
     order = np.random.default_rng(1).permutation(len(labels))[: (steps + 3) * batch]
     it = batches.iterate(order, batch)
     for _ in range(3):  # warm-up (compilation)

@@ -44,7 +44,7 @@ class Backend:
         return self.name == "gpu"
 
     def asarray(self, array, dtype=None):
-        """Move ``array`` onto this backend (host->device copy on the GPU, no-op when already there)."""
+        """Move ``array`` onto this backend (a host->device copy on the GPU, else no copy)."""
         return self.xp.asarray(array, dtype=dtype)
 
     def to_numpy(self, array) -> np.ndarray:

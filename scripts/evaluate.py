@@ -15,18 +15,32 @@ from sapsam_jax.evaluate import find_trained_runs, rebuild_predictions, write_re
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", nargs="+", required=True, type=Path,
-                        help="training workdir(s); runs below them are found recursively")
+    parser.add_argument(
+        "--workdir",
+        nargs="+",
+        required=True,
+        type=Path,
+        help="training workdir(s); runs below them are found recursively",
+    )
     parser.add_argument("--out", type=Path, help="report folder (default: the first workdir)")
-    parser.add_argument("--no-rebuild", action="store_true",
-                        help="reuse saved test predictions instead of recomputing them")
-    parser.add_argument("--localisation", action=argparse.BooleanOptionalAction, default=True,
-                        help="add Grad-CAM localisation scores for sign runs with lesion truth")
+    parser.add_argument(
+        "--no-rebuild",
+        action="store_true",
+        help="reuse saved test predictions instead of recomputing them",
+    )
+    parser.add_argument(
+        "--localisation",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="add Grad-CAM localisation scores for sign runs with lesion truth",
+    )
     args = parser.parse_args(argv)
     runs = find_trained_runs(args.workdir)
     if not runs:
-        print(f"error: no training run (config.json + checkpoints/) below {args.workdir}",
-              file=sys.stderr)
+        print(
+            f"error: no training run (config.json + checkpoints/) below {args.workdir}",
+            file=sys.stderr,
+        )
         return 2
     if not args.no_rebuild:
         for run in runs:

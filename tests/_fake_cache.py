@@ -45,8 +45,13 @@ def _meta(sid, pid, cpa, rng):
         region: {flag: int(cpa and rng.random() < 0.5) for flag in ("preexisting", *SIGNS)}
         for region in SUBREGIONS
     }
-    return {"study_id": sid, "patient_id": pid, "cpa": cpa,
-            "survival_2y": int(rng.random() < 0.5) if cpa else None, "annotations": annotations}
+    return {
+        "study_id": sid,
+        "patient_id": pid,
+        "cpa": cpa,
+        "survival_2y": int(rng.random() < 0.5) if cpa else None,
+        "annotations": annotations,
+    }
 
 
 def _images(rng, shape, positive):

@@ -37,8 +37,12 @@ def test_split_by_patient_has_no_leakage_and_is_stratified():
 
 
 def test_split_allows_no_validation_set():
-    split = split_by_patient([f"P{i}" for i in range(9)], [i % 2 for i in range(9)],
-                             fractions=(2 / 3, 0.0, 1 / 3), seed=0)
+    split = split_by_patient(
+        [f"P{i}" for i in range(9)],
+        [i % 2 for i in range(9)],
+        fractions=(2 / 3, 0.0, 1 / 3),
+        seed=0,
+    )
     assert split["val"] == [] and len(split["train"]) == 6 and len(split["test"]) == 3
 
 
@@ -155,8 +159,9 @@ def test_frozen_blocks_do_not_change_and_the_rest_does():
     make_train_step(spec)(model, optimizer, *_batch(mesh), jax.random.key(0))
     after = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     for block in before:
-        changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)),
-                                               before[block], after[block]))
+        changed = jax.tree.leaves(
+            jax.tree.map(lambda a, b: bool(np.any(a != b)), before[block], after[block])
+        )
         if block in ("block1", "block2"):
             assert not any(changed), f"{block} is frozen but changed"
         else:
@@ -172,8 +177,11 @@ def test_sharded_step_equals_single_device_step():
         loss, _ = make_train_step(spec)(model, optimizer, *_batch(mesh), jax.random.key(0))
         results.append((float(loss), nnx.to_pure_dict(nnx.state(model, nnx.Param))))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-                 results[0][1], results[1][1])
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+        results[0][1],
+        results[1][1],
+    )
 
 
 # ---------------------------------------------------------------- data and the loop
@@ -192,8 +200,14 @@ def test_run_data_splits_by_patient_and_balances(tmp_path):
 
 
 def _fit(tmp_path, epochs, **changes):
-    cfg = TINY.replace(task="disease", epochs=epochs, workdir=str(tmp_path), cache="fake",
-                       learning_rate=0.02, **changes)
+    cfg = TINY.replace(
+        task="disease",
+        epochs=epochs,
+        workdir=str(tmp_path),
+        cache="fake",
+        learning_rate=0.02,
+        **changes,
+    )
     return fit(cfg, FakeCache(n_patients=6), log=lambda *_: None)
 
 

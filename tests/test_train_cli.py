@@ -7,16 +7,30 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import REPO_ROOT
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("train_cli")
-    cmd = [sys.executable, "scripts/train.py", "--preset", "tiny", "--task", "signs",
-           "--axis", "axial", "--sign", "cavity", "--epochs", "1",
-           "--workdir", str(root / "run"), "--data-dir", str(root / "data")]
+    cmd = [
+        sys.executable,
+        "scripts/train.py",
+        "--preset",
+        "tiny",
+        "--task",
+        "signs",
+        "--axis",
+        "axial",
+        "--sign",
+        "cavity",
+        "--epochs",
+        "1",
+        "--workdir",
+        str(root / "run"),
+        "--data-dir",
+        str(root / "data"),
+    ]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root / "run", proc
@@ -25,8 +39,17 @@ def tiny_run(tmp_path_factory):
 def test_train_command_writes_report_and_says_its_preset(tiny_run):
     run, proc = tiny_run
     assert proc.stdout.splitlines()[0] == "preset tiny (chosen on the command line)"
-    for name in ("config.json", "split.json", "metrics.jsonl", "report.md", "report.json",
-                 "predictions_test.npz", "roc.png", "learning_curves.png", "confusion.png"):
+    for name in (
+        "config.json",
+        "split.json",
+        "metrics.jsonl",
+        "report.md",
+        "report.json",
+        "predictions_test.npz",
+        "roc.png",
+        "learning_curves.png",
+        "confusion.png",
+    ):
         assert (run / name).is_file(), name
     report = json.loads((run / "report.json").read_text())
     (row,) = report["rows"]
@@ -43,15 +66,24 @@ def test_evaluate_rebuilds_the_same_metrics_from_checkpoints(tiny_run):
     run, _ = tiny_run
     before = json.loads((run / "report.json").read_text())["rows"][0]["metrics"]
     (run / "predictions_test.npz").unlink()
-    proc = subprocess.run([sys.executable, "scripts/evaluate.py", "--workdir", str(run),
-                           "--no-localisation"], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "scripts/evaluate.py", "--workdir", str(run), "--no-localisation"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     after = json.loads((run / "report.json").read_text())["rows"][0]["metrics"]
     assert after == pytest.approx(before)
 
 
 def test_evaluate_without_runs_is_a_clear_error(tmp_path):
-    proc = subprocess.run([sys.executable, "scripts/evaluate.py", "--workdir", str(tmp_path)],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "scripts/evaluate.py", "--workdir", str(tmp_path)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "no training run" in proc.stderr

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 
 def rotate_zoom(image: jax.Array, angle_deg, zoom) -> jax.Array:
-    """Rotate ``image`` (H, W, C) by ``angle_deg`` about its centre and scale its content by ``zoom``.
+    """Rotate ``image`` (H, W, C) by ``angle_deg`` about its centre, scale its content by ``zoom``.
 
     Bilinear, zero outside. The angle has ``scipy.ndimage.rotate``'s sense (counter-clockwise as
     displayed with row 0 on top); ``zoom > 1`` enlarges the content (the paper's 120%).
@@ -49,7 +49,7 @@ def augment_batch(
     max_rotation_deg: float = 20.0,
     zoom_range: tuple[float, float] = (0.8, 1.2),
 ) -> jax.Array:
-    """Randomly rotate (uniform in +-max_rotation_deg) and zoom each image of an (N, H, W, C) batch."""
+    """Rotate (uniform in +-max_rotation_deg) and zoom each image of an (N, H, W, C) batch."""
     key_angle, key_zoom = jax.random.split(key)
     n = images.shape[0]
     angles = jax.random.uniform(key_angle, (n,), minval=-max_rotation_deg, maxval=max_rotation_deg)

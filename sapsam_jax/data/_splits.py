@@ -27,7 +27,9 @@ def split_by_patient(
     (e.g. no validation set for survival, paper 3.3) gives an empty split.
     """
     if len(fractions) != 3 or min(fractions) < 0 or not np.isclose(sum(fractions), 1.0):
-        raise ValueError(f"split fractions must be 3 non-negative numbers summing to 1: {fractions}")
+        raise ValueError(
+            f"split fractions must be 3 non-negative numbers summing to 1: {fractions}"
+        )
     label_of: dict[str, int] = {}
     for pid, label in zip(patient_ids, patient_labels, strict=True):
         label_of[pid] = max(label_of.get(pid, 0), int(label))
@@ -42,7 +44,7 @@ def split_by_patient(
 
 
 def _partition(n: int, fractions: Sequence[float]) -> list[slice]:
-    """Cut ``n`` items into consecutive parts; every non-zero fraction gets >= 1 item if possible."""
+    """Cut ``n`` items into consecutive parts; a non-zero fraction gets >= 1 item if it can."""
     exact = np.asarray(fractions, dtype=np.float64) * n
     counts = np.floor(exact).astype(int)
     # Largest-remainder rounding, then make sure no wanted split is empty.

@@ -69,8 +69,13 @@ def _confusion_figure(labels, probs):
     ax.imshow(matrix, cmap="Blues")
     for (r, col), value in np.ndenumerate(matrix):
         ax.text(col, r, str(value), ha="center", va="center")
-    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["pred 0", "pred 1"],
-           yticklabels=["true 0", "true 1"], title="test confusion")
+    ax.set(
+        xticks=[0, 1],
+        yticks=[0, 1],
+        xticklabels=["pred 0", "pred 1"],
+        yticklabels=["true 0", "true 1"],
+        title="test confusion",
+    )
     fig.tight_layout()
     return fig
 

@@ -1,8 +1,9 @@
 """Test reports laid out like the paper's Table 2, with bootstrap intervals and figures.
 
 ``write_report(workdirs, out_dir)`` collects every training run below the given workdirs (each
-holds ``config.json`` and ``predictions_test.npz``) into ``report.md`` / ``report.json``: one row per
-task or sign, one column group per metric with the axial | coronal | sagittal values (paper 3.2).
+holds ``config.json`` and ``predictions_test.npz``) into ``report.md`` / ``report.json``: one
+row per task or sign, one column group per metric with the axial | coronal | sagittal
+values (paper 3.2).
 """
 
 from __future__ import annotations
@@ -40,14 +41,16 @@ def run_results(run_dir: Path) -> dict:
     for column, name in enumerate(names):
         y = labels if labels.ndim == 1 else labels[:, column]
         p = probs if probs.ndim == 1 else probs[:, column]
-        results.append({
-            "row": name,
-            "axis": cfg.axis,
-            "task": cfg.task,
-            "workdir": str(run_dir),
-            "metrics": binary_metrics(y, p),
-            "ci95": bootstrap_intervals(y, p, n_resamples=cfg.bootstrap, seed=cfg.seed),
-        })
+        results.append(
+            {
+                "row": name,
+                "axis": cfg.axis,
+                "task": cfg.task,
+                "workdir": str(run_dir),
+                "metrics": binary_metrics(y, p),
+                "ci95": bootstrap_intervals(y, p, n_resamples=cfg.bootstrap, seed=cfg.seed),
+            }
+        )
     return {"run": str(run_dir), "rows": results}
 
 
@@ -80,12 +83,20 @@ def render_markdown(report: dict) -> str:
     rows = report["rows"]
     names = list(dict.fromkeys(r["row"] for r in rows))
     axes = [a for a in AXES if any(r["axis"] == a for r in rows)]
-    header = ["Task"] + [f"{m.upper() if m == 'auc' else m.capitalize()} ({a[:3]})"
-                         for m in TABLE_METRICS for a in axes]
-    lines = ["# SAPSAM test report", "",
-             "Test scores (%) on the held-out patients, with 95% bootstrap intervals "
-             "(laid out like the paper's Table 2).", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    header = ["Task"] + [
+        f"{m.upper() if m == 'auc' else m.capitalize()} ({a[:3]})"
+        for m in TABLE_METRICS
+        for a in axes
+    ]
+    lines = [
+        "# SAPSAM test report",
+        "",
+        "Test scores (%) on the held-out patients, with 95% bootstrap intervals "
+        "(laid out like the paper's Table 2).",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
     for name in names:
         cells = [name]
         for metric in TABLE_METRICS:
@@ -93,11 +104,17 @@ def render_markdown(report: dict) -> str:
                 match = [r for r in rows if r["row"] == name and r["axis"] == axis]
                 cells.append(_cell(match[0], metric) if match else "-")
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "| Task | Axis | n test | positives | accuracy | workdir |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| Task | Axis | n test | positives | accuracy | workdir |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         m = r["metrics"]
-        lines.append(f"| {r['row']} | {r['axis']} | {m['n']} | {m['n_positive']} | "
-                     f"{100 * m['accuracy']:.1f} | `{r['workdir']}` |")
+        lines.append(
+            f"| {r['row']} | {r['axis']} | {m['n']} | {m['n_positive']} | "
+            f"{100 * m['accuracy']:.1f} | `{r['workdir']}` |"
+        )
     lines += _localisation_lines(report.get("localisation"))
     return "\n".join(lines) + "\n"
 
@@ -113,11 +130,18 @@ def _cell(row: dict, metric: str) -> str:
 def _localisation_lines(scores) -> list[str]:
     if not scores:
         return []
-    lines = ["", "## Localisation (synthetic lesion truth)", "",
-             "| Sign | Axis | maps | pointing game | energy inside lesion |", "|---|---|---|---|---|"]
+    lines = [
+        "",
+        "## Localisation (synthetic lesion truth)",
+        "",
+        "| Sign | Axis | maps | pointing game | energy inside lesion |",
+        "|---|---|---|---|---|",
+    ]
     for entry in scores:
-        lines.append(f"| {entry['sign']} | {entry['axis']} | {entry['n']} | "
-                     f"{entry['pointing_game']:.2f} | {entry['energy_inside']:.2f} |")
+        lines.append(
+            f"| {entry['sign']} | {entry['axis']} | {entry['n']} | "
+            f"{entry['pointing_game']:.2f} | {entry['energy_inside']:.2f} |"
+        )
     return lines
 
 

@@ -42,6 +42,8 @@ __all__ = [
     "model_inputs",
     "preset_config",
     "resolve_preset",
+    "roc_auc",
+    "roc_curve",
     "train",
 ]
 

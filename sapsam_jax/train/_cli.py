@@ -1,7 +1,8 @@
 """``python scripts/train.py``: flags -> TrainConfig -> train().
 
-Every TrainConfig field is a flag (``--learning-rate``, ``--frozen-blocks``, ``--image-size 224 224``,
-...), so any hyper-parameter of a preset can be overridden from the command line.
+Every TrainConfig field is a flag (``--learning-rate``, ``--frozen-blocks``,
+``--image-size 224 224``, ...), so any hyper-parameter of a preset can be overridden from the
+command line.
 """
 
 from __future__ import annotations
@@ -22,10 +23,16 @@ from sapsam_jax.train._config import (
     resolve_preset,
 )
 
-_CHOICES = {"task": TASKS, "axis": tuple(AXES), "arch": ARCHS, "sign": SIGN_CHOICES,
-            "dtype": ("float32", "bfloat16"), "optimizer": ("sgd", "adam"),
-            "train_balance": ("oversample", "undersample"),
-            "test_balance": ("oversample", "undersample")}
+_CHOICES = {
+    "task": TASKS,
+    "axis": tuple(AXES),
+    "arch": ARCHS,
+    "sign": SIGN_CHOICES,
+    "dtype": ("float32", "bfloat16"),
+    "optimizer": ("sgd", "adam"),
+    "train_balance": ("oversample", "undersample"),
+    "test_balance": ("oversample", "undersample"),
+}
 _NOT_FLAGS = {"synthetic", "preset"}
 
 
@@ -35,8 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train SAPSAM networks (paper 2.4, 3.1-3.3). With no --manifest/--cache the "
         "built-in synthetic cohort is generated, preprocessed and used.",
     )
-    parser.add_argument("--preset", default="auto", choices=("auto", "paper", "quick", "tiny"),
-                        help="auto: paper when JAX sees an accelerator, quick otherwise")
+    parser.add_argument(
+        "--preset",
+        default="auto",
+        choices=("auto", "paper", "quick", "tiny"),
+        help="auto: paper when JAX sees an accelerator, quick otherwise",
+    )
     parser.add_argument("--patients", type=int, help="synthetic cohort size (no data given)")
     hints = typing.get_type_hints(TrainConfig)
     for field in dataclasses.fields(TrainConfig):
@@ -92,6 +103,8 @@ def main(argv=None) -> int:
 
     results = train(cfg)
     for name, metrics in results.items():
-        print(f"{name}: test precision {metrics['precision']:.3f} recall {metrics['recall']:.3f} "
-              f"F1 {metrics['f1']:.3f} AUC {metrics['auc']:.3f} (n={metrics['n']})")
+        print(
+            f"{name}: test precision {metrics['precision']:.3f} recall {metrics['recall']:.3f} "
+            f"F1 {metrics['f1']:.3f} AUC {metrics['auc']:.3f} (n={metrics['n']})"
+        )
     return 0

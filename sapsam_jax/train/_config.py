@@ -90,7 +90,9 @@ class TrainConfig:
         _check_choice("dtype", self.dtype, ("float32", "bfloat16"))
         _check_choice("optimizer", self.optimizer, ("sgd", "adam"))
         if self.rotations_per_epoch is not None and not 1 <= self.rotations_per_epoch <= 27:
-            raise ValueError(f"rotations_per_epoch must be in 1..27, not {self.rotations_per_epoch}")
+            raise ValueError(
+                f"rotations_per_epoch must be in 1..27, not {self.rotations_per_epoch}"
+            )
         if self.batch_size < 1 or self.learning_rate <= 0:
             raise ValueError("batch_size must be >= 1 and learning_rate > 0")
 
@@ -164,7 +166,7 @@ TRAIN_PRESETS = {"paper": PAPER, "quick": QUICK, "tiny": TINY}
 
 
 def preset_config(name: str, task: str) -> TrainConfig:
-    """The named preset with the task's epoch count filled in (``auto`` is resolved by the caller)."""
+    """The named preset with the task's epoch count (``auto`` is resolved by the caller)."""
     _check_choice("preset", name, tuple(TRAIN_PRESETS))
     cfg = TRAIN_PRESETS[name].replace(task=task)
     if name == "quick":

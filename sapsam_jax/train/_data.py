@@ -17,7 +17,6 @@ from queue import Queue
 
 import jax
 import numpy as np
-
 from tqdm.auto import tqdm
 
 from sapsam_jax.backend import get_backend
@@ -78,8 +77,9 @@ def _preprocess_on_cpu_cores(manifest: Path, cache_dir: Path, config, workers: i
 
 
 def _preprocess_shard(manifest, cache_dir, config, shard):
-    return preprocess_cohort(manifest, cache_dir, config=config, backend="cpu", shard=shard,
-                             progress=False)
+    return preprocess_cohort(
+        manifest, cache_dir, config=config, backend="cpu", shard=shard, progress=False
+    )
 
 
 def _finished_studies(cache_dir: Path) -> int:

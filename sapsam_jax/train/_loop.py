@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
@@ -97,17 +96,22 @@ def maybe_initialize_distributed() -> None:
 
 
 def fit(cfg: TrainConfig, cache: ProjectionCache, *, log=print) -> dict:
-    """Train one network in ``cfg.workdir``; resume if it holds a checkpoint; return test metrics."""
+    """Train one network in ``cfg.workdir`` (resuming its checkpoint); return test metrics."""
     workdir = Path(cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     _check_or_write_config(cfg, workdir)
     data = load_run_data(cfg, cache, workdir)
     model, preprocessing = build_model(cfg, num_classes=_num_classes(cfg), seed=cfg.seed)
     spec = _step_spec(cfg, data.train, preprocessing)
-    _write_json_atomic(workdir / "run.json", {
-        "preprocessing": preprocessing, "image_size": list(spec.image_size),
-        "num_classes": _num_classes(cfg), "multi_label": spec.multi_label,
-    })
+    _write_json_atomic(
+        workdir / "run.json",
+        {
+            "preprocessing": preprocessing,
+            "image_size": list(spec.image_size),
+            "num_classes": _num_classes(cfg),
+            "multi_label": spec.multi_label,
+        },
+    )
     mesh = Mesh(np.array(jax.devices()), ("data",))
     batch_size = _global_batch_size(cfg.batch_size, mesh.size)
     steps_per_epoch = max(len(data.train) // batch_size, 1)
@@ -115,28 +119,35 @@ def fit(cfg: TrainConfig, cache: ProjectionCache, *, log=print) -> dict:
     _replicate((model, optimizer), NamedSharding(mesh, P()))
     ckpts = RunCheckpoints(workdir)
     meta = ckpts.restore_latest(model, optimizer) or {
-        "epoch": 0, "best_val_loss": float("inf"), "best_epoch": 0
+        "epoch": 0,
+        "best_val_loss": float("inf"),
+        "best_epoch": 0,
     }
     if meta["epoch"]:
         log(f"{workdir}: resuming after epoch {meta['epoch']}")
     _truncate_metrics(workdir / "metrics.jsonl", meta["epoch"])
-    batches = Batches(data.train.images, data.train.labels, NamedSharding(mesh, P("data")),
-                      NamedSharding(mesh, P()))
+    batches = Batches(
+        data.train.images,
+        data.train.labels,
+        NamedSharding(mesh, P("data")),
+        NamedSharding(mesh, P()),
+    )
     batches.rotations = data.train.rotations
     frozen = frozen_block_names(model, cfg.frozen_blocks)
     for epoch in range(meta["epoch"] + 1, cfg.num_epochs + 1):
-        record = _train_epoch(cfg, model, optimizer, batches, spec, frozen, epoch, batch_size,
-                              mesh)
+        record = _train_epoch(cfg, model, optimizer, batches, spec, frozen, epoch, batch_size, mesh)
         if data.val is not None:
-            record |= {f"val_{k}": v for k, v in evaluate_samples(model, spec, data.val,
-                                                                  mesh).items()}
+            record |= {
+                f"val_{k}": v for k, v in evaluate_samples(model, spec, data.val, mesh).items()
+            }
         # Paper 3.1: "checkpoint evaluated on the validation data" -- on the validation loss, as
         # Keras' ModelCheckpoint monitors by default. Survival has no validation set (3.3), so
         # its best checkpoint is simply the last epoch.
         improved = data.val is None or record["val_loss"] < meta["best_val_loss"]
         meta = {
             "epoch": epoch,
-            "best_val_loss": record["val_loss"] if data.val is not None and improved
+            "best_val_loss": record["val_loss"]
+            if data.val is not None and improved
             else meta["best_val_loss"],
             "best_epoch": epoch if improved else meta["best_epoch"],
         }
@@ -157,21 +168,25 @@ def load_run_data(cfg: TrainConfig, cache: ProjectionCache, workdir: Path) -> Ru
     test_set = task_samples(cache, studies["test"], rotations="identity", **sample)
     val_set = (
         task_samples(cache, studies["val"], rotations="identity", **sample)
-        if studies["val"] else None
+        if studies["val"]
+        else None
     )
     if cfg.sign != "multi":
         # Paper 2.3: "train and test subsets were balanced after the split".
-        train_set = train_set.subset(balance_indices(train_set.labels, mode=cfg.train_balance,
-                                                     seed=cfg.seed))
-        test_set = test_set.subset(balance_indices(test_set.labels, mode=cfg.test_balance,
-                                                   seed=cfg.seed))
+        train_set = train_set.subset(
+            balance_indices(train_set.labels, mode=cfg.train_balance, seed=cfg.seed)
+        )
+        test_set = test_set.subset(
+            balance_indices(test_set.labels, mode=cfg.test_balance, seed=cfg.seed)
+        )
     return RunData(train_set, val_set, test_set, split)
 
 
 def _studies_of(cache, patients, task) -> list[str]:
     wanted = set(patients)
     return [
-        sid for sid in cache.study_ids
+        sid
+        for sid in cache.study_ids
         if cache.meta(sid)["patient_id"] in wanted
         and study_label(cache.meta(sid), task) is not None
     ]
@@ -203,8 +218,14 @@ def _train_epoch(cfg, model, optimizer, batches, spec, frozen, epoch, batch_size
     set_train_mode(model, frozen)
     losses, probs, labels = [], [], []
     start = time.perf_counter()
-    bar = tqdm(batches.iterate(order, batch_size), total=n_steps, desc=f"epoch {epoch}",
-               leave=False, unit="batch", disable=None)
+    bar = tqdm(
+        batches.iterate(order, batch_size),
+        total=n_steps,
+        desc=f"epoch {epoch}",
+        leave=False,
+        unit="batch",
+        disable=None,
+    )
     for step, (images, y) in enumerate(bar):
         key = jax.random.fold_in(jax.random.key(cfg.seed), epoch * 1_000_003 + step)
         loss, p = train_step(model, optimizer, images, y, key)
@@ -213,8 +234,10 @@ def _train_epoch(cfg, model, optimizer, batches, spec, frozen, epoch, batch_size
         labels.append(y)
         if step % 10 == 9:  # sync rarely: checking every step would stall the device queue
             _check_finite(losses[-10:], epoch, step)
-            bar.set_postfix(loss=f"{float(losses[-1]):.4f}",
-                            img_s=f"{(step + 1) * batch_size / (time.perf_counter() - start):.0f}")
+            bar.set_postfix(
+                loss=f"{float(losses[-1]):.4f}",
+                img_s=f"{(step + 1) * batch_size / (time.perf_counter() - start):.0f}",
+            )
     bar.close()
     _check_finite(losses, epoch, n_steps)
     seconds = time.perf_counter() - start
@@ -260,8 +283,10 @@ def predict(model, spec: StepSpec, samples: SampleSet, mesh, batch_size: int = 6
     sharding = NamedSharding(mesh, P("data"))
     losses, probs = [], []
     for start in range(0, len(samples), batch_size):
-        images, labels = samples.images[start:start + batch_size], samples.labels[start:start +
-                                                                                   batch_size]
+        images, labels = (
+            samples.images[start : start + batch_size],
+            samples.labels[start : start + batch_size],
+        )
         n = len(labels)
         pad = batch_size - n
         images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
@@ -275,17 +300,25 @@ def predict(model, spec: StepSpec, samples: SampleSet, mesh, batch_size: int = 6
 def evaluate_samples(model, spec, samples, mesh) -> dict:
     losses, probs = predict(model, spec, samples, mesh)
     metrics = binary_metrics(samples.labels.ravel(), probs.ravel())
-    return {"loss": float(losses.mean()), **{k: metrics[k] for k in
-                                              ("accuracy", "precision", "recall", "f1", "auc")}}
+    return {
+        "loss": float(losses.mean()),
+        **{k: metrics[k] for k in ("accuracy", "precision", "recall", "f1", "auc")},
+    }
 
 
 def write_test_predictions(model, spec, test: SampleSet, mesh, workdir: Path) -> dict:
     """Predict the held-out test patients with the best model; save predictions, return metrics."""
     _, probs = predict(model, spec, test, mesh)
     tmp = workdir / "predictions_test.tmp.npz"
-    np.savez(tmp, probs=probs, labels=test.labels, study_ids=test.study_ids.astype(str),
-             patient_ids=test.patient_ids.astype(str), subregions=test.subregions,
-             rotations=test.rotations)
+    np.savez(
+        tmp,
+        probs=probs,
+        labels=test.labels,
+        study_ids=test.study_ids.astype(str),
+        patient_ids=test.patient_ids.astype(str),
+        subregions=test.subregions,
+        rotations=test.rotations,
+    )
     os.replace(tmp, workdir / "predictions_test.npz")
     return binary_metrics(test.labels.ravel(), probs.ravel())
 
@@ -323,8 +356,11 @@ def _check_or_write_config(cfg: TrainConfig, workdir: Path) -> None:
     if path.is_file():
         old = TrainConfig.from_dict(json.loads(path.read_text()))
         keys = ("task", "axis", "sign", "arch", "width", "cache", "seed", "preset", "weights")
-        diff = [f"{k}: {getattr(old, k)!r} != {getattr(cfg, k)!r}" for k in keys
-                if getattr(old, k) != getattr(cfg, k)]
+        diff = [
+            f"{k}: {getattr(old, k)!r} != {getattr(cfg, k)!r}"
+            for k in keys
+            if getattr(old, k) != getattr(cfg, k)
+        ]
         if diff:
             raise ValueError(
                 f"{path} belongs to a different run ({'; '.join(diff)}); use another --workdir"
@@ -358,5 +394,7 @@ def _truncate_metrics(path: Path, last_epoch: int) -> None:
 
 def _epoch_line(name: str, r: dict) -> str:
     val = f" val_f1 {r['val_f1']:.3f} val_auc {r['val_auc']:.3f}" if "val_f1" in r else ""
-    return (f"[{name}] epoch {r['epoch']}: loss {r['train_loss']:.4f} train_f1 {r['train_f1']:.3f}"
-            f"{val} ({r['images_per_s']:.0f} img/s)")
+    return (
+        f"[{name}] epoch {r['epoch']}: loss {r['train_loss']:.4f} train_f1 {r['train_f1']:.3f}"
+        f"{val} ({r['images_per_s']:.0f} img/s)"
+    )

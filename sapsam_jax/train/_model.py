@@ -16,10 +16,18 @@ from sapsam_jax.train._config import TrainConfig
 DEFAULT_PREPROCESSING = "tf"
 
 
-def _model_class(arch: str):
+def new_model(cfg: TrainConfig, num_classes: int, rngs: nnx.Rngs):
+    """A freshly initialised network of the run's architecture, width, head and dtype."""
     from sapsam_jax.models import VGG19, InceptionV3
 
-    return {"vgg19": VGG19, "inception_v3": InceptionV3}[arch]
+    return {"vgg19": VGG19, "inception_v3": InceptionV3}[cfg.arch](
+        num_classes,
+        rngs=rngs,
+        width=cfg.width,
+        dtype=jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32,
+        head_units=cfg.head_units,
+        dropout_rate=cfg.dropout_rate,
+    )
 
 
 def build_model(cfg: TrainConfig, *, num_classes: int, seed: int):
@@ -29,16 +37,7 @@ def build_model(cfg: TrainConfig, *, num_classes: int, seed: int):
     backbone and fixes the input preprocessing; ``cfg.init_from`` (a disease workdir, survival
     task, paper 2.4) takes the whole trained network and re-draws the last two dense layers.
     """
-    dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
-    rngs = nnx.Rngs(params=seed, dropout=seed + 1)
-    model = _model_class(cfg.arch)(
-        num_classes,
-        rngs=rngs,
-        width=cfg.width,
-        dtype=dtype,
-        head_units=cfg.head_units,
-        dropout_rate=cfg.dropout_rate,
-    )
+    model = new_model(cfg, num_classes, nnx.Rngs(params=seed, dropout=seed + 1))
     preprocessing = DEFAULT_PREPROCESSING
     if cfg.init_from:
         source = load_trained(cfg.init_from)
@@ -83,14 +82,7 @@ def load_trained(workdir, which: str = "best") -> TrainedRun:
             raise FileNotFoundError(f"{workdir} is not a training workdir: {name} is missing")
     cfg = TrainConfig.from_dict(json.loads((workdir / "config.json").read_text()))
     run = json.loads((workdir / "run.json").read_text())
-    model = _model_class(cfg.arch)(
-        run["num_classes"],
-        rngs=nnx.Rngs(params=0, dropout=1),
-        width=cfg.width,
-        dtype=jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32,
-        head_units=cfg.head_units,
-        dropout_rate=cfg.dropout_rate,
-    )
+    model = new_model(cfg, run["num_classes"], nnx.Rngs(params=0, dropout=1))
     ckpts = RunCheckpoints(workdir)
     meta = ckpts.restore_best(model) if which == "best" else _restore_latest_model(ckpts, model)
     ckpts.close()
@@ -118,8 +110,12 @@ def _restore_latest_model(ckpts, model):
     if step is None:
         return None
     state = nnx.state(model, MODEL_STATE)
-    restored = ckpts.latest.restore(step, args=ocp.args.Composite(
-        model=ocp.args.StandardRestore(nnx.to_pure_dict(state)), meta=ocp.args.JsonRestore()))
+    restored = ckpts.latest.restore(
+        step,
+        args=ocp.args.Composite(
+            model=ocp.args.StandardRestore(nnx.to_pure_dict(state)), meta=ocp.args.JsonRestore()
+        ),
+    )
     _assign(model, state, restored["model"])
     return dict(restored["meta"])
 

@@ -55,11 +55,11 @@ def _param_labels(frozen: tuple[str, ...]):
 def make_optimizer(model, cfg, steps_per_epoch: int) -> nnx.Optimizer:
     """SGD with momentum (paper 3.1) or Adam, optional linear warm-up, frozen first blocks."""
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
-    schedule = optax.linear_schedule(0.0, cfg.learning_rate, warmup) if warmup else cfg.learning_rate
-    if warmup:
-        schedule = optax.join_schedules(
-            [schedule, optax.constant_schedule(cfg.learning_rate)], [warmup]
-        )
+    schedule = (
+        optax.warmup_constant_schedule(0.0, cfg.learning_rate, warmup)
+        if warmup
+        else cfg.learning_rate
+    )
     base = (
         optax.sgd(schedule, momentum=cfg.momentum)
         if cfg.optimizer == "sgd"
