@@ -6,6 +6,9 @@ preprocessed; ``--manifest`` preprocesses a cohort into a cache; ``--cache`` use
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import multiprocessing
 import os
 import shutil
@@ -31,20 +34,24 @@ def prepare_cache(cfg, log=print) -> ProjectionCache:
     """The ProjectionCache this run trains on, building it (and the synthetic cohort) if needed."""
     if cfg.cache:
         return ProjectionCache(cfg.cache)
-    data_dir = Path(cfg.data_dir)
-    if cfg.manifest:
-        manifest = Path(cfg.manifest)
-        cache_dir = data_dir / f"cache-{manifest.stem}-{cfg.preprocess_preset}"
-    else:
-        manifest = ensure_synthetic_cohort(cfg, log=log)
-        cache_dir = data_dir / f"cache-{manifest.parent.name}"
-    log(f"preprocessing {manifest} -> {cache_dir} (finished studies are reused)")
     config = preprocess_preset(cfg.preprocess_preset)
+    manifest = Path(cfg.manifest) if cfg.manifest else ensure_synthetic_cohort(cfg, log=log)
+    name = manifest.stem if cfg.manifest else manifest.parent.name
+    # The config's digest in the name: a changed preprocessing config gets a cache of its own
+    # instead of mixing projections of two configs.
+    cache_dir = Path(cfg.data_dir) / f"cache-{name}-{cfg.preprocess_preset}-{config_digest(config)}"
+    log(f"preprocessing {manifest} -> {cache_dir} (finished studies are reused)")
     if get_backend(cfg.backend).is_gpu or _cpu_workers() == 1:
         preprocess_cohort(manifest, cache_dir, config=config, backend=cfg.backend)
     else:
         _preprocess_on_cpu_cores(manifest, cache_dir, config, _cpu_workers())
     return ProjectionCache(cache_dir)
+
+
+def config_digest(config) -> str:
+    """Short stable digest of a PreprocessConfig."""
+    text = json.dumps(dataclasses.asdict(config), sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
 def _cpu_workers() -> int:
