@@ -43,7 +43,7 @@ NOISE_SIGMA_HU = (12.0, 22.0)  # per-scan image noise, spatially correlated like
 NOISE_CORRELATION_VOXELS = 0.7
 # Paper 3.3: 43 of 143 CPA patients died within two years; the midpoint gives about 30 %.
 SURVIVAL_SLOPE = 1.2
-SURVIVAL_MIDPOINT = 6.0
+SURVIVAL_MIDPOINT = 6.75
 POSITION_JITTER_MM = (5.0, 4.0, 4.0)  # patient positioning differs a little between scans
 
 
@@ -306,6 +306,12 @@ def make_cohort(
 
     if fmt not in ("dicom", "nifti"):
         raise ValueError(f"fmt must be 'dicom' or 'nifti', not {fmt!r}")
+    lo, hi = scans_per_patient
+    if n_patients < 1 or not 1 <= lo <= hi or not 0.0 <= control_fraction <= 1.0:
+        raise ValueError(
+            f"need n_patients >= 1 (got {n_patients}), 1 <= min <= max scans (got "
+            f"{scans_per_patient}) and 0 <= control_fraction <= 1 (got {control_fraction})"
+        )
     out_dir = Path(out_dir).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
     plan = _plan_cohort(n_patients, scans_per_patient, control_fraction, seed)

@@ -260,7 +260,7 @@ def _place_cavity(planner: Planner, rng, region: str, fungus: bool) -> Lesion | 
         return None
     params = {"wall": wall, "axes": axes, "rotation": _random_rotation(rng)}
     if fungus:
-        params["ball_fraction"] = rng.uniform(0.55, 0.78)
+        params["ball_fraction"] = rng.uniform(0.6, 0.85)
     return Lesion("cavity", region, center, radius, seed=int(rng.integers(2**31)), params=params)
 
 
