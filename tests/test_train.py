@@ -238,7 +238,9 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypat
     assert [r["train_loss"] for r in a] == pytest.approx([r["train_loss"] for r in b], rel=1e-6)
 
 
-def test_workdir_of_another_run_is_refused(tmp_path):
-    _fit(tmp_path, epochs=1)
+def test_workdir_of_another_run_is_refused_and_tensorboard_logs(tmp_path):
+    _fit(tmp_path, epochs=1, tensorboard=True)
+    (events,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
+    assert b"train/loss" in events.read_bytes() and b"val/f1" in events.read_bytes()
     with pytest.raises(ValueError, match="different run"):
         _fit(tmp_path, epochs=1, seed=5)

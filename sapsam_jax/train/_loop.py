@@ -134,6 +134,7 @@ def fit(cfg: TrainConfig, cache: ProjectionCache, *, log=print) -> dict:
     )
     batches.rotations = data.train.rotations
     frozen = frozen_block_names(model, cfg.frozen_blocks)
+    tensorboard = _tensorboard_writer(workdir) if cfg.tensorboard else None
     for epoch in range(meta["epoch"] + 1, cfg.num_epochs + 1):
         record = _train_epoch(cfg, model, optimizer, batches, spec, frozen, epoch, batch_size, mesh)
         if data.val is not None:
@@ -153,7 +154,11 @@ def fit(cfg: TrainConfig, cache: ProjectionCache, *, log=print) -> dict:
         }
         ckpts.save(model, optimizer, meta, best=improved)
         _append_metrics(workdir / "metrics.jsonl", record)
+        if tensorboard is not None:
+            _log_tensorboard(tensorboard, record)
         log(_epoch_line(workdir.name, record))
+    if tensorboard is not None:
+        tensorboard.close()
     ckpts.restore_best(model)
     ckpts.close()
     return write_test_predictions(model, spec, data.test, mesh, workdir)
@@ -390,6 +395,24 @@ def _truncate_metrics(path: Path, last_epoch: int) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(ln + "\n" for ln in kept))
     os.replace(tmp, path)
+
+
+def _tensorboard_writer(workdir: Path):
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError as err:
+        raise ImportError(
+            "--tensorboard needs tensorboardX: pip install -e '.[tensorboard]'"
+        ) from err
+    return SummaryWriter(str(workdir / "tensorboard"))
+
+
+def _log_tensorboard(writer, record: dict) -> None:
+    """Every numeric metric of the epoch as a scalar (train_* and val_* side by side)."""
+    for name, value in record.items():
+        if name != "epoch" and isinstance(value, int | float) and math.isfinite(value):
+            writer.add_scalar(name.replace("_", "/", 1), value, record["epoch"])
+    writer.flush()
 
 
 def _epoch_line(name: str, r: dict) -> str:
