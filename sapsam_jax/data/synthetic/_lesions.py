@@ -317,13 +317,12 @@ def plan_lesions(planner: Planner, rng: np.random.Generator, n_scans: int) -> li
     lesions = []
     pairs = _sample_sign_regions(rng)
     for sign, region in sorted(pairs, key=lambda p: p[0] != "cavity"):  # cavities first: biggest
-        if sign == "fungus_ball":
-            continue
-        fungus = sign == "cavity" and ("fungus_ball", region) in pairs
-        place = _place_cavity if sign == "cavity" else _place_pleural
-        lesion = (
-            place(planner, rng, region, fungus) if sign == "cavity" else place(planner, rng, region)
-        )
+        if sign == "cavity":
+            lesion = _place_cavity(planner, rng, region, ("fungus_ball", region) in pairs)
+        elif sign == "pleural_thickening":
+            lesion = _place_pleural(planner, rng, region)
+        else:
+            continue  # a fungus ball is part of its cavity
         if lesion is not None:
             lesions.append(lesion)
     if not lesions:
