@@ -12,7 +12,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sapsam_jax.data import augment_batch, balance_indices, rotate_zoom, split_by_patient
+from sapsam_jax.data import (
+    augment_batch,
+    balance_indices,
+    rotate_zoom,
+    split_by_patient,
+    study_label,
+)
 from sapsam_jax.train import TINY, binary_metrics, bootstrap_intervals, roc_auc
 from sapsam_jax.train._loop import _replicate, epoch_order, fit, load_run_data
 from sapsam_jax.train._model import build_model
@@ -65,6 +71,14 @@ def test_epoch_order_draws_rotations_per_epoch_reproducibly():
     assert len(np.unique(rotations[part])) == 9 and len(part) == 36
     np.testing.assert_array_equal(part, epoch_order(rotations, 9, seed=0, epoch=1))
     assert set(rotations[part]) != set(rotations[epoch_order(rotations, 9, seed=0, epoch=2)])
+
+
+def test_study_labels_per_task():
+    meta = {"cpa": 1, "survival_2y": 1}
+    assert study_label(meta, "disease") == 1
+    assert study_label(meta, "survival") == 0  # alive at two years: negative (paper 3.3)
+    assert study_label({"cpa": 1, "survival_2y": 0}, "survival") == 1
+    assert study_label({"cpa": 0, "survival_2y": None}, "survival") is None
 
 
 # ---------------------------------------------------------------- augmentation (2.3)

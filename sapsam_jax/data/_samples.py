@@ -1,7 +1,8 @@
 """Training samples for each task, read from the projection cache (paper 2.3, 3.1-3.3).
 
 - disease: whole-scan grayscale projections along one axis (conservative mask), label ``cpa``;
-- survival: the same images of CPA scans that carry a ``survival_2y`` label;
+- survival: the same images of CPA scans that carry a ``survival_2y`` label; the positive class
+  is death within two years (paper 3.3), i.e. ``survival_2y == 0``;
 - signs: sub-region RGB band projections (refined mask), one sample per annotated sub-region,
   label the sub-region's flag for the sign (or all three flags, ``sign="multi"``).
 Training uses all 27 rotations of a scan (paper 2.3); evaluation uses the unrotated scan.
@@ -40,8 +41,10 @@ def study_label(meta: dict, task: str) -> int | None:
     if task == "disease":
         return int(meta["cpa"])
     if task == "survival":
+        # Paper 3.3: scans of patients who died within two years are the positive class;
+        # survival_2y = 1 means the patient was alive two years after the scan.
         value = meta.get("survival_2y")
-        return None if value is None else int(value)
+        return None if value is None else 1 - int(value)
     return int(meta["cpa"])  # signs: splits are stratified by disease status
 
 

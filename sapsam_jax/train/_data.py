@@ -126,6 +126,32 @@ def fits_on_device(nbytes: int) -> bool:
     return limit is None or nbytes <= DEVICE_RESIDENT_FRACTION * limit
 
 
+def to_global(host_batch, sharding):
+    """Host arrays -> one global batch sharded over every device of every process.
+
+    One process: a plain ``device_put``. Several (``jax.distributed``): every process holds the
+    same global batch and contributes its own contiguous slice.
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(host_batch, sharding)
+    count, index = jax.process_count(), jax.process_index()
+
+    def local(x):
+        per = len(x) // count
+        return jax.make_array_from_process_local_data(sharding, x[index * per : (index + 1) * per])
+
+    return jax.tree.map(local, host_batch)
+
+
+def to_host(array) -> np.ndarray:
+    """A (possibly multi-process) global array as one NumPy array on every process."""
+    if jax.process_count() == 1:
+        return np.asarray(jax.device_get(array))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
 class Batches:
     """Batches of one epoch, gathered on the device or prefetched from the host.
 
@@ -136,7 +162,8 @@ class Batches:
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, sharding, replicated, prefetch=2):
         self.sharding, self.prefetch = sharding, prefetch
-        self.device_resident = fits_on_device(images.nbytes)
+        # Across processes every host feeds its own slice, so the data stays on the hosts.
+        self.device_resident = jax.process_count() == 1 and fits_on_device(images.nbytes)
         if self.device_resident:
             self.images = jax.device_put(images, replicated)
             self.labels = jax.device_put(labels, replicated)
@@ -160,7 +187,7 @@ class Batches:
         def produce():
             for idx in chunks:
                 batch = (np.take(self.images, idx, axis=0), np.take(self.labels, idx, axis=0))
-                queue.put(jax.device_put(batch, self.sharding))
+                queue.put(to_global(batch, self.sharding))
             queue.put(None)
 
         threading.Thread(target=produce, daemon=True).start()

@@ -30,7 +30,7 @@ from sapsam_jax.data import (
 )
 from sapsam_jax.train._checkpoint import RunCheckpoints
 from sapsam_jax.train._config import MIN_INPUT_SIZE, TrainConfig
-from sapsam_jax.train._data import Batches, prepare_cache
+from sapsam_jax.train._data import Batches, prepare_cache, to_global, to_host
 from sapsam_jax.train._metrics import binary_metrics
 from sapsam_jax.train._model import build_model
 from sapsam_jax.train._step import (
@@ -246,7 +246,8 @@ def _train_epoch(cfg, model, optimizer, batches, spec, frozen, epoch, batch_size
     bar.close()
     _check_finite(losses, epoch, n_steps)
     seconds = time.perf_counter() - start
-    probs, labels = np.concatenate(jax.device_get(probs)), np.concatenate(jax.device_get(labels))
+    probs = np.concatenate([to_host(p) for p in probs])
+    labels = np.concatenate([to_host(y) for y in labels])
     metrics = binary_metrics(labels.ravel(), probs.ravel())
     return {
         "epoch": epoch,
@@ -296,9 +297,9 @@ def predict(model, spec: StepSpec, samples: SampleSet, mesh, batch_size: int = 6
         pad = batch_size - n
         images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
         labels = np.concatenate([labels, np.zeros((pad, *labels.shape[1:]), labels.dtype)])
-        loss, p = eval_step(model, *jax.device_put((images, labels), sharding))
-        losses.append(np.asarray(loss)[:n])
-        probs.append(np.asarray(p)[:n])
+        loss, p = eval_step(model, *to_global((images, labels), sharding))
+        losses.append(to_host(loss)[:n])
+        probs.append(to_host(p)[:n])
     return np.concatenate(losses), np.concatenate(probs)
 
 
