@@ -110,6 +110,10 @@ def fit(cfg: TrainConfig, cache: ProjectionCache, *, log=print) -> dict:
             "image_size": list(spec.image_size),
             "num_classes": _num_classes(cfg),
             "multi_label": spec.multi_label,
+            # Conventions the weights switched on (torchvision Inception: BN scale, padded pools).
+            "model_conventions": {
+                k: v for k, v in model.config.items() if k in ("bn_scale", "pool_include_pad")
+            },
         },
     )
     mesh = Mesh(np.array(jax.devices()), ("data",))

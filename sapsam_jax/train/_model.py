@@ -83,6 +83,8 @@ def load_trained(workdir, which: str = "best") -> TrainedRun:
     cfg = TrainConfig.from_dict(json.loads((workdir / "config.json").read_text()))
     run = json.loads((workdir / "run.json").read_text())
     model = new_model(cfg, run["num_classes"], nnx.Rngs(params=0, dropout=1))
+    if run.get("model_conventions"):
+        model.set_conventions(**run["model_conventions"])
     ckpts = RunCheckpoints(workdir)
     meta = ckpts.restore_best(model) if which == "best" else _restore_latest_model(ckpts, model)
     ckpts.close()
