@@ -209,7 +209,10 @@ def test_run_data_splits_by_patient_and_balances(tmp_path):
     assert patients["train"].isdisjoint(patients["test"] | patients["val"])
     assert np.bincount(data.train.labels).tolist()[0] == np.bincount(data.train.labels)[1]
     assert set(np.unique(data.train.rotations)) == set(range(27))  # paper 2.3 rotations
-    assert set(np.unique(data.test.rotations)) == {13}  # evaluation on the unrotated scan
+    assert set(np.unique(data.test.rotations)) == set(range(27))  # as the paper's test set
+    unrotated = load_run_data(cfg.replace(eval_rotations="identity"), cache, tmp_path)
+    assert set(np.unique(unrotated.test.rotations)) == {13}
+    assert set(unrotated.test.study_ids) <= set(data.test.study_ids)
     assert json.loads((tmp_path / "split.json").read_text())["train"] == sorted(patients["train"])
 
 

@@ -32,6 +32,7 @@ _CHOICES = {
     "optimizer": ("sgd", "adam"),
     "train_balance": ("oversample", "undersample"),
     "test_balance": ("oversample", "undersample"),
+    "eval_rotations": ("all", "identity"),
 }
 _NOT_FLAGS = {"synthetic", "preset"}
 

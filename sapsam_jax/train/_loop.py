@@ -174,9 +174,9 @@ def load_run_data(cfg: TrainConfig, cache: ProjectionCache, workdir: Path) -> Ru
     studies = {name: _studies_of(cache, split[name], cfg.task) for name in ("train", "val", "test")}
     sample = dict(task=cfg.task, axis=cfg.axis, sign=cfg.sign)
     train_set = task_samples(cache, studies["train"], rotations="all", **sample)
-    test_set = task_samples(cache, studies["test"], rotations="identity", **sample)
+    test_set = task_samples(cache, studies["test"], rotations=cfg.eval_rotations, **sample)
     val_set = (
-        task_samples(cache, studies["val"], rotations="identity", **sample)
+        task_samples(cache, studies["val"], rotations=cfg.eval_rotations, **sample)
         if studies["val"]
         else None
     )
