@@ -64,8 +64,10 @@ class SegmentationConfig:
     gas_fraction_max: float = 0.5
     # Other air pockets down to min_pocket_ml are kept when lung surrounds them (cavities,
     # bullae, paper 1.2): at least this fraction of the shell within the intermediate-marker
-    # radius is lung. Smaller specks are noise (not in the paper).
-    enclosed_fraction: float = 0.5
+    # radius is lung. Smaller specks are noise (not in the paper). A cavity walled off on its
+    # pleural side by pleural thickening still has about a third of its shell in lung; gas
+    # outside the lungs (bowel, stomach) has next to none.
+    enclosed_fraction: float = 0.3
     min_pocket_ml: float = 0.5
     # Trachea and extra-pulmonary bronchi are removed: chains of axial cross-sections that are
     # smaller than this (a 30 mm disc; the adult trachea is <= 25 mm wide), mostly in the

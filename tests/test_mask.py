@@ -217,8 +217,11 @@ def test_masks_on_synthetic_cpa_phantoms(patient):
     masks = lung_masks(scan.hu, scan.grid.spacing)
     signs = {name: scan.labels == LABELS[name] for name in ("cavity", "fungus_ball")}
     pleura = scan.labels == LABELS["pleural_thickening"]
-    for name, mask in masks.items():
-        assert dice(mask, scan.lung) >= 0.98, name
+    # The conservative mask leaves soft-tissue signs out by design (paper 2.1), so its reference
+    # is the lung without the fungus balls and the pleural thickening (its fibrotic rim).
+    soft_tissue = pleura | signs["fungus_ball"]
+    assert dice(masks["conservative"], scan.lung & ~soft_tissue) >= 0.98
+    assert dice(masks["refined"], scan.lung) >= 0.98
     assert masks["conservative"][signs["cavity"]].mean() >= 0.8  # the air, not all the wall
     for sign in signs.values():
         assert masks["refined"][sign].mean() >= 0.95
