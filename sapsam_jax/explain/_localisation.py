@@ -93,6 +93,7 @@ def localisation_scores(
     tolerance_mm: float = DEFAULT_TOLERANCE_MM,
     three_d: bool = True,
     batch_size: int | None = 32,
+    layer: str | None = None,
 ) -> dict:
     """Localisation of sign runs on the ``split`` studies that carry lesion truth.
 
@@ -122,6 +123,7 @@ def localisation_scores(
     result = {
         "split": split,
         "method": method,
+        "layer": layer,
         "tolerance_px": int(tolerance_px),
         "tolerance_mm": float(tolerance_mm),
         "signs": {},
@@ -129,7 +131,7 @@ def localisation_scores(
     }
     for sign, by_axis in groups.items():
         records = _sign_records(
-            sign, by_axis, split, method, tolerance_px, tolerance_mm, three_d, batch_size
+            sign, by_axis, split, method, tolerance_px, tolerance_mm, three_d, batch_size, layer
         )
         result["records"] += records
         result["signs"][sign] = _summarise(records)
@@ -137,7 +139,7 @@ def localisation_scores(
 
 
 def _sign_records(
-    sign, by_axis, split, method, tolerance_px, tolerance_mm, three_d, batch_size
+    sign, by_axis, split, method, tolerance_px, tolerance_mm, three_d, batch_size, layer=None
 ) -> list[dict]:
     """One record per (study, axis, sub-region with lesion), plus 3-D records with all axes."""
     records = []
@@ -148,7 +150,7 @@ def _sign_records(
         if any(t is None for t in truth.values()):
             continue
         views = {
-            a: view_maps(run, study_id, sign, method=method, batch_size=batch_size)
+            a: view_maps(run, study_id, sign, method=method, batch_size=batch_size, layer=layer)
             for a, run in by_axis.items()
         }
         for a, view in views.items():
