@@ -153,7 +153,7 @@ QUICK = PAPER.replace(
     bootstrap=500,
     synthetic=SyntheticCohortConfig(n_patients=40, shape=(80, 128, 128), spacing=(3.6, 2.6, 2.6)),
 )
-QUICK_EPOCHS = {"disease": 8, "signs": 8, "survival": 5}
+QUICK_EPOCHS = {"disease": 15, "signs": 8, "survival": 5}
 
 # For tests: a handful of tiny phantoms, two epochs.
 TINY = QUICK.replace(
@@ -176,6 +176,8 @@ def preset_config(name: str, task: str) -> TrainConfig:
     cfg = TRAIN_PRESETS[name].replace(task=task)
     if name == "quick":
         cfg = cfg.replace(epochs=QUICK_EPOCHS[task])
+        if task != "signs":  # one image per scan (not six): every rotation, every epoch
+            cfg = cfg.replace(rotations_per_epoch=None)
     return cfg
 
 
