@@ -9,17 +9,17 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from sapsam_jax.evaluate._report import find_runs
 from sapsam_jax.train import load_trained
 
 
 def find_trained_runs(workdirs) -> list[Path]:
-    """Run folders (config.json + checkpoints/) at or below ``workdirs``."""
-    runs = set()
-    for root in map(Path, workdirs):
-        for config in [root / "config.json", *root.rglob("*/config.json")]:
-            if (config.parent / "checkpoints").is_dir() and (config.parent / "run.json").is_file():
-                runs.add(config.parent)
-    return sorted(runs)
+    """Run folders at or below ``workdirs`` whose first epoch finished (a checkpoint exists)."""
+    return [
+        run
+        for run in find_runs(workdirs, marker="run.json")
+        if any((run / "checkpoints" / "latest").glob("[0-9]*"))
+    ]
 
 
 def rebuild_predictions(run_dir: Path) -> dict:

@@ -21,12 +21,12 @@ from sapsam_jax.train._config import TrainConfig
 TABLE_METRICS = ("precision", "recall", "f1", "auc")
 
 
-def find_runs(workdirs) -> list[Path]:
-    """Every run folder (config.json + predictions_test.npz) at or below ``workdirs``."""
+def find_runs(workdirs, marker: str = "predictions_test.npz") -> list[Path]:
+    """Every run folder (config.json + ``marker``) at or below ``workdirs``."""
     runs = set()
     for root in map(Path, workdirs):
         for config in [root / "config.json", *root.rglob("*/config.json")]:
-            if (config.parent / "predictions_test.npz").is_file():
+            if (config.parent / marker).exists():
                 runs.add(config.parent)
     return sorted(runs)
 

@@ -160,8 +160,10 @@ class Batches:
     one trains, so the input pipeline does not starve the accelerator.
     """
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, sharding, replicated, prefetch=2):
+    def __init__(self, images, labels, sharding, replicated, *, rotations=None, prefetch=2):
         self.sharding, self.prefetch = sharding, prefetch
+        # Rotation index (0-26) of each sample, for drawing rotations per epoch.
+        self.rotations = np.zeros(len(labels), int) if rotations is None else rotations
         # Across processes every host feeds its own slice, so the data stays on the hosts.
         self.device_resident = jax.process_count() == 1 and fits_on_device(images.nbytes)
         if self.device_resident:

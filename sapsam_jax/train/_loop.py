@@ -135,8 +135,8 @@ def fit(cfg: TrainConfig, cache: ProjectionCache, *, log=print) -> dict:
         data.train.labels,
         NamedSharding(mesh, P("data")),
         NamedSharding(mesh, P()),
+        rotations=data.train.rotations,
     )
-    batches.rotations = data.train.rotations
     frozen = frozen_block_names(model, cfg.frozen_blocks)
     tensorboard = _tensorboard_writer(workdir) if cfg.tensorboard else None
     for epoch in range(meta["epoch"] + 1, cfg.num_epochs + 1):
