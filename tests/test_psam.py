@@ -306,6 +306,19 @@ def test_localisation_of_maps_that_look_away(study):
     assert "3d" not in scores["signs"]["fungus_ball"]
 
 
+def test_localisation_uses_the_runs_map_settings(study):
+    runs = _runs(study, axes=("axial",))
+    runs[0].config.cam_method, runs[0].config.cam_layer = "hirescam", "bright"
+    axial = localisation_scores(runs, "test", three_d=False)["signs"]["fungus_ball"]["axial"]
+    assert (axial["method"], axial["layer"]) == ("hirescam", "bright")
+    assert axial["pointing_game"] == 1.0  # HiResCAM of a GAP -> linear head is Grad-CAM
+    asked = localisation_scores(runs, "test", method="gradcam++", three_d=False)
+    assert asked["signs"]["fungus_ball"]["axial"]["method"] == "gradcam++"
+    runs[0].config.cam_layer = "block2_conv2"  # a preset layer this model lacks: its last one
+    axial = localisation_scores(runs, "test", three_d=False)["signs"]["fungus_ball"]["axial"]
+    assert axial["layer"] == "bright"
+
+
 def test_localisation_report_rows(study):
     rows = localisation_report(_runs(study), "test")
     assert {(r["sign"], r["axis"]) for r in rows} == {("fungus_ball", a) for a in (*AXES, "3d")}

@@ -63,6 +63,21 @@ def test_balance_indices(mode, expected):
         assert set(idx[labels[idx] == 1]) == {9, 10, 11}  # every minority sample is used
 
 
+def test_balance_indices_by_group_removes_the_group_shortcut():
+    # Sub-region 0 ("upper"): 2 positives, 6 negatives; 1: 1 positive, 2 negatives; 2: no sign.
+    groups = np.array([0] * 8 + [1] * 3 + [2] * 5)
+    labels = np.array([1, 1] + [0] * 6 + [1, 0, 0] + [0] * 5)
+    idx = balance_indices(labels, mode="oversample", seed=0, groups=groups)
+    for group, size in [(0, 6), (1, 2)]:
+        chosen = labels[idx][groups[idx] == group]
+        assert np.bincount(chosen).tolist() == [size, size]  # P(sign | sub-region) = 1/2
+    assert sorted(idx[groups[idx] == 2]) == [11, 12, 13, 14, 15]  # single-class group kept whole
+    under = balance_indices(labels, mode="undersample", seed=0, groups=groups)
+    assert np.bincount(labels[under][groups[under] == 0]).tolist() == [2, 2]
+    with pytest.raises(ValueError, match="differ in shape"):
+        balance_indices(labels, groups=groups[:-1])
+
+
 def test_epoch_order_draws_rotations_per_epoch_reproducibly():
     rotations = np.repeat(np.arange(27), 4)
     full = epoch_order(rotations, None, seed=0, epoch=1)

@@ -60,17 +60,36 @@ def _partition(n: int, fractions: Sequence[float]) -> list[slice]:
 
 
 def balance_indices(
-    labels: Sequence[int], *, mode: str = "undersample", seed: int = 0
+    labels: Sequence[int],
+    *,
+    mode: str = "undersample",
+    seed: int = 0,
+    groups: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Indices of a class-balanced subset (paper 2.3: balanced after the split).
 
     ``undersample`` keeps as many samples of each class as the rarest class has; ``oversample``
     repeats samples of the rarer classes (drawn without replacement first, then cycled) up to the
     most common class. Returned indices are sorted so the subset keeps its original order.
+
+    With ``groups`` (e.g. the sub-region of each sample) the classes are balanced inside every
+    group that has both, and single-class groups are kept whole: the group then says nothing
+    about the label, so a network cannot learn "upper sub-region, so a sign" (Table 1 puts most
+    signs in the upper lobes) instead of the sign itself. The whole set may stay unbalanced.
     """
     if mode not in ("undersample", "oversample"):
         raise ValueError(f"unknown balancing mode {mode!r}; expected undersample or oversample")
     labels = np.asarray(labels)
+    if groups is not None:
+        groups = np.asarray(groups)
+        if groups.shape != labels.shape:
+            raise ValueError(f"groups {groups.shape} and labels {labels.shape} differ in shape")
+        chosen = []
+        for g, group in enumerate(np.unique(groups)):
+            members = np.flatnonzero(groups == group)
+            kept = balance_indices(labels[members], mode=mode, seed=seed + g)
+            chosen.append(members[kept])
+        return np.sort(np.concatenate(chosen))
     classes, counts = np.unique(labels, return_counts=True)
     if len(classes) < 2:
         return np.arange(len(labels))

@@ -134,13 +134,17 @@ def _localisation_lines(scores) -> list[str]:
         "",
         "## Localisation (synthetic lesion truth)",
         "",
-        "| Sign | Axis | maps | pointing game | energy inside lesion |",
-        "|---|---|---|---|---|",
+        "| Sign | Axis | maps | method (layer) | pointing game (chance) | energy inside (chance) |",
+        "|---|---|---|---|---|---|",
     ]
     for entry in scores:
+        how = f"{entry.get('method', '?')} ({entry.get('layer', '?')})"
+        chance = entry.get("pointing_chance")
+        chance = f" ({chance:.2f})" if chance is not None else ""
         lines.append(
-            f"| {entry['sign']} | {entry['axis']} | {entry['n']} | "
-            f"{entry['pointing_game']:.2f} | {entry['energy_inside']:.2f} |"
+            f"| {entry['sign']} | {entry['axis']} | {entry['n']} | {how} | "
+            f"{entry['pointing_game']:.2f}{chance} | "
+            f"{entry['energy_inside']:.2f} ({entry['energy_chance']:.2f}) |"
         )
     return lines
 

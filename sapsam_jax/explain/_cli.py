@@ -43,7 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
         choices=SIGNS + ("disease", "survival"),
         help="labels to explain (default: every label of the runs)",
     )
-    parser.add_argument("--method", default="gradcam", choices=CAM_METHODS)
+    parser.add_argument(
+        "--method",
+        default=None,
+        choices=CAM_METHODS,
+        help="map method (default: the run's cam_method; the paper's is gradcam)",
+    )
+    parser.add_argument(
+        "--layer",
+        default=None,
+        help="model layer of the maps, e.g. block5_conv4 (default: the run's cam_layer, "
+        "else the last convolution)",
+    )
     parser.add_argument(
         "--subregions",
         nargs="+",
@@ -85,13 +96,14 @@ def main(argv=None) -> int:
             study_id,
             out,
             method=args.method,
+            layer=args.layer,
             subregions=which,
             threshold=args.threshold,
             labels=args.sign,
         )
         print(f"{study_id}: {out / study_id} ({_describe(summary)})", flush=True)
     if args.localisation:
-        scores = localisation_scores(runs, args.split, method=args.method)
+        scores = localisation_scores(runs, args.split, method=args.method, layer=args.layer)
         (out / "localisation.json").write_text(json.dumps(scores, indent=2, default=float))
         print(f"localisation: {out / 'localisation.json'}")
     return 0

@@ -88,7 +88,7 @@ def localisation_scores(
     runs,
     split: str = "test",
     *,
-    method: str = "gradcam",
+    method: str | None = None,
     tolerance_px: int = DEFAULT_TOLERANCE_PX,
     tolerance_mm: float = DEFAULT_TOLERANCE_MM,
     three_d: bool = True,
@@ -116,7 +116,8 @@ def localisation_scores(
     the sign has runs on all three axes): ``pointing_game`` is the share of PSAM maxima within
     ``tolerance_mm`` of a lesion voxel, ``energy_inside`` the share of the CT-grid PSAM on the
     sign's voxels (chance: their share of the PSAM's support). Sign runs only; disease and
-    survival runs are skipped.
+    survival runs are skipped. ``method``/``layer`` None: each run's own (``cam_method``,
+    ``cam_layer`` of its config); every summary names the method and layer it used.
     """
     runs = [runs] if not isinstance(runs, Sequence) else list(runs)
     groups = group_runs([r for r in runs if r.config.task == "signs"])
@@ -171,6 +172,8 @@ def _record_2d(view, r: int, name: str, mask, tolerance_px: int) -> dict:
         "axis": view.axis,
         "subregion": name,
         "probability": float(view.probabilities[r]),
+        "method": view.method,
+        "layer": view.layer,
         "hit": pointing_game(cam, mask, tolerance_px),
         "energy_inside": energy_inside(cam, mask),
         "pointing_chance": float(dilate_mask(mask, tolerance_px).mean()),
@@ -208,6 +211,8 @@ def _records_3d(cache, study_id, sign, views, truth, tolerance_mm) -> list[dict]
                 "axis": "3d",
                 "subregion": name,
                 "probability": float(np.mean([v.probabilities[r] for v in views.values()])),
+                "method": next(iter(views.values())).method,
+                "layer": "+".join(sorted({v.layer for v in views.values()})),
                 "distance_mm": distance,
                 "hit": bool(distance <= tolerance_mm),
                 "energy_inside": energy_inside(on_ct, lesion),
@@ -227,6 +232,7 @@ def _summarise(records: list[dict]) -> dict:
             continue
         keys = ("energy_inside", "energy_chance") + (("pointing_chance",) if axis != "3d" else ())
         out[axis] = {"n": len(rows), "pointing_game": _mean(rows, "hit")}
+        out[axis] |= {k: "/".join(sorted({str(r[k]) for r in rows})) for k in ("method", "layer")}
         out[axis] |= {k: _mean(rows, k) for k in keys}
         if axis == "3d":
             d = np.array([r["distance_mm"] for r in rows], dtype=np.float64)

@@ -41,7 +41,7 @@ class ViewMaps:
     ``maps`` (N, H, W) float32 are resized back to the cache image size (H, W), so a pixel is a
     ray of the working volume; ``images`` (N, H, W, C) are the cache images they explain;
     ``probabilities`` (N,) the run's output for the label; ``subregions`` names each image
-    (None for a whole-scan image).
+    (None for a whole-scan image); ``method``/``layer`` say how the maps were made.
     """
 
     study_id: str
@@ -52,6 +52,8 @@ class ViewMaps:
     images: np.ndarray
     maps: np.ndarray
     probabilities: np.ndarray
+    method: str = "gradcam"
+    layer: str | None = None  # the model layer the maps come from
 
 
 def find_workdirs(paths: Iterable[str | os.PathLike]) -> list[Path]:
@@ -89,7 +91,7 @@ def view_maps(
     study_id: str,
     label: str,
     *,
-    method: str = "gradcam",
+    method: str | None = None,
     rotation: int = IDENTITY_ROTATION,
     layer: str | None = None,
     batch_size: int | None = 32,
@@ -98,9 +100,11 @@ def view_maps(
 
     Images go through ``train.model_inputs`` (the exact training input), the map comes back at
     model size and is resized to the cache image; the target is :func:`target_class`.
+    ``method``/``layer`` default to the run's (:func:`run_cam_settings`).
     """
     from sapsam_jax.train import model_inputs
 
+    method, layer = run_cam_settings(run, method, layer)
     axis, cache = run.config.axis, run.cache
     if run.config.task == "signs":
         images = np.asarray(cache.bands(study_id, axis)[rotation], dtype=np.float32)
@@ -125,11 +129,29 @@ def view_maps(
         label=label,
         axis=axis,
         rotation=int(rotation),
+        method=method,
+        layer=layer,
         subregions=subregions,
         images=images,
         maps=maps,
         probabilities=_probabilities(np.asarray(logits), target, run.multi_label),
     )
+
+
+def run_cam_settings(run, method: str | None = None, layer: str | None = None) -> tuple[str, str]:
+    """The map method and layer to use for ``run``: the arguments, else the run's
+    ``cam_method``/``cam_layer`` (train config), else Grad-CAM on the last convolution.
+
+    A configured layer the architecture lacks (the quick preset's VGG layer on an InceptionV3
+    run) means the last convolution too.
+    """
+    config = run.config
+    method = method or getattr(config, "cam_method", None) or "gradcam"
+    if layer is None:
+        layer = getattr(config, "cam_layer", None)
+        if layer not in run.model.layer_names:
+            layer = None
+    return method, layer or run.model.default_cam_layer
 
 
 def _probabilities(logits: np.ndarray, target: int, multi_label: bool) -> np.ndarray:
@@ -170,7 +192,8 @@ def explain_study(
     study_id: str,
     out_dir: str | os.PathLike,
     *,
-    method: str = "gradcam",
+    method: str | None = None,
+    layer: str | None = None,
     subregions="positive",
     threshold: float = 0.5,
     labels: Sequence[str] | None = None,
@@ -189,12 +212,20 @@ def explain_study(
     groups = {k: v for k, v in group_runs(runs).items() if labels is None or k in labels}
     if not groups:
         raise ValueError(f"no run predicts any of {labels}")
-    meta = next(iter(next(iter(groups.values())).values())).cache.meta(study_id)
+    first = next(iter(next(iter(groups.values())).values()))
+    meta = first.cache.meta(study_id)
     ct = load_ct(meta["ct_path"])
-    summary = {"study_id": study_id, "method": method, "rotation": rotation, "labels": {}}
+    method, first_layer = run_cam_settings(first, method, layer)
+    summary = {
+        "study_id": study_id,
+        "method": method,
+        "layer": first_layer,
+        "rotation": rotation,
+        "labels": {},
+    }
     for label, by_axis in groups.items():
         views = {
-            axis: view_maps(run, study_id, label, method=method, rotation=rotation)
+            axis: view_maps(run, study_id, label, method=method, layer=layer, rotation=rotation)
             for axis, run in sorted(by_axis.items(), key=lambda item: AXES[item[0]])
         }
         entries = {}

@@ -74,6 +74,9 @@ class TrainConfig:
     survival_split_fractions: tuple[float, float, float] = (2 / 3, 0.0, 1 / 3)
     train_balance: str = "oversample"
     test_balance: str = "undersample"
+    # Signs: balance the training classes inside each sub-region (data.balance_indices groups)
+    # so the sub-region's shape cannot stand in for the sign (Table 1: mostly upper lobes).
+    balance_by_subregion: bool = True
     seed: int = 0
     weights: str | None = None  # converted ImageNet checkpoint (scripts/convert_weights.py)
     init_from: str | None = None  # survival: the disease workdir to start from (paper 2.4)
@@ -83,6 +86,10 @@ class TrainConfig:
     workdir: str | None = None
     backend: str = "auto"  # preprocessing backend
     bootstrap: int = 1000  # resamples for the report's 95% intervals
+    # How this run's activation maps are drawn unless a caller asks otherwise (scripts/gradcam.py,
+    # localisation scores): paper 2.5 is Grad-CAM on the last convolution (None).
+    cam_method: str = "gradcam"
+    cam_layer: str | None = None
     tensorboard: bool = False
     synthetic: SyntheticCohortConfig = field(default_factory=SyntheticCohortConfig)
 
@@ -94,6 +101,7 @@ class TrainConfig:
         _check_choice("dtype", self.dtype, ("float32", "bfloat16"))
         _check_choice("optimizer", self.optimizer, ("sgd", "adam"))
         _check_choice("eval_rotations", self.eval_rotations, ("all", "identity"))
+        _check_choice("cam_method", self.cam_method, ("gradcam", "gradcam++", "hirescam"))
         if self.rotations_per_epoch is not None and not 1 <= self.rotations_per_epoch <= 27:
             raise ValueError(
                 f"rotations_per_epoch must be in 1..27, not {self.rotations_per_epoch}"
@@ -151,6 +159,13 @@ QUICK = PAPER.replace(
     epochs=None,
     rotations_per_epoch=9,
     bootstrap=500,
+    # Quick sub-region images are 64x32, a quarter of the paper's 256x128: the last convolution's
+    # receptive field (252 px) is four times the image and its map is 4x2, so every cell sees the
+    # whole image and its maximum cannot point at a lesion. block2_conv2 (receptive field 14 px,
+    # 32x16 map) can, and HiResCAM (gradient x activation, summed over channels) is the faithful
+    # map for a layer followed by further convolutions. Measured choice, README "Localisation".
+    cam_method="hirescam",
+    cam_layer="block2_conv2",
     synthetic=SyntheticCohortConfig(n_patients=40, shape=(80, 128, 128), spacing=(3.6, 2.6, 2.6)),
 )
 QUICK_EPOCHS = {"disease": 15, "signs": 8, "survival": 5}

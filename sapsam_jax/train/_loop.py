@@ -182,8 +182,9 @@ def load_run_data(cfg: TrainConfig, cache: ProjectionCache, workdir: Path) -> Ru
     )
     if cfg.sign != "multi":
         # Paper 2.3: "train and test subsets were balanced after the split".
+        groups = train_set.subregions if cfg.balance_by_subregion else None
         train_set = train_set.subset(
-            balance_indices(train_set.labels, mode=cfg.train_balance, seed=cfg.seed)
+            balance_indices(train_set.labels, mode=cfg.train_balance, seed=cfg.seed, groups=groups)
         )
         test_set = test_set.subset(
             balance_indices(test_set.labels, mode=cfg.test_balance, seed=cfg.seed)
