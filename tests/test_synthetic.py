@@ -186,7 +186,7 @@ def test_table1_rates_favour_the_upper_lungs():
             assert by_region[f"{side}_upper"] > by_region[f"{side}_lower"], sign
 
 
-def test_cli_writes_a_nifti_cohort(tmp_path):
+def test_cli_writes_a_nifti_cohort(tmp_path, monkeypatch):
     import importlib.util
     from pathlib import Path
 
@@ -194,9 +194,10 @@ def test_cli_writes_a_nifti_cohort(tmp_path):
     spec = importlib.util.spec_from_file_location("make_synthetic_cohort", script)
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
+    monkeypatch.chdir(tmp_path)  # a relative --out (the trainer's default runs/data is one)
     argv = [
         "--out",
-        str(tmp_path),
+        "cohort",
         "--patients",
         "2",
         "--shape",
@@ -213,7 +214,9 @@ def test_cli_writes_a_nifti_cohort(tmp_path):
         "--quiet",
     ]
     assert cli.main(argv) == 0
-    manifest = read_manifest(tmp_path / "manifest.csv")
+    text = (tmp_path / "cohort" / "manifest.csv").read_text()
+    assert "cohort/studies" not in text  # paths are relative to the manifest's own folder
+    manifest = read_manifest(tmp_path / "cohort" / "manifest.csv")
     assert len(manifest) == 2 and sorted(s.cpa for s in manifest) == [0, 1]
     ct = load_ct(manifest[0].path)
     assert ct.hu.shape == (40, 64, 64) and ct.spacing == pytest.approx((7.0, 5.4, 5.4))

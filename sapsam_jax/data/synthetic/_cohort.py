@@ -312,7 +312,9 @@ def make_cohort(
             f"need n_patients >= 1 (got {n_patients}), 1 <= min <= max scans (got "
             f"{scans_per_patient}) and 0 <= control_fraction <= 1 (got {control_fraction})"
         )
-    out_dir = Path(out_dir).expanduser()
+    # Absolute, so the studies' paths do not depend on the working directory (the manifest
+    # writes them relative to its own folder).
+    out_dir = Path(out_dir).expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     plan = _plan_cohort(n_patients, scans_per_patient, control_fraction, seed)
     work = functools.partial(_write_patient, out_dir, fmt, seed, shape, spacing)
