@@ -160,6 +160,23 @@ def test_metrics_against_brute_force():
     assert ci["auc"][1] - ci["auc"][0] < 0.2
 
 
+def test_patient_bootstrap_is_wider_when_images_of_a_patient_agree():
+    # 12 patients x 40 images; each patient's images share one score: 12 observations, not 480.
+    rng = np.random.default_rng(1)
+    patient_y = np.array([0, 1] * 6)
+    patient_s = np.clip(0.5 + (patient_y - 0.5) * 0.4 + rng.normal(0, 0.25, 12), 0, 1)
+    y, s = np.repeat(patient_y, 40), np.repeat(patient_s, 40)
+    patients = np.repeat([f"P{i:02d}" for i in range(12)], 40)
+    images = bootstrap_intervals(y, s, n_resamples=300, seed=0)
+    by_patient = bootstrap_intervals(y, s, n_resamples=300, seed=0, groups=patients)
+    for name in ("f1", "auc"):
+        assert np.diff(by_patient[name])[0] > 2 * np.diff(images[name])[0], name
+    own = bootstrap_intervals(y, s, n_resamples=50, seed=3, groups=np.arange(len(y)))
+    assert own == bootstrap_intervals(y, s, n_resamples=50, seed=3)  # one image per group
+    with pytest.raises(ValueError, match="groups for"):
+        bootstrap_intervals(y, s, groups=patients[:-1])
+
+
 # ---------------------------------------------------------------- steps: freezing, sharding
 
 

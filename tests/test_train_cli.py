@@ -60,6 +60,30 @@ def test_train_command_writes_report_and_says_its_preset(tiny_run):
     split = json.loads((run / "split.json").read_text())
     assert set(split["test"]).isdisjoint(split["train"])
     assert set(pred["patient_ids"]) <= set(split["test"])
+    assert row["ci_resamples"] == "patients"
+    assert "resample patients" in (run / "report.md").read_text()
+
+
+def test_train_command_scores_localisation_where_lesion_truth_exists(tiny_run):
+    from sapsam_jax.data import ProjectionCache
+
+    run, _ = tiny_run
+    config = json.loads((run / "config.json").read_text())
+    cache = ProjectionCache(config["cache"])
+    test_patients = set(json.loads((run / "split.json").read_text())["test"])
+    maps = sum(
+        int(cache.lesions(s, "axial")[..., 0].any(axis=(1, 2)).sum())
+        for s in cache.study_ids
+        if cache.meta(s)["patient_id"] in test_patients
+    )
+    report = json.loads((run / "report.json").read_text())
+    if maps == 0:
+        assert "localisation" not in report
+        return
+    (row,) = report["localisation"]
+    assert (row["sign"], row["axis"], row["n"]) == ("cavity", "axial", maps)
+    assert (row["method"], row["layer"]) == ("hirescam", "block2_conv2")  # the preset's maps
+    assert "## Localisation" in (run / "report.md").read_text()
 
 
 def test_evaluate_rebuilds_the_same_metrics_from_checkpoints(tiny_run):

@@ -100,9 +100,9 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(reason, flush=True)  # the first line says which preset runs, and why
-    from sapsam_jax.train._loop import train
+    from sapsam_jax.job import train_and_report
 
-    results = train(cfg)
+    results = train_and_report(cfg)
     for name, metrics in results.items():
         print(
             f"{name}: test precision {metrics['precision']:.3f} recall {metrics['recall']:.3f} "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from sapsam_jax.config import AXES, SIGNS
 
@@ -117,6 +118,11 @@ class TrainConfig:
     def run_name(self) -> str:
         sign = f"-{self.sign}" if self.task == "signs" else ""
         return f"{self.task}-{self.axis}{sign}"
+
+    @property
+    def workdir_path(self) -> Path:
+        """``workdir``, or ``runs/<run_name>`` when none is given."""
+        return Path(self.workdir or Path("runs") / self.run_name)
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)

@@ -56,9 +56,10 @@ class RunData:
 
 
 def train(cfg: TrainConfig, *, log=print) -> dict:
-    """Run the job ``cfg`` describes; returns the test metrics of every network it trained."""
+    """Train the network(s) ``cfg`` describes and predict their test patients; returns the test
+    metrics of every network it trained. ``sapsam_jax.job.train_and_report`` adds the report."""
     maybe_initialize_distributed()
-    workdir = Path(cfg.workdir or Path("runs") / cfg.run_name)
+    workdir = cfg.workdir_path
     cache = prepare_cache(cfg, log=log)
     cfg = cfg.replace(cache=str(Path(cache.path).absolute()), workdir=str(workdir))
     if cfg.task == "signs" and cfg.sign == "all":
@@ -76,10 +77,6 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
         results = {"survival": fit(cfg.replace(init_from=str(disease_dir)), cache, log=log)}
     else:
         results = {cfg.sign if cfg.task == "signs" else cfg.task: fit(cfg, cache, log=log)}
-    from sapsam_jax.evaluate import write_report
-
-    write_report([workdir], workdir)
-    log(f"report: {workdir / 'report.md'}")
     return results
 
 
