@@ -140,6 +140,23 @@ def test_augment_batch_keeps_statistics_and_is_seeded():
     assert float(a.max()) <= float(images.max()) + 1e-6
 
 
+def test_flip_mirrors_about_half_and_leaves_the_rest_as_without_it():
+    images = jnp.asarray(np.stack([_smooth_image(seed=s) for s in range(32)])[..., None])
+    plain = np.asarray(augment_batch(images, jax.random.key(3)))
+    flipped = np.asarray(augment_batch(images, jax.random.key(3), flip=True))
+    same = np.all(np.isclose(plain, flipped, atol=1e-6), axis=(1, 2, 3))
+    assert 8 <= (~same).sum() <= 24  # Bernoulli(1/2) over 32 images
+    # Without rotation or zoom a flipped image is exactly the mirror of its input.
+    still = np.asarray(
+        augment_batch(
+            images, jax.random.key(3), max_rotation_deg=0.0, zoom_range=(1.0, 1.0), flip=True
+        )
+    )
+    for out, image in zip(still, np.asarray(images), strict=True):
+        assert np.allclose(out, image, atol=1e-5) or np.allclose(out, image[:, ::-1], atol=1e-5)
+    assert not np.allclose(still[~same], np.asarray(images)[~same], atol=1e-5)
+
+
 # ---------------------------------------------------------------- metrics
 
 

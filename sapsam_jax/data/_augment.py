@@ -13,11 +13,12 @@ import jax
 import jax.numpy as jnp
 
 
-def rotate_zoom(image: jax.Array, angle_deg, zoom) -> jax.Array:
+def rotate_zoom(image: jax.Array, angle_deg, zoom, flip=False) -> jax.Array:
     """Rotate ``image`` (H, W, C) by ``angle_deg`` about its centre, scale its content by ``zoom``.
 
     Bilinear, zero outside. The angle has ``scipy.ndimage.rotate``'s sense (counter-clockwise as
-    displayed with row 0 on top); ``zoom > 1`` enlarges the content (the paper's 120%).
+    displayed with row 0 on top); ``zoom > 1`` enlarges the content (the paper's 120%). ``flip``
+    (a bool, may be traced) mirrors the columns first, before the rotation.
     """
     height, width = image.shape[:2]
     rows, cols = jnp.meshgrid(
@@ -31,6 +32,7 @@ def rotate_zoom(image: jax.Array, angle_deg, zoom) -> jax.Array:
     dr, dc = rows - centre_r, cols - centre_c
     src_r = (cos * dr + sin * dc) / zoom + centre_r
     src_c = (-sin * dr + cos * dc) / zoom + centre_c
+    src_c = jnp.where(flip, 2 * centre_c - src_c, src_c)
 
     def sample(channel):
         return jax.scipy.ndimage.map_coordinates(
@@ -41,17 +43,21 @@ def rotate_zoom(image: jax.Array, angle_deg, zoom) -> jax.Array:
     return out.astype(image.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("max_rotation_deg", "zoom_range"))
+@functools.partial(jax.jit, static_argnames=("max_rotation_deg", "zoom_range", "flip"))
 def augment_batch(
     images: jax.Array,
     key: jax.Array,
     *,
     max_rotation_deg: float = 20.0,
     zoom_range: tuple[float, float] = (0.8, 1.2),
+    flip: bool = False,
 ) -> jax.Array:
-    """Rotate (uniform in +-max_rotation_deg) and zoom each image of an (N, H, W, C) batch."""
+    """Rotate (uniform in +-max_rotation_deg) and zoom each image of an (N, H, W, C) batch;
+    with ``flip``, mirror a random half of them left-right as well (not in the paper)."""
     key_angle, key_zoom = jax.random.split(key)
     n = images.shape[0]
     angles = jax.random.uniform(key_angle, (n,), minval=-max_rotation_deg, maxval=max_rotation_deg)
     zooms = jax.random.uniform(key_zoom, (n,), minval=zoom_range[0], maxval=zoom_range[1])
-    return jax.vmap(rotate_zoom)(images, angles, zooms)
+    # A key of its own (folded in, not split off): angles and zooms stay those of flip=False.
+    flips = jax.random.bernoulli(jax.random.fold_in(key, 2), 0.5, (n,)) & flip
+    return jax.vmap(rotate_zoom)(images, angles, zooms, flips)

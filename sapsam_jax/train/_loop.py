@@ -345,6 +345,7 @@ def _step_spec(cfg, train_set: SampleSet, preprocessing: str) -> StepSpec:
         multi_label=cfg.sign == "multi" and cfg.task == "signs",
         max_rotation_deg=cfg.max_rotation_deg,
         zoom_range=tuple(cfg.zoom_range),
+        flip=cfg.flip,
     )
 
 

@@ -30,6 +30,7 @@ class StepSpec:
     multi_label: bool = False
     max_rotation_deg: float = 20.0
     zoom_range: tuple[float, float] = (0.8, 1.2)
+    flip: bool = False
     augment: bool = True
 
 
@@ -117,6 +118,7 @@ def make_train_step(spec: StepSpec):
                 aug_key,
                 max_rotation_deg=spec.max_rotation_deg,
                 zoom_range=spec.zoom_range,
+                flip=spec.flip,
             )
         inputs = prepare_inputs(images, spec)
         nnx.reseed(model, dropout=dropout_key)  # dropout masks depend only on (seed, step)
