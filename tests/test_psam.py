@@ -290,6 +290,7 @@ def test_localisation_of_a_perfect_localiser(study):
     assert set(fungus) == {*AXES, "3d"}
     for axis in AXES:
         assert fungus[axis]["n"] == 1 and fungus[axis]["pointing_game"] == 1.0
+        assert fungus[axis]["n_detected"] == 1 and fungus[axis]["pointing_game_detected"] == 1.0
         assert fungus[axis]["energy_inside"] > max(0.6, 2 * fungus[axis]["energy_chance"])
     assert fungus["3d"]["n"] == 1 and fungus["3d"]["pointing_game"] == 1.0
     assert fungus["3d"]["distance_mm_median"] <= 2.0
@@ -303,6 +304,7 @@ def test_localisation_of_maps_that_look_away(study):
     scores = localisation_scores(_runs(study, sign=-1.0, axes=("axial",)), "test")
     axial = scores["signs"]["fungus_ball"]["axial"]
     assert axial["pointing_game"] == 0.0 and axial["energy_inside"] == 0.0
+    assert axial["n_detected"] == 0 and np.isnan(axial["pointing_game_detected"])  # p < 0.5
     assert "3d" not in scores["signs"]["fungus_ball"]
 
 

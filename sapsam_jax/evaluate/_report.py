@@ -139,16 +139,23 @@ def _localisation_lines(scores) -> list[str]:
         "",
         "## Localisation (synthetic lesion truth)",
         "",
-        "| Sign | Axis | maps | method (layer) | pointing game (chance) | energy inside (chance) |",
-        "|---|---|---|---|---|---|",
+        "Maps of the unrotated test scans, one per sub-region holding the sign; pointing game: the "
+        "map's maximum within a few pixels of the lesion; detected: only the sub-regions the "
+        "network calls positive (p >= 0.5), the maps a user is shown.",
+        "",
+        "| Sign | Axis | maps | method (layer) | pointing game (chance) "
+        "| pointing game, detected (maps) | energy inside (chance) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for entry in scores:
         how = f"{entry.get('method', '?')} ({entry.get('layer', '?')})"
         chance = entry.get("pointing_chance")
         chance = f" ({chance:.2f})" if chance is not None else ""
+        detected = entry.get("pointing_game_detected", float("nan"))
         lines.append(
             f"| {entry['sign']} | {entry['axis']} | {entry['n']} | {how} | "
             f"{entry['pointing_game']:.2f}{chance} | "
+            f"{detected:.2f} ({entry.get('n_detected', 0)}) | "
             f"{entry['energy_inside']:.2f} ({entry['energy_chance']:.2f}) |"
         )
     return lines

@@ -31,6 +31,8 @@ from sapsam_jax.explain._study import (
 )
 
 DEFAULT_TOLERANCE_PX = 3  # "a few pixels" of the projection image
+# "Detected": the run calls the sign present (the report's decision threshold).
+DETECTED_PROBABILITY = 0.5
 # 3-D hit radius: a maximum within 1 cm of a lesion points at it (fungus balls are 1-5 cm).
 DEFAULT_TOLERANCE_MM = 10.0
 
@@ -110,9 +112,11 @@ def localisation_scores(
                       "hit", "energy_inside", "energy_chance", ...}, ...]}
 
     2-D: ``pointing_game`` is the hit rate (maximum on the lesion projection dilated by
-    ``tolerance_px``), ``pointing_chance`` the mean share of the image that dilated mask covers
-    (a random maximum's hit rate), ``energy_inside`` the mean share of the map on the lesion
-    projection and ``energy_chance`` the mean lesion share (a flat map's). 3-D ("3d", only when
+    ``tolerance_px``) over every map, ``pointing_game_detected`` over the ``n_detected`` maps
+    whose sub-region the run calls positive (p >= 0.5), ``pointing_chance`` the mean share of
+    the image that dilated mask covers (a random maximum's hit rate), ``energy_inside`` the mean
+    share of the map on the lesion projection and ``energy_chance`` the mean lesion share (a flat
+    map's). 3-D ("3d", only when
     the sign has runs on all three axes): ``pointing_game`` is the share of PSAM maxima within
     ``tolerance_mm`` of a lesion voxel, ``energy_inside`` the share of the CT-grid PSAM on the
     sign's voxels (chance: their share of the PSAM's support). Sign runs only; disease and
@@ -232,6 +236,9 @@ def _summarise(records: list[dict]) -> dict:
             continue
         keys = ("energy_inside", "energy_chance") + (("pointing_chance",) if axis != "3d" else ())
         out[axis] = {"n": len(rows), "pointing_game": _mean(rows, "hit")}
+        # The maps a user is shown (scripts/gradcam.py explains sub-regions called positive).
+        detected = [r for r in rows if r["probability"] >= DETECTED_PROBABILITY]
+        out[axis] |= {"n_detected": len(detected), "pointing_game_detected": _mean(detected, "hit")}
         out[axis] |= {k: "/".join(sorted({str(r[k]) for r in rows})) for k in ("method", "layer")}
         out[axis] |= {k: _mean(rows, k) for k in keys}
         if axis == "3d":
