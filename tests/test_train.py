@@ -310,3 +310,18 @@ def test_workdir_of_another_run_is_refused_and_tensorboard_logs(tmp_path):
     assert b"train/loss" in events.read_bytes() and b"val/f1" in events.read_bytes()
     with pytest.raises(ValueError, match="different run"):
         _fit(tmp_path, epochs=1, seed=5)
+
+
+def test_a_map_layer_the_architecture_lacks_fails_before_any_work(tmp_path):
+    from sapsam_jax.train import train
+    from sapsam_jax.train._cli import build_parser, config_from_args
+
+    cfg = TINY.replace(task="signs", cam_layer="block9_conv9", data_dir=str(tmp_path / "data"))
+    with pytest.raises(ValueError, match="block9_conv9.*block2_conv2"):
+        train(cfg, log=lambda *_: None)
+    assert not (tmp_path / "data").exists()  # nothing generated or written
+    # Switching architecture drops the preset's VGG map layer unless one is asked for.
+    args = ["--preset", "quick", "--arch", "inception_v3"]
+    assert config_from_args(build_parser().parse_args(args))[0].cam_layer is None
+    args += ["--cam-layer", "mixed9"]
+    assert config_from_args(build_parser().parse_args(args))[0].cam_layer == "mixed9"

@@ -89,6 +89,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, str]:
             overrides[key] = tuple(value)
     if args.patients:
         overrides["synthetic"] = dataclasses.replace(cfg.synthetic, n_patients=args.patients)
+    if overrides.get("arch", cfg.arch) != cfg.arch and "cam_layer" not in overrides:
+        overrides["cam_layer"] = None  # the preset's map layer belongs to its own architecture
     return cfg.replace(**overrides), reason
 
 

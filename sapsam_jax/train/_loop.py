@@ -32,7 +32,7 @@ from sapsam_jax.train._checkpoint import RunCheckpoints
 from sapsam_jax.train._config import MIN_INPUT_SIZE, TrainConfig
 from sapsam_jax.train._data import Batches, prepare_cache, to_global, to_host
 from sapsam_jax.train._metrics import binary_metrics
-from sapsam_jax.train._model import build_model
+from sapsam_jax.train._model import build_model, new_model
 from sapsam_jax.train._step import (
     StepSpec,
     frozen_block_names,
@@ -59,6 +59,7 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
     """Train the network(s) ``cfg`` describes and predict their test patients; returns the test
     metrics of every network it trained. ``sapsam_jax.job.train_and_report`` adds the report."""
     maybe_initialize_distributed()
+    check_cam_layer(cfg)
     workdir = cfg.workdir_path
     cache = prepare_cache(cfg, log=log)
     cfg = cfg.replace(cache=str(Path(cache.path).absolute()), workdir=str(workdir))
@@ -90,6 +91,18 @@ def maybe_initialize_distributed() -> None:
     """Join a multi-host job when launched as one (JAX_COORDINATOR_ADDRESS set)."""
     if os.environ.get("JAX_COORDINATOR_ADDRESS") and not jax.distributed.is_initialized():
         jax.distributed.initialize()
+
+
+def check_cam_layer(cfg: TrainConfig) -> None:
+    """Fail before any work when ``cfg.cam_layer`` is not a layer of the run's architecture."""
+    if cfg.cam_layer is None:
+        return
+    model = nnx.eval_shape(lambda: new_model(cfg, 2, nnx.Rngs(0)))  # shapes only, no weights
+    if cfg.cam_layer not in model.layer_names:
+        raise ValueError(
+            f"cam_layer {cfg.cam_layer!r} is not a layer of {cfg.arch}; "
+            f"choose one of {', '.join(model.layer_names)}"
+        )
 
 
 def fit(cfg: TrainConfig, cache: ProjectionCache, *, log=print) -> dict:
