@@ -325,3 +325,16 @@ def test_a_map_layer_the_architecture_lacks_fails_before_any_work(tmp_path):
     assert config_from_args(build_parser().parse_args(args))[0].cam_layer is None
     args += ["--cam-layer", "mixed9"]
     assert config_from_args(build_parser().parse_args(args))[0].cam_layer == "mixed9"
+
+
+def test_quick_disease_cohort_is_half_controls_and_named_apart():
+    from sapsam_jax.train import preset_config
+    from sapsam_jax.train._cli import build_parser, config_from_args
+
+    signs, disease = preset_config("quick", "signs"), preset_config("quick", "disease")
+    assert signs.synthetic.control_fraction == 0.25 and signs.synthetic.name == "n40-seed0"
+    assert disease.synthetic.control_fraction == 0.5
+    assert disease.synthetic.name == "n40-seed0-controls0.5"  # its own cohort and cache
+    args = ["--preset", "quick", "--task", "disease", "--control-fraction", "0.3"]
+    cfg = config_from_args(build_parser().parse_args(args))[0]
+    assert cfg.synthetic.control_fraction == 0.3 and cfg.synthetic.n_patients == 40

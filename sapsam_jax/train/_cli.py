@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: paper when JAX sees an accelerator, quick otherwise",
     )
     parser.add_argument("--patients", type=int, help="synthetic cohort size (no data given)")
+    parser.add_argument(
+        "--control-fraction",
+        type=float,
+        help="share of control patients in the synthetic cohort (default: the paper's 0.25; "
+        "0.5 for the quick disease task)",
+    )
     hints = typing.get_type_hints(TrainConfig)
     for field in dataclasses.fields(TrainConfig):
         if field.name not in _NOT_FLAGS:
@@ -87,8 +93,10 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, str]:
     for key, value in overrides.items():
         if isinstance(value, list):
             overrides[key] = tuple(value)
-    if args.patients:
-        overrides["synthetic"] = dataclasses.replace(cfg.synthetic, n_patients=args.patients)
+    synthetic = {"n_patients": args.patients, "control_fraction": args.control_fraction}
+    synthetic = {k: v for k, v in synthetic.items() if v is not None}
+    if synthetic:
+        overrides["synthetic"] = dataclasses.replace(cfg.synthetic, **synthetic)
     if overrides.get("arch", cfg.arch) != cfg.arch and "cam_layer" not in overrides:
         overrides["cam_layer"] = None  # the preset's map layer belongs to its own architecture
     return cfg.replace(**overrides), reason

@@ -101,7 +101,7 @@ def ensure_synthetic_cohort(cfg, log=print) -> Path:
     from sapsam_jax.data.synthetic import make_cohort
 
     syn = cfg.synthetic
-    name = f"synthetic-{cfg.preset}-n{syn.n_patients}-seed{syn.seed}"
+    name = f"synthetic-{cfg.preset}-{syn.name}"
     out = Path(cfg.data_dir) / name
     if (out / "manifest.csv").is_file():
         return out / "manifest.csv"
@@ -109,7 +109,12 @@ def ensure_synthetic_cohort(cfg, log=print) -> Path:
     tmp = out.with_name(f".tmp-{name}")
     shutil.rmtree(tmp, ignore_errors=True)
     manifest = make_cohort(
-        tmp, n_patients=syn.n_patients, shape=syn.shape, spacing=syn.spacing, seed=syn.seed
+        tmp,
+        n_patients=syn.n_patients,
+        shape=syn.shape,
+        spacing=syn.spacing,
+        seed=syn.seed,
+        control_fraction=syn.control_fraction,
     )
     # Relative paths in the manifest resolve against its folder, so the rename keeps it valid.
     tmp.rename(out)
