@@ -46,19 +46,21 @@ def save_fig3(
     title: str,
     image_spacing=(1.0, 1.0),
     ct_spacing=(1.0, 1.0),
+    map_name: str = "Grad-CAM",
 ) -> Path:
     """Three panels: projection + map, the axial CT slice, the slice + back-projected map.
 
     ``image`` (H, W, 3) band image or (H, W[, 1]) gray in [0, 1]; ``cam`` (H, W) map on that
     image; ``ct_slice`` (J, I) HU and ``overlay`` (J, I) the back-projected map on it (paper
-    Fig. 3 shows the slice and the slice with the Grad-CAM). Spacings are (row, col) mm.
+    Fig. 3 shows the slice and the slice with the Grad-CAM). Spacings are (row, col) mm;
+    ``map_name`` labels the map (e.g. "HiResCAM, block2_conv2").
     """
     fig = Figure(figsize=(13.5, 4.8), layout="constrained")
     axes = fig.subplots(1, 3)
     flip = AXES[axis] != 0
     _show_image(axes[0], image, image_spacing, flip)
     mappable = _show_map(axes[0], _unit(cam), image_spacing, flip)
-    axes[0].set_title(f"{axis} projection + Grad-CAM")
+    axes[0].set_title(f"{axis} projection + {map_name}")
     _show_ct(axes[1], ct_slice, ct_spacing)
     axes[1].set_title("axial CT slice")
     _show_ct(axes[2], ct_slice, ct_spacing)

@@ -30,6 +30,7 @@ from sapsam_jax.explain._psam import (
 )
 
 IDENTITY_ROTATION = GeometryConfig().identity_rotation_index  # paper 2.3: index 13
+MAP_NAMES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "hirescam": "HiResCAM"}
 # A run's workdir holds these (docs/ARCHITECTURE.md, "Training workdir").
 _WORKDIR_FILES = ("config.json", "run.json", "split.json")
 
@@ -286,6 +287,7 @@ def _explain_region(views: dict[str, ViewMaps], index: int, mapping, ct, out: Pa
                 title=title,
                 image_spacing=_image_spacing(mapping, axis),
                 ct_spacing=ct.spacing[1:],
+                map_name=f"{MAP_NAMES.get(view.method, view.method)}, {view.layer}",
             )
         )
     return entry
