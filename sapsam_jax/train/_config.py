@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sapsam_jax.config import AXES, SIGNS
+from sapsam_jax.data.synthetic import DEFAULT_CONTROL_FRACTION
 
 TASKS = ("disease", "signs", "survival")
 ARCHS = ("vgg19", "inception_v3")
@@ -34,12 +35,13 @@ class SyntheticCohortConfig:
     shape: tuple[int, int, int] = (160, 256, 256)  # (k, j, i) voxels of each phantom CT
     spacing: tuple[float, float, float] = (2.0, 1.4, 1.4)  # (dk, dj, di) mm
     seed: int = 0
-    control_fraction: float = 0.25  # paper 1.1: 76 of 352 studies are controls
+    control_fraction: float = DEFAULT_CONTROL_FRACTION  # paper 1.1: 76 of 352 are controls
 
     @property
     def name(self) -> str:
         """Folder name part: patients, seed and (when not the paper's share) the controls."""
-        controls = "" if self.control_fraction == 0.25 else f"-controls{self.control_fraction:g}"
+        share = self.control_fraction
+        controls = "" if share == DEFAULT_CONTROL_FRACTION else f"-controls{share:g}"
         return f"n{self.n_patients}-seed{self.seed}{controls}"
 
 
