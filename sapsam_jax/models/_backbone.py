@@ -9,6 +9,8 @@ from collections.abc import Callable
 import jax.numpy as jnp
 from flax import nnx
 
+from ._head import ClassifierHead
+
 
 def scaled(channels: int, width: float) -> int:
     """Channel count scaled by ``width`` (1.0 = the published architecture), at least 1."""
@@ -29,6 +31,38 @@ class Backbone(nnx.Module):
 
     def _stages(self) -> list[tuple[str, Callable]]:
         raise NotImplementedError
+
+    def _set_options(self, num_classes, width, head_units, dropout_rate, dtype, param_dtype):
+        """The constructor options every backbone records (``config`` reads them back)."""
+        self.num_classes, self.width, self.head_units = num_classes, width, head_units
+        self.dropout_rate = dropout_rate
+        self.preprocessing = "none"  # input convention; the weight loaders set it
+        self.dtype, self.param_dtype = dtype_name(dtype), dtype_name(param_dtype)
+
+    def _make_head(self, in_channels: int, rngs: nnx.Rngs) -> None:
+        """The paper's head (paper 2.4) on ``in_channels`` backbone features."""
+        self.head = ClassifierHead(
+            in_channels,
+            self.num_classes,
+            units=self.head_units,
+            dropout_rate=self.dropout_rate,
+            dtype=jnp.dtype(self.dtype),
+            param_dtype=jnp.dtype(self.param_dtype),
+            rngs=rngs,
+        )
+
+    @property
+    def config(self) -> dict:
+        """Constructor arguments that rebuild this architecture (Orbax weight folders)."""
+        return dict(
+            arch=self.arch,
+            num_classes=self.num_classes,
+            width=self.width,
+            head_units=self.head_units,
+            dropout_rate=self.dropout_rate,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
 
     def _index(self, layer: str) -> int:
         if layer not in self.layer_names:

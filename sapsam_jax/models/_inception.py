@@ -17,8 +17,7 @@ from functools import partial
 import jax.numpy as jnp
 from flax import nnx
 
-from ._backbone import Backbone, dtype_name, scaled
-from ._head import ClassifierHead
+from ._backbone import Backbone, scaled
 from ._init import he_normal
 
 BN_EPSILON = 1e-3  # Keras BatchNormalization default; torchvision BasicConv2d uses 0.001 too.
@@ -300,10 +299,7 @@ class InceptionV3(Backbone):
         bn_scale: bool = False,
     ):
         self.arch = "inception_v3"
-        self.num_classes, self.width, self.head_units = num_classes, width, head_units
-        self.dropout_rate = dropout_rate
-        self.preprocessing = "none"  # input convention; the weight loaders set it
-        self.dtype, self.param_dtype = dtype_name(dtype), dtype_name(param_dtype)
+        self._set_options(num_classes, width, head_units, dropout_rate, dtype, param_dtype)
         self.pool_include_pad, self.bn_scale = pool_include_pad, bn_scale
         conv = partial(ConvBN, bn_scale=bn_scale, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         c = partial(scaled, width=width)
@@ -317,29 +313,11 @@ class InceptionV3(Backbone):
         self.block_names = ("stem",) + MIXED_NAMES
         self.layer_names = self.block_names  # mixed10 holds the last convolutions
         self.default_cam_layer = "mixed10"
-        self.head = ClassifierHead(
-            self.mixed10.out_channels,
-            num_classes,
-            units=head_units,
-            dropout_rate=dropout_rate,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            rngs=rngs,
-        )
+        self._make_head(self.mixed10.out_channels, rngs)
 
     @property
     def config(self) -> dict:
-        return dict(
-            arch=self.arch,
-            num_classes=self.num_classes,
-            width=self.width,
-            head_units=self.head_units,
-            dropout_rate=self.dropout_rate,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            pool_include_pad=self.pool_include_pad,
-            bn_scale=self.bn_scale,
-        )
+        return super().config | dict(pool_include_pad=self.pool_include_pad, bn_scale=self.bn_scale)
 
     def set_conventions(
         self, *, pool_include_pad: bool | None = None, bn_scale: bool | None = None

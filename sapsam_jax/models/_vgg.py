@@ -10,8 +10,7 @@ from functools import partial
 import jax.numpy as jnp
 from flax import nnx
 
-from ._backbone import Backbone, dtype_name, scaled
-from ._head import ClassifierHead
+from ._backbone import Backbone, scaled
 from ._init import he_normal
 
 # Convolutions per block and their channel counts (Keras applications / the VGG paper, table 1).
@@ -72,10 +71,7 @@ class VGG(Backbone):
     ):
         self.stages = tuple(stages)
         self.arch = VGG_ARCHS.get(self.stages, "vgg")
-        self.num_classes, self.width, self.head_units = num_classes, width, head_units
-        self.dropout_rate = dropout_rate
-        self.preprocessing = "none"  # input convention; the weight loaders set it
-        self.dtype, self.param_dtype = dtype_name(dtype), dtype_name(param_dtype)
+        self._set_options(num_classes, width, head_units, dropout_rate, dtype, param_dtype)
         self.block_names = tuple(f"block{b + 1}" for b in range(len(self.stages)))
         in_channels = 3
         for name, n_convs, channels in zip(
@@ -93,28 +89,11 @@ class VGG(Backbone):
             for layer in [f"{b}_conv{i + 1}" for i in range(n)] + [b]
         )
         self.default_cam_layer = f"{self.block_names[-1]}_conv{self.stages[-1]}"
-        self.head = ClassifierHead(
-            in_channels,
-            num_classes,
-            units=head_units,
-            dropout_rate=dropout_rate,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            rngs=rngs,
-        )
+        self._make_head(in_channels, rngs)
 
     @property
     def config(self) -> dict:
-        return dict(
-            arch=self.arch,
-            num_classes=self.num_classes,
-            stages=list(self.stages),
-            width=self.width,
-            head_units=self.head_units,
-            dropout_rate=self.dropout_rate,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
+        return super().config | dict(stages=list(self.stages))
 
     def conv_paths(self) -> list[tuple[str, str]]:
         """(block, conv) attribute paths in network order (Keras name: ``{block}_{conv}``)."""
