@@ -338,3 +338,5 @@ def test_quick_disease_cohort_is_half_controls_and_named_apart():
     args = ["--preset", "quick", "--task", "disease", "--control-fraction", "0.3"]
     cfg = config_from_args(build_parser().parse_args(args))[0]
     assert cfg.synthetic.control_fraction == 0.3 and cfg.synthetic.n_patients == 40
+    with pytest.raises(ValueError, match="control_fraction <= 1"):
+        config_from_args(build_parser().parse_args(["--control-fraction", "1.5"]))

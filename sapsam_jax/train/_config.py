@@ -37,6 +37,14 @@ class SyntheticCohortConfig:
     seed: int = 0
     control_fraction: float = DEFAULT_CONTROL_FRACTION  # paper 1.1: 76 of 352 are controls
 
+    def __post_init__(self):
+        # Checked here, so a bad --patients / --control-fraction stops before any work.
+        if self.n_patients < 1 or not 0.0 <= self.control_fraction <= 1.0:
+            raise ValueError(
+                f"synthetic cohort needs n_patients >= 1 and 0 <= control_fraction <= 1 "
+                f"(got {self.n_patients} and {self.control_fraction})"
+            )
+
     @property
     def name(self) -> str:
         """Folder name part: patients, seed and (when not the paper's share) the controls."""
