@@ -16,7 +16,7 @@ from sapsam_jax.data.synthetic._anatomy import BONE, FAT, LUNG, MUSCLE, OUTSIDE
 from sapsam_jax.io import load_ct, manifest_columns, read_manifest
 
 SHAPE = (56, 96, 96)  # spacing (5.0, 3.6, 3.6) mm: the default field of view, ~0.5 M voxels
-SEED = 11
+SEED = 12
 N_PATIENTS = 4
 SCANS = (1, 2)
 LABEL_FLAG = {v: k for k, v in LABELS.items()}  # label value -> annotation flag
@@ -163,6 +163,34 @@ def test_fungus_balls_sit_in_cavities_behind_an_air_crescent(cohort, volumes):
             assert (np.argwhere(rim)[:, 1] < j_ball).any(), f"{study.study_id}: no air crescent"
             balls += 1
     assert balls > 0, "the test cohort should contain a fungus ball; change SEED"
+
+
+def _equivalent_radius_mm(n_voxels: int, spacing) -> float:
+    return float(np.cbrt(3 * n_voxels * np.prod(spacing) / (4 * np.pi)))
+
+
+def test_cavities_and_fungus_balls_are_resolvable_on_the_grid(cohort, volumes):
+    """Every painted cavity lumen and fungus ball, in every scan, is at least the generator's
+    floor (``MIN_LUMEN``, ``MIN_FUNGUS_BALL``) in volume-equivalent radius, measured on the
+    written label maps and HU (10 % off for the voxelised outline)."""
+    from sapsam_jax.data.synthetic._lesions import MIN_FUNGUS_BALL, MIN_LUMEN
+
+    spacing = load_ct(cohort[0].path).spacing
+    vox = max(spacing)
+    measured = {"lumen": [], "ball": []}
+    for study in (s for s in cohort if s.cpa):
+        hu, labels = volumes[study.study_id]
+        cavities, n = ndi.label(np.isin(labels, (LABELS["cavity"], LABELS["fungus_ball"])))
+        for c in range(1, n + 1):
+            cavity = cavities == c
+            lumen = cavity & ((hu < -800) | (labels == LABELS["fungus_ball"]))
+            measured["lumen"].append(_equivalent_radius_mm(lumen.sum(), spacing))
+            ball = cavity & (labels == LABELS["fungus_ball"])
+            if ball.any():
+                measured["ball"].append(_equivalent_radius_mm(ball.sum(), spacing))
+    assert measured["lumen"] and measured["ball"], "need a cavity and a fungus ball; change SEED"
+    assert min(measured["lumen"]) >= 0.9 * max(MIN_LUMEN[0] * vox, MIN_LUMEN[1]), measured
+    assert min(measured["ball"]) >= 0.9 * max(MIN_FUNGUS_BALL[0] * vox, MIN_FUNGUS_BALL[1])
 
 
 def test_signs_persist_and_grow_over_longitudinal_scans():

@@ -98,10 +98,10 @@ def _finished_studies(cache_dir: Path) -> int:
 
 def ensure_synthetic_cohort(cfg, log=print) -> Path:
     """Generate the built-in synthetic cohort once; a finished cohort is reused."""
-    from sapsam_jax.data.synthetic import make_cohort
+    from sapsam_jax.data.synthetic import GENERATOR_VERSION, make_cohort
 
     syn = cfg.synthetic
-    name = f"synthetic-{cfg.preset}-{syn.name}"
+    name = f"synthetic-{cfg.preset}-{syn.name}-v{GENERATOR_VERSION}"
     out = Path(cfg.data_dir) / name
     if (out / "manifest.csv").is_file():
         return out / "manifest.csv"

@@ -13,6 +13,7 @@ See docs/readme/synthetic.md.
 
 from ._cohort import (
     DEFAULT_CONTROL_FRACTION,
+    GENERATOR_VERSION,
     MANIFEST_NAME,
     SyntheticScan,
     generate_patient,
@@ -26,6 +27,7 @@ __all__ = [
     "DEFAULT_CONTROL_FRACTION",
     "DEFAULT_SHAPE",
     "DEFAULT_SPACING",
+    "GENERATOR_VERSION",
     "LABELS",
     "MANIFEST_NAME",
     "Grid",

@@ -37,6 +37,10 @@ from ._lesions import (
 )
 
 MANIFEST_NAME = "manifest.csv"
+# Bumped whenever the generator draws different cohorts from the same arguments, so a cohort
+# cached by an older version is not reused (train.ensure_synthetic_cohort names folders by it).
+# 2: cavities and fungus balls are at least the size the grid resolves (_lesions.MIN_LUMEN).
+GENERATOR_VERSION = 2
 # Paper 1.1: 76 of 352 studies are controls.
 DEFAULT_CONTROL_FRACTION = 0.25
 NOISE_SIGMA_HU = (12.0, 22.0)  # per-scan image noise, spatially correlated like CT noise

@@ -50,6 +50,13 @@ HU_FIBROSIS = -600.0  # fibrotic lung under the pleura: denser, still below -570
 # Sign rates (Table 1) are per study; the first scans of a patient carry smaller, fewer signs.
 P_FUNGUS_GIVEN_CAVITY_MAX = 0.8
 CAVITY_BUMP = 0.08  # irregularity of a cavity's outline, fraction of its radius
+# Smallest cavity the grid must show from the first scan that has it: an air lumen of at least
+# 1.5 voxels (and 4 mm) radius, and a fungus ball of at least 2 voxels (and 6 mm) radius. Coarse
+# grids (the quick preset's 3.6 mm) otherwise drew first-scan cavities of one or two air voxels
+# and fungus balls of a few voxels, signs nobody could label at that resolution; aspergillomas
+# are 2-4 cm across (paper 1.1), cavities at least about a centimetre.
+MIN_LUMEN = (1.5, 4.0)  # (voxels, mm)
+MIN_FUNGUS_BALL = (2.0, 6.0)  # (voxels, mm)
 OUTLINE_BUMP = 0.25  # irregularity of emphysema and consolidation patches
 
 
@@ -243,13 +250,16 @@ def _sample_sign_regions(rng: np.random.Generator) -> list[tuple[str, str]]:
 
 
 def _place_cavity(planner: Planner, rng, region: str, fungus: bool) -> Lesion | None:
-    vox = max(planner.grid.spacing)
     axes = rng.uniform(0.88, 1.12, size=3)
     axes /= np.cbrt(axes.prod())
     wall = rng.uniform(2.0, 4.0)  # paper Fig. 3 / radiology: thin-to-moderate cavity walls
+    params = {"wall": wall, "axes": axes, "rotation": _random_rotation(rng)}
+    if fungus:
+        params["ball_fraction"] = rng.uniform(0.6, 0.85)
+    smallest = smallest_visible_radius(params, planner.grid)
     for shrink in (1.0, 0.8, 0.65, 0.5):
         # Cavities holding a fungus ball are the larger, older ones (aspergillomas of 2-4 cm).
-        radius = max(rng.uniform(*((16.0, 26.0) if fungus else (12.0, 24.0))) * shrink, 3.0 * vox)
+        radius = max(rng.uniform(*((16.0, 26.0) if fungus else (12.0, 24.0))) * shrink, smallest)
         extent = radius * axes.max() * (1.0 + CAVITY_BUMP)
         # Clearance from the pleura keeps the wall (and any fungus ball) off the chest wall, so
         # the whole cavity is a hole in the lung mask that hole filling recovers (paper 2.1).
@@ -258,10 +268,29 @@ def _place_cavity(planner: Planner, rng, region: str, fungus: bool) -> Lesion | 
             break
     else:
         return None
-    params = {"wall": wall, "axes": axes, "rotation": _random_rotation(rng)}
-    if fungus:
-        params["ball_fraction"] = rng.uniform(0.6, 0.85)
     return Lesion("cavity", region, center, radius, seed=int(rng.integers(2**31)), params=params)
+
+
+def cavity_visible(params: dict, radius: float, grid: Grid) -> bool:
+    """Whether a cavity of outer radius ``radius`` (and its fungus ball, if it has one) is at
+    least the smallest size ``grid`` shows (``MIN_LUMEN``, ``MIN_FUNGUS_BALL``)."""
+    vox = max(grid.spacing)
+    lumen = min(params["axes"]) * ((1.0 - CAVITY_BUMP) * radius - params["wall"])
+    if lumen < max(MIN_LUMEN[0] * vox, MIN_LUMEN[1]):
+        return False
+    if "ball_fraction" not in params:
+        return True
+    geometry = fungus_ball_geometry(params, radius, grid)
+    return geometry is not None and geometry[0] >= max(MIN_FUNGUS_BALL[0] * vox, MIN_FUNGUS_BALL[1])
+
+
+def smallest_visible_radius(params: dict, grid: Grid) -> float:
+    """Smallest outer radius (mm, to 0.1 mm) at which :func:`cavity_visible` holds."""
+    lo, hi = 0.0, 200.0  # visibility grows with the radius: bisect
+    while hi - lo > 0.1:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if cavity_visible(params, mid, grid) else (mid, hi)
+    return hi
 
 
 def _place_pleural(planner: Planner, rng, region: str) -> Lesion | None:
@@ -330,6 +359,9 @@ def plan_lesions(planner: Planner, rng: np.random.Generator, n_scans: int) -> li
     for lesion in lesions:
         lesion.onset = 0 if rng.random() < 0.6 else int(rng.integers(0, n_scans))
         lesion.first_scale = rng.uniform(0.6, 0.9)
+        if lesion.kind == "cavity":  # the first scan that shows it shows it resolvably
+            smallest = smallest_visible_radius(lesion.params, planner.grid)
+            lesion.first_scale = max(lesion.first_scale, smallest / lesion.size)
         if "ball_fraction" in lesion.params:
             lesion.params["ball_onset"] = int(rng.integers(lesion.onset, n_scans))
     if lesions and min(lesion.onset for lesion in lesions) > 0:
@@ -413,14 +445,15 @@ def paint_cavity(canvas: Canvas, lesion: Lesion, scale: float, ball: bool) -> No
         _paint_fungus_ball(canvas, lesion, radius, box, (dz, dy, dx))
 
 
-def fungus_ball_geometry(lesion: Lesion, radius: float, grid: Grid) -> tuple[float, float] | None:
-    """(ball radius, posterior offset) inside a cavity of outer radius ``radius``, or None.
+def fungus_ball_geometry(params: dict, radius: float, grid: Grid) -> tuple[float, float] | None:
+    """(ball radius, posterior offset) inside a cavity (``Lesion.params``) of outer radius
+    ``radius``, or None.
 
     The ball lies in the dependent part (posterior: the patient is supine) with a gap to the wall
     of about a voxel, so the air crescent anterior to it (the CT hallmark of a fungus ball) is at
     least 1.5 voxels wide and the wall still encloses it on the grid.
     """
-    p, vox = lesion.params, max(grid.spacing)
+    p, vox = params, max(grid.spacing)
     # Smallest inner radius in any direction.
     inner = min(p["axes"]) * ((1.0 - CAVITY_BUMP) * radius - p["wall"])
     gap = max(0.5, vox - p["wall"] * min(p["axes"]) + 0.3)
@@ -431,7 +464,7 @@ def fungus_ball_geometry(lesion: Lesion, radius: float, grid: Grid) -> tuple[flo
 
 
 def _paint_fungus_ball(canvas: Canvas, lesion: Lesion, radius: float, box, rel) -> None:
-    geometry = fungus_ball_geometry(lesion, radius, canvas.grid)
+    geometry = fungus_ball_geometry(lesion.params, radius, canvas.grid)
     if geometry is None:
         return
     ball, offset = geometry
