@@ -340,3 +340,15 @@ def test_quick_disease_cohort_is_half_controls_and_named_apart():
     assert cfg.synthetic.control_fraction == 0.3 and cfg.synthetic.n_patients == 40
     with pytest.raises(ValueError, match="control_fraction <= 1"):
         config_from_args(build_parser().parse_args(["--control-fraction", "1.5"]))
+
+
+def test_preprocessing_without_a_terminal_logs_progress_lines(monkeypatch):
+    from sapsam_jax.train import _data
+
+    lines = []
+    monkeypatch.setattr(_data, "PROGRESS_LOG_SECONDS", 0.0)
+    progress = _data._LogProgress(82, lines.append, enabled=True)
+    progress.update(10)
+    progress.update(40)
+    _data._LogProgress(82, lines.append, enabled=False).update(50)  # a terminal: the bar shows
+    assert lines == ["preprocess: 10/82 studies", "preprocess: 40/82 studies"]

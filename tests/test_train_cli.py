@@ -62,6 +62,11 @@ def test_train_command_writes_report_and_says_its_preset(tiny_run):
     assert set(pred["patient_ids"]) <= set(split["test"])
     assert row["ci_resamples"] == "patients"
     assert "resample patients" in (run / "report.md").read_text()
+    # The cached cohort is named by the generator version, so a newer generator never reuses it.
+    from sapsam_jax.data.synthetic import GENERATOR_VERSION
+
+    cohort = run.parent / "data" / f"synthetic-tiny-n8-seed0-v{GENERATOR_VERSION}"
+    assert (cohort / "manifest.csv").is_file()
 
 
 def test_train_command_scores_localisation_where_lesion_truth_exists(tiny_run):

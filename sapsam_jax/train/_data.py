@@ -44,7 +44,7 @@ def prepare_cache(cfg, log=print) -> ProjectionCache:
     if get_backend(cfg.backend).is_gpu or _cpu_workers() == 1:
         preprocess_cohort(manifest, cache_dir, config=config, backend=cfg.backend)
     else:
-        _preprocess_on_cpu_cores(manifest, cache_dir, config, _cpu_workers())
+        _preprocess_on_cpu_cores(manifest, cache_dir, config, _cpu_workers(), log=log)
     return ProjectionCache(cache_dir)
 
 
@@ -58,11 +58,15 @@ def _cpu_workers() -> int:
     return max(1, min(os.cpu_count() or 1, 8))
 
 
-def _preprocess_on_cpu_cores(manifest: Path, cache_dir: Path, config, workers: int) -> None:
+def _preprocess_on_cpu_cores(
+    manifest: Path, cache_dir: Path, config, workers: int, log=print
+) -> None:
     """The CPU backend is single-threaded per scan: run one shard per core, one progress bar.
 
     Shards are disjoint (no shared state but the cache folder, see preprocess_cohort), and the
-    processes are spawned, not forked, so no JAX or BLAS thread state is inherited.
+    processes are spawned, not forked, so no JAX or BLAS thread state is inherited. Without a
+    terminal (output to a log file) the bar is off, so a line goes to ``log`` every
+    ``PROGRESS_LOG_SECONDS`` instead.
     """
     from sapsam_jax.io import read_manifest
 
@@ -74,13 +78,32 @@ def _preprocess_on_cpu_cores(manifest: Path, cache_dir: Path, config, workers: i
             for k in range(workers)
         ]
         with tqdm(total=total, desc="preprocess", unit="study", disable=None) as bar:
+            progress = _LogProgress(total, log, enabled=bar.disable)
             while not all(f.done() for f in futures):
                 time.sleep(1.0)
-                bar.update(_finished_studies(cache_dir) - bar.n)
+                done = _finished_studies(cache_dir)
+                bar.update(done - bar.n)
+                progress.update(done)
             bar.update(_finished_studies(cache_dir) - bar.n)
     failed = sum(f.result().failed for f in futures)
     if failed:
-        print(f"{failed} studies failed to preprocess: see {cache_dir / 'failures.csv'}")
+        log(f"{failed} studies failed to preprocess: see {cache_dir / 'failures.csv'}")
+
+
+PROGRESS_LOG_SECONDS = 30.0
+
+
+class _LogProgress:
+    """``preprocess: 40/82 studies`` to ``log`` at most every ``PROGRESS_LOG_SECONDS``."""
+
+    def __init__(self, total: int, log, *, enabled: bool):
+        self.total, self.log, self.enabled = total, log, enabled
+        self.last = time.monotonic()
+
+    def update(self, done: int) -> None:
+        if self.enabled and time.monotonic() - self.last >= PROGRESS_LOG_SECONDS:
+            self.log(f"preprocess: {done}/{self.total} studies")
+            self.last = time.monotonic()
 
 
 def _preprocess_shard(manifest, cache_dir, config, shard):
