@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from sapsam_jax.backend import get_backend
 from sapsam_jax.config import preprocess_preset
 from sapsam_jax.data import ProjectionCache, preprocess_cohort
+from sapsam_jax.train._distributed import barrier, is_primary
 
 # Keep the whole training set on the device when it takes at most this share of device memory.
 DEVICE_RESIDENT_FRACTION = 0.25
@@ -41,8 +42,11 @@ def prepare_cache(cfg, log=print) -> ProjectionCache:
     # instead of mixing projections of two configs.
     cache_dir = Path(cfg.data_dir) / f"cache-{name}-{cfg.preprocess_preset}-{config_digest(config)}"
     log(f"preprocessing {manifest} -> {cache_dir} (finished studies are reused)")
-    if get_backend(cfg.backend).is_gpu or _cpu_workers() == 1:
+    if jax.process_count() > 1 or get_backend(cfg.backend).is_gpu or _cpu_workers() == 1:
+        # Across processes each one preprocesses its own shard of the cohort (preprocess_cohort
+        # follows jax.distributed), then all wait for the whole cache.
         preprocess_cohort(manifest, cache_dir, config=config, backend=cfg.backend)
+        barrier(f"projection cache {cache_dir.name}")
     else:
         _preprocess_on_cpu_cores(manifest, cache_dir, config, _cpu_workers(), log=log)
     return ProjectionCache(cache_dir)
@@ -120,18 +124,29 @@ def _finished_studies(cache_dir: Path) -> int:
 
 
 def ensure_synthetic_cohort(cfg, log=print) -> Path:
-    """Generate the built-in synthetic cohort once; a finished cohort is reused."""
-    from sapsam_jax.data.synthetic import GENERATOR_VERSION, make_cohort
+    """Generate the built-in synthetic cohort once; a finished cohort is reused.
 
-    syn = cfg.synthetic
-    name = f"synthetic-{cfg.preset}-{syn.name}-v{GENERATOR_VERSION}"
+    Returns its manifest. In a multi-process job the first process generates it and the others
+    wait for it.
+    """
+    from sapsam_jax.data.synthetic import GENERATOR_VERSION, MANIFEST_NAME
+
+    name = f"synthetic-{cfg.preset}-{cfg.synthetic.name}-v{GENERATOR_VERSION}"
     out = Path(cfg.data_dir) / name
-    if (out / "manifest.csv").is_file():
-        return out / "manifest.csv"
+    if is_primary() and not (out / MANIFEST_NAME).is_file():
+        _generate_synthetic_cohort(cfg.synthetic, out, log)
+    barrier(f"synthetic cohort {name}")
+    return out / MANIFEST_NAME
+
+
+def _generate_synthetic_cohort(syn, out: Path, log) -> None:
+    """Write the cohort to a temporary sibling of ``out`` and rename it when complete."""
+    from sapsam_jax.data.synthetic import make_cohort
+
     log(f"generating the synthetic cohort ({syn.n_patients} patients, {syn.shape}) in {out}")
-    tmp = out.with_name(f".tmp-{name}")
+    tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    manifest = make_cohort(
+    make_cohort(
         tmp,
         n_patients=syn.n_patients,
         shape=syn.shape,
@@ -141,7 +156,6 @@ def ensure_synthetic_cohort(cfg, log=print) -> Path:
     )
     # Relative paths in the manifest resolve against its folder, so the rename keeps it valid.
     tmp.rename(out)
-    return out / Path(manifest).name
 
 
 def fits_on_device(nbytes: int) -> bool:

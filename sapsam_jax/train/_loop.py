@@ -31,6 +31,11 @@ from sapsam_jax.data import (
 from sapsam_jax.train._checkpoint import RunCheckpoints
 from sapsam_jax.train._config import MIN_INPUT_SIZE, TrainConfig
 from sapsam_jax.train._data import Batches, prepare_cache, to_global, to_host
+from sapsam_jax.train._distributed import (
+    is_primary,
+    maybe_initialize_distributed,
+    primary_log,
+)
 from sapsam_jax.train._metrics import binary_metrics
 from sapsam_jax.train._model import build_model, new_model
 from sapsam_jax.train._step import (
@@ -59,6 +64,7 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
     """Train the network(s) ``cfg`` describes and predict their test patients; returns the test
     metrics of every network it trained. ``sapsam_jax.job.train_and_report`` adds the report."""
     maybe_initialize_distributed()
+    log = primary_log(log)
     check_cam_layer(cfg)
     workdir = cfg.workdir_path
     cache = prepare_cache(cfg, log=log)
@@ -87,12 +93,6 @@ def _preset_epochs(cfg, task: str) -> int:
     return preset_config(cfg.preset, task).num_epochs
 
 
-def maybe_initialize_distributed() -> None:
-    """Join a multi-host job when launched as one (JAX_COORDINATOR_ADDRESS set)."""
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
-
-
 def check_cam_layer(cfg: TrainConfig) -> None:
     """Fail before any work when ``cfg.cam_layer`` is not a layer of the run's architecture."""
     if cfg.cam_layer is None:
@@ -106,9 +106,13 @@ def check_cam_layer(cfg: TrainConfig) -> None:
 
 
 def fit(cfg: TrainConfig, cache: ProjectionCache, *, log=print) -> dict:
-    """Train one network in ``cfg.workdir`` (resuming its checkpoint); return test metrics."""
+    """Train one network in ``cfg.workdir`` (resuming its checkpoint); return test metrics.
+
+    In a multi-process job every process calls it; the first one writes the files and logs.
+    """
     workdir = Path(cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    log = primary_log(log)
     _check_or_write_config(cfg, workdir)
     data = load_run_data(cfg, cache, workdir)
     model, preprocessing = build_model(cfg, num_classes=_num_classes(cfg), seed=cfg.seed)
@@ -148,7 +152,7 @@ def fit(cfg: TrainConfig, cache: ProjectionCache, *, log=print) -> dict:
         rotations=data.train.rotations,
     )
     frozen = frozen_block_names(model, cfg.frozen_blocks)
-    tensorboard = _tensorboard_writer(workdir) if cfg.tensorboard else None
+    tensorboard = _tensorboard_writer(workdir) if cfg.tensorboard and is_primary() else None
     for epoch in range(meta["epoch"] + 1, cfg.num_epochs + 1):
         record = _train_epoch(cfg, model, optimizer, batches, spec, frozen, epoch, batch_size, mesh)
         if data.val is not None:
@@ -166,7 +170,7 @@ def fit(cfg: TrainConfig, cache: ProjectionCache, *, log=print) -> dict:
             else meta["best_val_loss"],
             "best_epoch": epoch if improved else meta["best_epoch"],
         }
-        ckpts.save(model, optimizer, meta, best=improved)
+        ckpts.save(model, optimizer, meta, best=improved)  # every process takes part
         _append_metrics(workdir / "metrics.jsonl", record)
         if tensorboard is not None:
             _log_tensorboard(tensorboard, record)
@@ -330,6 +334,8 @@ def evaluate_samples(model, spec, samples, mesh) -> dict:
 def write_test_predictions(model, spec, test: SampleSet, mesh, workdir: Path) -> dict:
     """Predict the held-out test patients with the best model; save predictions, return metrics."""
     _, probs = predict(model, spec, test, mesh)
+    if not is_primary():
+        return binary_metrics(test.labels.ravel(), probs.ravel())
     tmp = workdir / "predictions_test.tmp.npz"
     np.savez(
         tmp,
@@ -368,8 +374,25 @@ def _global_batch_size(batch_size: int, n_devices: int) -> int:
 
 
 def _replicate(nodes, sharding) -> None:
+    """Place the state of ``nodes`` on every device of ``sharding`` (a replicated sharding).
+
+    Across processes ``device_put`` cannot reach the other hosts' devices; every process holds
+    the same state (same seed or checkpoint), so each contributes its copy.
+    """
     state = nnx.state(nodes)
-    nnx.update(nodes, jax.device_put(state, sharding))
+    if jax.process_count() == 1:
+        nnx.update(nodes, jax.device_put(state, sharding))
+        return
+
+    def replicated(x):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # RNG keys travel as raw data
+            data = jax.make_array_from_process_local_data(
+                sharding, np.asarray(jax.random.key_data(x))
+            )
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+    nnx.update(nodes, jax.tree.map(replicated, state))
 
 
 def _check_or_write_config(cfg: TrainConfig, workdir: Path) -> None:
@@ -391,12 +414,17 @@ def _check_or_write_config(cfg: TrainConfig, workdir: Path) -> None:
 
 
 def _write_json_atomic(path: Path, value) -> None:
+    """Write ``value`` as JSON through a temporary file (first process only, see fit)."""
+    if not is_primary():
+        return
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(value, indent=2, sort_keys=True, default=str))
     os.replace(tmp, path)
 
 
 def _append_metrics(path: Path, record: dict) -> None:
+    if not is_primary():
+        return
     with open(path, "a") as fh:
         fh.write(json.dumps(record) + "\n")
         fh.flush()
@@ -405,7 +433,7 @@ def _append_metrics(path: Path, record: dict) -> None:
 
 def _truncate_metrics(path: Path, last_epoch: int) -> None:
     """Drop metric lines of epochs after the restored checkpoint (they will be redone)."""
-    if not path.is_file():
+    if not is_primary() or not path.is_file():
         return
     lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
     kept = [ln for ln in lines if json.loads(ln)["epoch"] <= last_epoch]

@@ -1,0 +1,72 @@
+"""Training across processes (jax.distributed, as on several hosts) equals training on one.
+
+Two CPU processes of one device each, joined through ``JAX_COORDINATOR_ADDRESS`` /
+``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` (gloo collectives), train the tiny network in one
+shared workdir; this process trains the same network on its 2 fake devices. Same global batches,
+same sharding: the test predictions must agree, and the shared workdir must hold one clean copy of
+every file (one metrics line per epoch, not one per process).
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+from _fake_cache import FakeCache
+from _multiprocess_worker import tiny_fit_config
+from conftest import REPO_ROOT
+
+from sapsam_jax.train._loop import fit
+
+TESTS = REPO_ROOT / "tests"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(workdir, n_processes: int = 2):
+    address = f"127.0.0.1:{_free_port()}"
+    procs = []
+    for pid in range(n_processes):
+        env = dict(
+            os.environ,
+            JAX_PLATFORMS="cpu",
+            XLA_FLAGS="--xla_force_host_platform_device_count=1",
+            JAX_COORDINATOR_ADDRESS=address,
+            JAX_NUM_PROCESSES=str(n_processes),
+            JAX_PROCESS_ID=str(pid),
+            PYTHONPATH=os.pathsep.join(
+                [str(REPO_ROOT / "tests"), os.environ.get("PYTHONPATH", "")]
+            ),
+        )
+        cmd = [sys.executable, str(REPO_ROOT / "tests" / "_multiprocess_worker.py"), str(workdir)]
+        procs.append(
+            subprocess.Popen(
+                cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for pid, (p, (_, err)) in enumerate(zip(procs, outputs, strict=True)):
+        assert p.returncode == 0, f"process {pid} failed:\n{err[-3000:]}"
+    return [out for out, _ in outputs]
+
+
+def test_two_processes_train_like_one_process_with_two_devices(tmp_path):
+    outputs = _launch(tmp_path / "multi")
+    fit(tiny_fit_config(tmp_path / "single"), FakeCache(n_patients=10), log=lambda *_: None)
+
+    multi = np.load(tmp_path / "multi" / "predictions_test.npz")
+    single = np.load(tmp_path / "single" / "predictions_test.npz")
+    np.testing.assert_array_equal(multi["labels"], single["labels"])
+    assert np.ptp(single["probs"]) > 1e-3, "the toy run should give different outputs"
+    np.testing.assert_allclose(multi["probs"], single["probs"], atol=2e-5)
+
+    lines = (tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    # Only the first process reports; the other trains silently.
+    assert "epoch 1" in outputs[0] and "epoch 1" not in outputs[1]
