@@ -15,6 +15,7 @@ from __future__ import annotations
 from sapsam_jax.evaluate import find_trained_runs, write_report
 from sapsam_jax.explain import localisation_report
 from sapsam_jax.train import TrainConfig, train
+from sapsam_jax.train._distributed import is_primary
 
 
 def train_and_report(cfg: TrainConfig, *, log=print) -> dict:
@@ -24,6 +25,8 @@ def train_and_report(cfg: TrainConfig, *, log=print) -> dict:
     Returns :func:`sapsam_jax.train.train`'s test metrics per network.
     """
     results = train(cfg, log=log)
+    if not is_primary():  # several processes: the first one writes the report
+        return results
     workdir = cfg.workdir_path
     extra = None
     if cfg.task == "signs":
