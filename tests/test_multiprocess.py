@@ -2,9 +2,10 @@
 
 Two CPU processes of one device each, joined through ``JAX_COORDINATOR_ADDRESS`` /
 ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` (gloo collectives), train the tiny network in one
-shared workdir; this process trains the same network on its 2 fake devices. Same global batches,
-same sharding: the test predictions must agree, and the shared workdir must hold one clean copy of
-every file (one metrics line per epoch, not one per process).
+shared workdir, stop after one epoch and resume for the second; this process trains the same
+network for two epochs on its 2 fake devices. Same global batches, same sharding: the test
+predictions must agree, and the shared workdir must hold one clean copy of every file (one
+metrics line per epoch, not one per process).
 """
 
 import json
@@ -29,7 +30,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(workdir, n_processes: int = 2):
+def _launch(workdir, epochs: int, n_processes: int = 2):
     address = f"127.0.0.1:{_free_port()}"
     procs = []
     for pid in range(n_processes):
@@ -40,24 +41,21 @@ def _launch(workdir, n_processes: int = 2):
             JAX_COORDINATOR_ADDRESS=address,
             JAX_NUM_PROCESSES=str(n_processes),
             JAX_PROCESS_ID=str(pid),
-            PYTHONPATH=os.pathsep.join(
-                [str(REPO_ROOT / "tests"), os.environ.get("PYTHONPATH", "")]
-            ),
+            PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
         )
-        cmd = [sys.executable, str(REPO_ROOT / "tests" / "_multiprocess_worker.py"), str(workdir)]
-        procs.append(
-            subprocess.Popen(
-                cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-            )
-        )
+        cmd = [sys.executable, str(TESTS / "_multiprocess_worker.py"), str(workdir), str(epochs)]
+        pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        procs.append(subprocess.Popen(cmd, env=env, **pipes))
     outputs = [p.communicate(timeout=600) for p in procs]
     for pid, (p, (_, err)) in enumerate(zip(procs, outputs, strict=True)):
         assert p.returncode == 0, f"process {pid} failed:\n{err[-3000:]}"
     return [out for out, _ in outputs]
 
 
-def test_two_processes_train_like_one_process_with_two_devices(tmp_path):
-    outputs = _launch(tmp_path / "multi")
+def test_two_processes_train_and_resume_like_one_process_with_two_devices(tmp_path):
+    _launch(tmp_path / "multi", epochs=1)
+    outputs = _launch(tmp_path / "multi", epochs=2)  # resumes from the 2-process checkpoint
+    assert "resuming after epoch 1" in outputs[0]
     fit(tiny_fit_config(tmp_path / "single"), FakeCache(n_patients=10), log=lambda *_: None)
 
     multi = np.load(tmp_path / "multi" / "predictions_test.npz")
@@ -69,4 +67,4 @@ def test_two_processes_train_like_one_process_with_two_devices(tmp_path):
     lines = (tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
     # Only the first process reports; the other trains silently.
-    assert "epoch 1" in outputs[0] and "epoch 1" not in outputs[1]
+    assert "epoch 2" in outputs[0] and "epoch 2" not in outputs[1]
