@@ -231,6 +231,35 @@ def test_frozen_blocks_do_not_change_and_the_rest_does():
             assert all(changed), f"{block} should train"
 
 
+def _one_step_update(cfg):
+    """Parameter change of one train step from the same initial weights, batch and key."""
+    model, optimizer, spec, mesh = _tiny_setup(cfg)
+    before = jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    set_train_mode(model, ())
+    make_train_step(spec)(model, optimizer, *_batch(mesh), jax.random.key(0))
+    after = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return jax.tree.map(lambda a, b: np.asarray(b, np.float64) - a, before, after)
+
+
+def test_gradient_clipping_scales_the_step_to_the_requested_norm():
+    lr = 0.05
+    cfg = TINY.replace(frozen_blocks=0, warmup_epochs=0.0, learning_rate=lr)
+    free = _one_step_update(cfg)
+    # First SGD step (momentum trace starts at 0): update = -lr * gradient.
+    grad_norm = np.sqrt(sum(np.sum(u * u) for u in jax.tree.leaves(free))) / lr
+    clip = grad_norm / 4
+    clipped = _one_step_update(cfg.replace(grad_clip_norm=float(clip)))
+    jax.tree.map(
+        lambda c, f: np.testing.assert_allclose(c, f * clip / grad_norm, rtol=2e-3, atol=1e-7),
+        clipped,
+        free,
+    )
+    loose = _one_step_update(cfg.replace(grad_clip_norm=float(4 * grad_norm)))  # no effect
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), loose, free)
+    with pytest.raises(ValueError, match="grad_clip_norm"):
+        cfg.replace(grad_clip_norm=0.0)
+
+
 def test_sharded_step_equals_single_device_step():
     assert len(jax.devices()) == 2, "conftest sets 2 fake CPU devices"
     cfg = TINY.replace(frozen_blocks=0, warmup_epochs=0.0, learning_rate=0.05)

@@ -54,7 +54,8 @@ def _param_labels(frozen: tuple[str, ...]):
 
 
 def make_optimizer(model, cfg, steps_per_epoch: int) -> nnx.Optimizer:
-    """SGD with momentum (paper 3.1) or Adam, optional linear warm-up, frozen first blocks."""
+    """SGD with momentum (paper 3.1) or Adam, optional linear warm-up and gradient clipping,
+    frozen first blocks."""
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     schedule = (
         optax.warmup_constant_schedule(0.0, cfg.learning_rate, warmup)
@@ -66,6 +67,8 @@ def make_optimizer(model, cfg, steps_per_epoch: int) -> nnx.Optimizer:
         if cfg.optimizer == "sgd"
         else optax.adam(schedule)
     )
+    if cfg.grad_clip_norm is not None:
+        base = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), base)
     frozen = frozen_block_names(model, cfg.frozen_blocks)
     tx = optax.multi_transform(
         {TRAINABLE: base, FROZEN: optax.set_to_zero()}, _param_labels(frozen)
