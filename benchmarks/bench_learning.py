@@ -16,6 +16,7 @@ augmentation.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -39,14 +40,45 @@ def run_split(task: str, seed: int, args) -> list[dict]:
     )
     if task == "signs":
         cfg = cfg.replace(sign="all")
+    cfg = cfg.replace(**args.override)
     start = time.perf_counter()
     results = train(cfg, log=print)
     seconds = time.perf_counter() - start
+    workdir = Path(cfg.workdir)
     return [
         {"task": task, "name": name, "seed": seed, "seconds": seconds}
         | {k: float(metrics[k]) for k in METRICS}
+        | best_validation(workdir / name if len(results) > 1 else workdir)
         for name, metrics in results.items()
     ]
+
+
+def best_validation(run_dir: Path) -> dict:
+    """Validation F1 and AUC of the kept (lowest validation loss) epoch, from metrics.jsonl: what
+    a preset may be chosen on, unlike the test scores."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in records if "val_loss" in r]
+    if not records:  # survival: no validation set (paper 3.3)
+        return {}
+    best = min(records, key=lambda r: r["val_loss"])
+    return {"best_epoch": best["epoch"], "val_f1": best["val_f1"], "val_auc": best["val_auc"]}
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """``key=value`` with a JSON value (``flip=true``, ``epochs=12``, ``zoom_range=[0.9,1.1]``)."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value  # a bare string: optimizer=adam
+    return key, tuple(parsed) if isinstance(parsed, list) else parsed
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -62,6 +94,7 @@ def summarize(rows: list[dict]) -> dict:
             "f1_min": min(f1),
             "f1_max": max(f1),
             "auc_mean": sum(auc) / len(auc),
+            "val_f1_mean": _mean([r.get("val_f1") for r in mine]),
             "target_f1": TARGET_F1.get(name),
             "mean_meets_target": sum(f1) / len(f1) >= TARGET_F1.get(name, 0.0),
         }
@@ -76,8 +109,17 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", default="quick", choices=("quick", "tiny", "paper"))
     parser.add_argument("--data-dir", type=Path, default=Path("runs/data"))
     parser.add_argument("--workdir", type=Path, default=Path("runs/bench_learning"))
+    parser.add_argument(
+        "--override",
+        nargs="*",
+        type=parse_override,
+        default=[],
+        metavar="KEY=VALUE",
+        help="TrainConfig fields to change on top of the preset, e.g. flip=true epochs=12",
+    )
     parser.add_argument("--out", help="JSON path (default: benchmarks/results/)")
     args = parser.parse_args(argv)
+    args.override = dict(args.override)
 
     rows = []
     for task in args.tasks:
@@ -97,10 +139,12 @@ def main(argv=None) -> int:
         "preset": args.preset,
         "axis": args.axis,
         "seeds": args.seeds,
+        "overrides": args.override,
         "runs": rows,
         "summary": summary,
     }
-    path = write_json(record, f"learning_{args.preset}_{args.axis}", args.out)
+    variant = "".join(f"_{k}-{v}" for k, v in args.override.items()).replace(" ", "")
+    path = write_json(record, f"learning_{args.preset}_{args.axis}{variant}", args.out)
     print(f"wrote {path}")
     return 0
 
