@@ -16,6 +16,7 @@ augmentation.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -40,7 +41,7 @@ def run_split(task: str, seed: int, args) -> list[dict]:
     )
     if task == "signs":
         cfg = cfg.replace(sign="all")
-    cfg = cfg.replace(**args.override)
+    cfg = with_overrides(cfg, args.override)
     start = time.perf_counter()
     results = train(cfg, log=print)
     seconds = time.perf_counter() - start
@@ -51,6 +52,15 @@ def run_split(task: str, seed: int, args) -> list[dict]:
         | best_validation(workdir / name if len(results) > 1 else workdir)
         for name, metrics in results.items()
     ]
+
+
+def with_overrides(cfg, overrides: dict):
+    """``cfg`` with TrainConfig fields replaced; ``synthetic.FIELD`` keys change the cohort."""
+    cohort = {k.removeprefix("synthetic."): v for k, v in overrides.items() if "." in k}
+    cfg = cfg.replace(**{k: v for k, v in overrides.items() if "." not in k})
+    if cohort:
+        cfg = cfg.replace(synthetic=dataclasses.replace(cfg.synthetic, **cohort))
+    return cfg
 
 
 def best_validation(run_dir: Path) -> dict:
@@ -115,7 +125,8 @@ def main(argv=None) -> int:
         type=parse_override,
         default=[],
         metavar="KEY=VALUE",
-        help="TrainConfig fields to change on top of the preset, e.g. flip=true epochs=12",
+        help="TrainConfig fields to change on top of the preset, e.g. flip=true epochs=12 "
+        "synthetic.n_patients=80",
     )
     parser.add_argument("--out", help="JSON path (default: benchmarks/results/)")
     args = parser.parse_args(argv)

@@ -11,7 +11,15 @@ import pytest
 from scipy import ndimage as ndi
 
 from sapsam_jax.config import ANNOTATION_FLAGS, SUBREGIONS
-from sapsam_jax.data.synthetic import LABELS, generate_patient, make_cohort, table1_rates
+from sapsam_jax.data.synthetic import (
+    LABELS,
+    Grid,
+    default_spacing,
+    generate_patient,
+    lesion_twins,
+    make_cohort,
+    table1_rates,
+)
 from sapsam_jax.data.synthetic._anatomy import BONE, FAT, LUNG, MUSCLE, OUTSIDE
 from sapsam_jax.io import load_ct, manifest_columns, read_manifest
 
@@ -146,6 +154,26 @@ def test_generation_is_deterministic_per_seed():
         assert np.array_equal(x.hu, y.hu) and np.array_equal(x.labels, y.labels)
         assert x.annotations == y.annotations and x.survival_2y == y.survival_2y
     assert not np.array_equal(a[0].hu, c[0].hu)
+
+
+def test_lesion_twins_add_one_lesion_each_to_the_patients_scan():
+    # bench_lesion_contrast relies on it: the same patient as generate_patient draws, and each
+    # twin differs from the lesion-free scan only around its own lesion.
+    index = 1
+    hu0, twins = lesion_twins(index, shape=SHAPE, seed=SEED)
+    scan = generate_patient(index, cpa=True, shape=SHAPE, seed=SEED)[0]
+    kinds = {lesion.kind for lesion, _ in twins}
+    expected = {LABELS[k] for k in kinds if k in LABELS} | (
+        {LABELS["preexisting"]} if kinds - set(LABELS) else set()
+    )
+    expected |= {LABELS["fungus_ball"] for lesion, _ in twins if "ball_onset" in lesion.params}
+    assert set(np.unique(scan.labels)) - {0} == expected
+    grid = Grid(SHAPE, default_spacing(SHAPE))
+    for lesion, hu in twins:
+        changed = np.argwhere(hu != hu0)
+        assert len(changed) > 0, lesion.kind
+        distance = np.linalg.norm(grid.to_mm(changed) - lesion.center, axis=1)
+        assert distance.max() < 1.3 * lesion.size + 10.0, (lesion.kind, distance.max())
 
 
 def test_fungus_balls_sit_in_cavities_behind_an_air_crescent(cohort, volumes):

@@ -17,6 +17,7 @@ from ._cohort import (
     MANIFEST_NAME,
     SyntheticScan,
     generate_patient,
+    lesion_twins,
     make_cohort,
     write_scan,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "SyntheticScan",
     "default_spacing",
     "generate_patient",
+    "lesion_twins",
     "make_cohort",
     "table1_rates",
     "write_scan",

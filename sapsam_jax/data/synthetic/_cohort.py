@@ -40,7 +40,9 @@ MANIFEST_NAME = "manifest.csv"
 # Bumped whenever the generator draws different cohorts from the same arguments, so a cohort
 # cached by an older version is not reused (train.ensure_synthetic_cohort names folders by it).
 # 2: cavities and fungus balls are at least the size the grid resolves (_lesions.MIN_LUMEN).
-GENERATOR_VERSION = 2
+# 3: pleural thickening paints only under its lens; 2 also brightened the lung's outermost voxels
+#    over the whole painting box (up to ~8 cm from the patch, into other sub-regions, unlabelled).
+GENERATOR_VERSION = 3
 # Paper 1.1: 76 of 352 studies are controls.
 DEFAULT_CONTROL_FRACTION = 0.25
 NOISE_SIGMA_HU = (12.0, 22.0)  # per-scan image noise, spatially correlated like CT noise
@@ -129,6 +131,29 @@ def generate_patient(
             )
         )
     return scans
+
+
+def lesion_twins(
+    index: int, *, n_scans: int = 1, shape=DEFAULT_SHAPE, spacing=None, seed: int = 0
+) -> tuple[np.ndarray, list[tuple[Lesion, np.ndarray]]]:
+    """The last scan of CPA patient ``index`` without its lesions, and with each lesion alone.
+
+    Same anatomy, same noise: the difference between a twin and the lesion-free scan is what that
+    one lesion adds to the CT (``benchmarks/bench_lesion_contrast.py`` measures what it adds to
+    the projections). Drawn like :func:`generate_patient` (``cpa=True``, same seed and index).
+    Returns ``(hu_without, [(lesion, hu_with_it_alone), ...])``, int16 like the written scans.
+    """
+    grid = Grid(tuple(int(n) for n in shape), tuple(spacing or default_spacing(shape)))
+    rng = _rng(seed, index)
+    anatomy = render_anatomy(sample_anatomy(rng, grid), grid, rng)
+    lesions = plan_lesions(Planner(anatomy, rng), rng, n_scans)
+    last = n_scans - 1
+
+    def render(painted):
+        return _render_scan(anatomy, painted, last, n_scans, _rng(seed, index, last, 1))[0]
+
+    visible = [lesion for lesion in lesions if lesion.scale(last, n_scans) > 0]
+    return render([]), [(lesion, render([lesion])) for lesion in visible]
 
 
 def _render_scan(anatomy: Anatomy, lesions: list[Lesion], scan: int, n_scans: int, rng):

@@ -508,10 +508,14 @@ def paint_pleural(canvas: Canvas, lesion: Lesion, scale: float) -> None:
     fibrosis = seam + p["fibrosis"] * scale * np.clip(1.0 - r2 / 0.81, 0.0, 1.0)
     edge = grid.voxel_mm
     reticulation = np.where(np.abs(strands) < 0.25, -150.0, HU_FIBROSIS).astype(np.float32)
+    # Only under the lens: where its layers are 0 mm thick the ramp of soft_inside would still
+    # paint part of every surface voxel of the box (the lung's outermost voxel lies less than
+    # half a voxel deep), a faint rim far beyond the patch and into other sub-regions.
+    lung = lung & (weight > 0)
     blend(canvas.hu, box, soft_inside(depth - fibrosis, edge) * lung, reticulation)
     blend(canvas.hu, box, soft_inside(depth - seam, edge) * lung, HU_GROUND_GLASS)
     blend(canvas.hu, box, soft_inside(depth - thick, edge) * lung, HU_WALL)
-    canvas.labels[box][lung & (depth < fibrosis) & (weight > 0)] = LABELS["pleural_thickening"]
+    canvas.labels[box][lung & (depth < fibrosis)] = LABELS["pleural_thickening"]
 
 
 def _lung_tissue(canvas: Canvas, box) -> np.ndarray:

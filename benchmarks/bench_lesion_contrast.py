@@ -1,0 +1,155 @@
+"""What one synthetic lesion adds to the projections a network sees: a design check of the cohort.
+
+For CPA patients drawn like the built-in cohort's, each lesion is rendered alone into the
+lesion-free scan (same anatomy, same noise: ``lesion_twins``), both scans are preprocessed with
+one lung box (paper 2.1-2.3, the preset's grid, unrotated), and the difference is measured in the
+whole-scan gray image (conservative mask: the disease task) and in the six sub-region HU-band
+images (refined mask: the sign task). The lesion-free gray image's texture inside the lungs
+(vessels, airways) is what a lesion has to stand out against. No timings.
+
+    python benchmarks/bench_lesion_contrast.py                    # 12 patients, quick grid
+    python benchmarks/bench_lesion_contrast.py --patients 4 --axis coronal
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_json  # noqa: E402
+
+from sapsam_jax.config import PREPROCESS_PRESETS  # noqa: E402
+from sapsam_jax.data.synthetic import lesion_twins  # noqa: E402
+from sapsam_jax.preprocess import (  # noqa: E402
+    average_projection,
+    lung_bbox,
+    lung_masks,
+    resample_to_grid,
+    subregion_band_projections,
+)
+from sapsam_jax.train import preset_config  # noqa: E402
+
+VISIBLE = 0.05  # an image change of 5% of the window (25 HU in the gray window) counts as seen
+BANDS = ("air", "lung", "soft")
+
+
+def project(hu, spacing, preset, axis, bbox=None):
+    """(bbox, gray image, the six sub-region band images) of one scan, unrotated."""
+    geometry = preset.geometry
+    masks = lung_masks(hu, spacing, config=preset.segmentation, backend="cpu")
+    if bbox is None:
+        bbox = lung_bbox(masks["refined"], spacing, geometry.bbox_margin_mm)
+    work = resample_to_grid(hu.astype(np.float32), spacing, bbox, geometry, order=1)[0]
+    conservative = resample_to_grid(masks["conservative"], spacing, bbox, geometry)[0]
+    refined = resample_to_grid(masks["refined"], spacing, bbox, geometry)[0]
+    gray = average_projection(work, conservative, axis, preset.projection.gray_window_hu)
+    bands = subregion_band_projections(work, refined, axis, preset.projection.bands)
+    return bbox, gray, bands
+
+
+def lesion_row(kind, lesion, gray, gray0, bands, bands0) -> dict:
+    diff = gray - gray0
+    seen = np.abs(diff) > VISIBLE
+    row = {
+        "kind": kind,
+        "region": lesion.region,
+        "radius_mm": round(float(lesion.size), 1),
+        "gray_max_abs": float(np.abs(diff).max()),
+        "gray_pixels_seen": int(seen.sum()),
+        "gray_mean_change_seen": float(diff[seen].mean()) if seen.any() else 0.0,
+    }
+    for c, name in enumerate(BANDS):
+        band_diff = np.abs(bands[..., c] - bands0[..., c])
+        row[f"{name}_band_max_abs"] = float(band_diff.max())
+        row[f"{name}_band_pixels_seen"] = int((band_diff > VISIBLE).sum())
+    return row
+
+
+def measure_patient(index, args, preset, shape, spacing) -> tuple[list[dict], dict]:
+    hu0, twins = lesion_twins(
+        index, n_scans=args.scans, shape=shape, spacing=spacing, seed=args.seed
+    )
+    bbox, gray0, bands0 = project(hu0, spacing, preset, args.axis)
+    lungs = gray0 > 0
+    reference = {
+        "patient": index,
+        "lung_pixels": int(lungs.sum()),
+        # What a lesion must stand out against: vessel and airway texture of the same image.
+        "gray_texture_std": float(gray0[lungs].std()),
+    }
+    rows = []
+    for lesion, hu in twins:
+        kind = lesion.kind + ("+fungus_ball" if "ball_onset" in lesion.params else "")
+        _, gray, bands = project(hu, spacing, preset, args.axis, bbox)
+        rows.append({"patient": index} | lesion_row(kind, lesion, gray, gray0, bands, bands0))
+    return rows, reference
+
+
+def summarize(rows: list[dict]) -> dict:
+    keys = [k for k in rows[0] if k.endswith(("_max_abs", "_seen"))] if rows else []
+    by_kind = defaultdict(list)
+    for row in rows:
+        by_kind[row["kind"]].append(row)
+    return {
+        kind: {"lesions": len(mine)} | {k: statistics.median(r[k] for r in mine) for k in keys}
+        for kind, mine in sorted(by_kind.items())
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--patients", type=int, default=12, help="CPA patients 0..N-1")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scans", type=int, default=3, help="longitudinal scans; the last is used")
+    parser.add_argument("--preset", default="quick", choices=("quick", "tiny", "paper"))
+    parser.add_argument("--axis", default="axial")
+    parser.add_argument("--out", help="JSON path (default: benchmarks/results/)")
+    args = parser.parse_args(argv)
+
+    train_cfg = preset_config(args.preset, "signs")
+    preset = PREPROCESS_PRESETS[train_cfg.preprocess_preset]
+    shape, spacing = train_cfg.synthetic.shape, train_cfg.synthetic.spacing
+    rows, references = [], []
+    for index in range(args.patients):
+        patient_rows, reference = measure_patient(index, args, preset, shape, spacing)
+        rows += patient_rows
+        references.append(reference)
+        print(f"patient {index}: {', '.join(r['kind'] for r in patient_rows)}", flush=True)
+    summary = summarize(rows)
+    texture = statistics.median(r["gray_texture_std"] for r in references)
+    lung_pixels = statistics.median(r["lung_pixels"] for r in references)
+    print(f"lesion-free gray image: {lung_pixels:.0f} lung pixels, texture std {texture:.3f}")
+    print("medians per kind: max |change| (pixels changed by > 0.05)")
+    for kind, s in summary.items():
+        bands = " ".join(
+            f"{b} {s[f'{b}_band_max_abs']:.2f} ({s[f'{b}_band_pixels_seen']:.0f})" for b in BANDS
+        )
+        print(
+            f"  {kind:28s} n={s['lesions']:2d}  gray {s['gray_max_abs']:.2f} "
+            f"({s['gray_pixels_seen']:.0f})  bands: {bands}"
+        )
+    record = {
+        "benchmark": "lesion_contrast",
+        "preset": args.preset,
+        "axis": args.axis,
+        "seed": args.seed,
+        "visible_threshold": VISIBLE,
+        "gray_texture_std_median": texture,
+        "lung_pixels_median": lung_pixels,
+        "summary_median": summary,
+        "references": references,
+        "lesions": rows,
+    }
+    path = write_json(record, f"lesion_contrast_{args.preset}_{args.axis}", args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
