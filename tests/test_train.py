@@ -287,6 +287,8 @@ def test_run_data_splits_by_patient_and_balances(tmp_path):
     patients = {name: set(getattr(data, name).patient_ids) for name in ("train", "val", "test")}
     assert patients["train"].isdisjoint(patients["test"] | patients["val"])
     assert np.bincount(data.train.labels).tolist()[0] == np.bincount(data.train.labels)[1]
+    for held_out in (data.val, data.test):  # scored on equal classes, as the test is
+        assert np.bincount(held_out.labels)[0] == np.bincount(held_out.labels)[1] > 0
     assert set(np.unique(data.train.rotations)) == set(range(27))  # paper 2.3 rotations
     assert set(np.unique(data.test.rotations)) == set(range(27))  # as the paper's test set
     unrotated = load_run_data(cfg.replace(eval_rotations="identity"), cache, tmp_path)
