@@ -75,10 +75,13 @@ def best_validation(run_dir: Path) -> dict:
 
 
 def parse_override(text: str) -> tuple[str, object]:
-    """``key=value`` with a JSON value (``flip=true``, ``epochs=12``, ``zoom_range=[0.9,1.1]``)."""
+    """``key=value`` with a JSON value (``flip=true``, ``epochs=12``, ``zoom_range=[0.9,1.1]``,
+    ``synthetic.n_patients=80``)."""
     key, sep, value = text.partition("=")
     if not sep:
         raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    if "." in key and not key.startswith("synthetic."):
+        raise argparse.ArgumentTypeError(f"only synthetic.FIELD keys may be dotted, got {key!r}")
     try:
         parsed = json.loads(value)
     except json.JSONDecodeError:

@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_json  # noqa: E402
 
-from sapsam_jax.config import PREPROCESS_PRESETS  # noqa: E402
+from sapsam_jax.config import AXES, PREPROCESS_PRESETS  # noqa: E402
 from sapsam_jax.data.synthetic import lesion_twins  # noqa: E402
 from sapsam_jax.preprocess import (  # noqa: E402
     average_projection,
@@ -108,9 +108,11 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scans", type=int, default=3, help="longitudinal scans; the last is used")
     parser.add_argument("--preset", default="quick", choices=("quick", "tiny", "paper"))
-    parser.add_argument("--axis", default="axial")
+    parser.add_argument("--axis", default="axial", choices=tuple(AXES))
     parser.add_argument("--out", help="JSON path (default: benchmarks/results/)")
     args = parser.parse_args(argv)
+    if args.patients < 1 or args.scans < 1:
+        parser.error("--patients and --scans must be at least 1")
 
     train_cfg = preset_config(args.preset, "signs")
     preset = PREPROCESS_PRESETS[train_cfg.preprocess_preset]

@@ -91,6 +91,16 @@ def _rng(seed: int, *keys: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), *map(int, keys)])
 
 
+def _plan_patient(index: int, cpa: bool, n_scans: int, shape, spacing, seed: int):
+    """(grid, rng, anatomy, lesions) of patient ``index``; ``rng`` continues the patient's stream
+    (survival is drawn from it next), so generate_patient and lesion_twins draw the same patient."""
+    grid = Grid(tuple(int(n) for n in shape), tuple(spacing or default_spacing(shape)))
+    rng = _rng(seed, index)
+    anatomy = render_anatomy(sample_anatomy(rng, grid), grid, rng)
+    lesions = plan_lesions(Planner(anatomy, rng), rng, n_scans) if cpa else []
+    return grid, rng, anatomy, lesions
+
+
 def generate_patient(
     index: int,
     *,
@@ -101,10 +111,7 @@ def generate_patient(
     seed: int = 0,
 ) -> list[SyntheticScan]:
     """All scans of one patient, in memory (no files). Deterministic in (seed, index)."""
-    grid = Grid(tuple(int(n) for n in shape), tuple(spacing or default_spacing(shape)))
-    rng = _rng(seed, index)
-    anatomy = render_anatomy(sample_anatomy(rng, grid), grid, rng)
-    lesions = plan_lesions(Planner(anatomy, rng), rng, n_scans) if cpa else []
+    grid, rng, anatomy, lesions = _plan_patient(index, cpa, n_scans, shape, spacing, seed)
     survival = _survival(lesions, rng) if cpa else None
     box = LungBox.from_mask(anatomy.lung, grid)
     scans = []
@@ -143,10 +150,7 @@ def lesion_twins(
     the projections). Drawn like :func:`generate_patient` (``cpa=True``, same seed and index).
     Returns ``(hu_without, [(lesion, hu_with_it_alone), ...])``, int16 like the written scans.
     """
-    grid = Grid(tuple(int(n) for n in shape), tuple(spacing or default_spacing(shape)))
-    rng = _rng(seed, index)
-    anatomy = render_anatomy(sample_anatomy(rng, grid), grid, rng)
-    lesions = plan_lesions(Planner(anatomy, rng), rng, n_scans)
+    _, _, anatomy, lesions = _plan_patient(index, True, n_scans, shape, spacing, seed)
     last = n_scans - 1
 
     def render(painted):
