@@ -20,12 +20,8 @@ class RunCheckpoints:
 
     def __init__(self, workdir: Path):
         root = Path(workdir).absolute() / "checkpoints"
-        self.latest = ocp.CheckpointManager(
-            root / "latest", options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
-        )
-        self.best = ocp.CheckpointManager(
-            root / "best", options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
-        )
+        self.latest = _manager(root / "latest", max_to_keep=2)
+        self.best = _manager(root / "best", max_to_keep=1)
 
     def save(self, model, optimizer, meta: dict, *, best: bool) -> None:
         """Save epoch ``meta["epoch"]`` (1-based) as latest, and as best when it improved."""
@@ -87,6 +83,25 @@ class RunCheckpoints:
     def close(self) -> None:
         self.latest.close()
         self.best.close()
+
+
+def _manager(directory: Path, max_to_keep: int) -> ocp.CheckpointManager:
+    """One Orbax manager whose cross-process barriers are named after its folder.
+
+    Both managers save the same epoch at once, and Orbax names its barriers by step: without a
+    prefix the second manager's barrier collides with the first's ("Barrier
+    _async_write_complete.1 is already ongoing") whenever one process lags, and the job aborts.
+    """
+    return ocp.CheckpointManager(
+        directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            create=True,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                barrier_sync_key_prefix=directory.name
+            ),
+        ),
+    )
 
 
 def _assign(node, state, pure: dict) -> None:
