@@ -20,9 +20,22 @@ from sapsam_jax.data import (
     study_label,
 )
 from sapsam_jax.train import TINY, binary_metrics, bootstrap_intervals, roc_auc
-from sapsam_jax.train._loop import _replicate, epoch_order, fit, load_run_data
+from sapsam_jax.train._loop import (
+    _replicate,
+    _step_spec,
+    epoch_order,
+    fit,
+    load_run_data,
+    positive_weights,
+)
 from sapsam_jax.train._model import build_model
-from sapsam_jax.train._step import StepSpec, make_optimizer, make_train_step, set_train_mode
+from sapsam_jax.train._step import (
+    StepSpec,
+    make_optimizer,
+    make_train_step,
+    per_sample_loss,
+    set_train_mode,
+)
 
 # ---------------------------------------------------------------- splits and balancing (2.3)
 
@@ -275,6 +288,41 @@ def test_sharded_step_equals_single_device_step():
         results[0][1],
         results[1][1],
     )
+
+
+def test_multi_label_loss_weighs_each_signs_positives():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0.0, 2.0, size=(6, 3))
+    labels = rng.integers(0, 2, size=(6, 3))
+    weight = (5.0, 1.0, 0.5)
+
+    def reference(w):  # binary cross-entropy written out, positive term scaled per sign
+        p = 1.0 / (1.0 + np.exp(-logits))
+        return -(np.asarray(w) * labels * np.log(p) + (1 - labels) * np.log(1 - p)).mean(-1)
+
+    plain = per_sample_loss(jnp.asarray(logits), jnp.asarray(labels), multi_label=True)
+    np.testing.assert_allclose(plain, reference((1.0, 1.0, 1.0)), rtol=1e-5)
+    weighted = per_sample_loss(jnp.asarray(logits), jnp.asarray(labels), True, weight)
+    np.testing.assert_allclose(weighted, reference(weight), rtol=1e-5)
+
+
+def test_multi_label_run_weighs_signs_by_their_training_balance(tmp_path):
+    labels = np.array([[1, 0, 0], [1, 1, 0], [0, 0, 0], [0, 0, 0], [1, 0, 0], [0, 0, 1]])
+    assert positive_weights(labels) == pytest.approx((3 / 3, 5 / 1, 5 / 1))
+    assert positive_weights(np.zeros((4, 3))) == (1.0, 1.0, 1.0)  # no positives: no weighting
+
+    cfg = TINY.replace(task="signs", sign="multi", epochs=1, workdir=str(tmp_path))
+    train_set = load_run_data(cfg, FakeCache(n_patients=6), tmp_path).train
+    spec = _step_spec(cfg, train_set, "caffe")
+    assert spec.multi_label and spec.positive_weight == positive_weights(train_set.labels)
+    assert max(spec.positive_weight) > 1.0, "the fake cohort's signs are rarer than their absence"
+    metrics = fit(cfg, FakeCache(n_patients=6), log=lambda *_: None)
+    predictions = np.load(tmp_path / "predictions_test.npz")
+    assert (
+        predictions["probs"].shape == predictions["labels"].shape == (len(predictions["probs"]), 3)
+    )
+    assert json.loads((tmp_path / "run.json").read_text())["multi_label"] is True
+    assert 0.0 <= metrics["auc"] <= 1.0
 
 
 # ---------------------------------------------------------------- data and the loop

@@ -28,6 +28,8 @@ class StepSpec:
     image_size: tuple[int, int]
     preprocessing: str
     multi_label: bool = False
+    # Multi-label only: weight of each sign's positive term in the loss (None: 1 for all).
+    positive_weight: tuple[float, ...] | None = None
     max_rotation_deg: float = 20.0
     zoom_range: tuple[float, float] = (0.8, 1.2)
     flip: bool = False
@@ -94,12 +96,23 @@ def prepare_inputs(images: jax.Array, spec: StepSpec) -> jax.Array:
     return preprocess_input(images, spec.preprocessing)
 
 
-def per_sample_loss(logits: jax.Array, labels: jax.Array, multi_label: bool) -> jax.Array:
-    """Categorical cross-entropy on the softmax output (paper 3.1); per-sign sigmoid if multi."""
+def per_sample_loss(
+    logits: jax.Array, labels: jax.Array, multi_label: bool, positive_weight=None
+) -> jax.Array:
+    """Categorical cross-entropy on the softmax output (paper 3.1); per-sign sigmoid if multi.
+
+    ``positive_weight`` (multi-label) scales each sign's positive term, as ``pos_weight`` in
+    PyTorch's ``BCEWithLogitsLoss``: with ``n_negative / n_positive`` of the training set a sign
+    weighs as if its classes were balanced (paper 2.3), which one multi-label sample set cannot be.
+    """
     logits = logits.astype(jnp.float32)
-    if multi_label:
-        return optax.sigmoid_binary_cross_entropy(logits, labels.astype(jnp.float32)).mean(-1)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    if not multi_label:
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    labels = labels.astype(jnp.float32)
+    weight = 1.0 if positive_weight is None else jnp.asarray(positive_weight, jnp.float32)
+    positive = weight * labels * jax.nn.log_sigmoid(logits)
+    negative = (1.0 - labels) * jax.nn.log_sigmoid(-logits)
+    return -(positive + negative).mean(-1)
 
 
 def probabilities(logits: jax.Array, multi_label: bool) -> jax.Array:
@@ -128,7 +141,8 @@ def make_train_step(spec: StepSpec):
 
         def objective(model):
             logits = model(inputs)
-            return per_sample_loss(logits, labels, spec.multi_label).mean(), logits
+            losses = per_sample_loss(logits, labels, spec.multi_label, spec.positive_weight)
+            return losses.mean(), logits
 
         (loss, logits), grads = nnx.value_and_grad(objective, has_aux=True)(model)
         optimizer.update(model, grads)
@@ -144,7 +158,7 @@ def make_eval_step(spec: StepSpec):
     @nnx.jit
     def eval_step(model, images, labels):
         logits = model(prepare_inputs(images, spec))
-        losses = per_sample_loss(logits, labels, spec.multi_label)
+        losses = per_sample_loss(logits, labels, spec.multi_label, spec.positive_weight)
         return losses, probabilities(logits, spec.multi_label)
 
     return eval_step
