@@ -384,6 +384,48 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypat
     assert [r["train_loss"] for r in a] == pytest.approx([r["train_loss"] for r in b], rel=1e-6)
 
 
+def test_warmup_lasts_one_epoch_of_the_rotations_an_epoch_draws(tmp_path, monkeypatch):
+    import sapsam_jax.train._loop as loop
+
+    seen = {}
+    original = loop.make_optimizer
+
+    def spy(model, cfg, steps_per_epoch):
+        seen["steps_per_epoch"] = steps_per_epoch
+        return original(model, cfg, steps_per_epoch)
+
+    monkeypatch.setattr(loop, "make_optimizer", spy)
+    cfg = TINY.replace(task="disease", epochs=1, rotations_per_epoch=3, workdir=str(tmp_path))
+    cache = FakeCache(n_patients=6)
+    fit(cfg, cache, log=lambda *_: None)
+    rotations = load_run_data(cfg, cache, tmp_path).train.rotations
+    drawn = len(epoch_order(rotations, 3, seed=cfg.seed, epoch=1))
+    assert drawn == len(rotations) * 3 // 27  # an epoch holds 3 of the 27 rotations
+    assert seen["steps_per_epoch"] == drawn // cfg.batch_size
+
+
+@pytest.mark.parametrize("dies_in", ["_append_metrics", "save"])
+def test_a_kill_between_metrics_line_and_checkpoint_loses_no_line(tmp_path, monkeypatch, dies_in):
+    import sapsam_jax.train._loop as loop
+
+    full = _fit(tmp_path / "full", epochs=3)
+    owner = loop if dies_in == "_append_metrics" else loop.RunCheckpoints
+    original = getattr(owner, dies_in)
+
+    def dies_at_epoch_2(*args, **kwargs):
+        record = args[-1]  # _append_metrics(path, record), save(self, model, optimizer, meta)
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, dies_in, dies_at_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(tmp_path / "cut", epochs=3)
+    monkeypatch.setattr(owner, dies_in, original)
+    assert _fit(tmp_path / "cut", epochs=3) == pytest.approx(full)
+    assert [r["epoch"] for r in _metrics_lines(tmp_path / "cut")] == [1, 2, 3]
+
+
 def test_workdir_of_another_run_is_refused_and_tensorboard_logs(tmp_path):
     _fit(tmp_path, epochs=1, tensorboard=True)
     (events,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")

@@ -132,8 +132,12 @@ def fit(cfg: TrainConfig, cache: ProjectionCache, *, log=print) -> dict:
     )
     mesh = Mesh(np.array(jax.devices()), ("data",))
     batch_size = _global_batch_size(cfg.batch_size, mesh.size)
-    steps_per_epoch = max(len(data.train) // batch_size, 1)
-    optimizer = make_optimizer(model, cfg, steps_per_epoch)
+    # An epoch may draw only some of the 27 rotations (rotations_per_epoch): count its own steps,
+    # so that warmup_epochs counts epochs.
+    epoch_size = len(
+        epoch_order(data.train.rotations, cfg.rotations_per_epoch, seed=cfg.seed, epoch=1)
+    )
+    optimizer = make_optimizer(model, cfg, max(epoch_size // batch_size, 1))
     _replicate((model, optimizer), NamedSharding(mesh, P()))
     ckpts = RunCheckpoints(workdir)
     meta = ckpts.restore_latest(model, optimizer) or {
@@ -170,8 +174,10 @@ def fit(cfg: TrainConfig, cache: ProjectionCache, *, log=print) -> dict:
             else meta["best_val_loss"],
             "best_epoch": epoch if improved else meta["best_epoch"],
         }
-        ckpts.save(model, optimizer, meta, best=improved)  # every process takes part
+        # The line first: a kill between the two leaves a line for an epoch without checkpoint,
+        # which the resumed run truncates and redoes (the other order would lose the line).
         _append_metrics(workdir / "metrics.jsonl", record)
+        ckpts.save(model, optimizer, meta, best=improved)  # every process takes part
         if tensorboard is not None:
             _log_tensorboard(tensorboard, record)
         log(_epoch_line(workdir.name, record))
