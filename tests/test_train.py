@@ -404,6 +404,43 @@ def test_warmup_lasts_one_epoch_of_the_rotations_an_epoch_draws(tmp_path, monkey
     assert seen["steps_per_epoch"] == drawn // cfg.batch_size
 
 
+def test_survival_starts_from_a_torchvision_convention_inception_disease_run(tmp_path, monkeypatch):
+    import sapsam_jax.data
+    from sapsam_jax.train import load_trained
+    from sapsam_jax.train._checkpoint import RunCheckpoints
+    from sapsam_jax.train._model import new_model
+
+    cfg = TINY.replace(arch="inception_v3", cam_layer=None, frozen_blocks=0, cache="fake")
+    # A disease run whose network has torchvision's conventions (BatchNorm scale, padded average
+    # pools), as fit leaves it after loading converted torchvision weights.
+    disease = cfg.replace(task="disease", workdir=str(tmp_path / "disease"))
+    source = new_model(disease, 2, nnx.Rngs(0))
+    source.set_conventions(bn_scale=True, pool_include_pad=True)
+    run = {"preprocessing": "tf", "image_size": [75, 75], "num_classes": 2, "multi_label": False}
+    run["model_conventions"] = {"bn_scale": True, "pool_include_pad": True}
+    workdir = disease.workdir_path
+    workdir.mkdir()
+    (workdir / "config.json").write_text(disease.to_json())
+    (workdir / "run.json").write_text(json.dumps(run))
+    (workdir / "split.json").write_text("{}")
+    ckpts = RunCheckpoints(workdir)
+    ckpts.save(source, make_optimizer(source, disease, 1), {"epoch": 1}, best=True)
+    ckpts.close()
+    monkeypatch.setattr(sapsam_jax.data, "ProjectionCache", lambda path: None)
+    assert load_trained(workdir).model.config["bn_scale"]
+
+    model, _ = build_model(
+        cfg.replace(task="survival", init_from=str(workdir)), num_classes=2, seed=0
+    )
+    assert model.config["bn_scale"] and model.config["pool_include_pad"]
+    x = jnp.asarray(np.random.default_rng(0).random((2, 75, 75, 3)), jnp.float32)
+    model.eval()
+    source.eval()
+    np.testing.assert_allclose(
+        model.mixed0(model.stem(x)), source.mixed0(source.stem(x)), rtol=1e-5
+    )
+
+
 @pytest.mark.parametrize("dies_in", ["_append_metrics", "save"])
 def test_a_kill_between_metrics_line_and_checkpoint_loses_no_line(tmp_path, monkeypatch, dies_in):
     import sapsam_jax.train._loop as loop

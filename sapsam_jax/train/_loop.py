@@ -37,7 +37,7 @@ from sapsam_jax.train._distributed import (
     primary_log,
 )
 from sapsam_jax.train._metrics import binary_metrics
-from sapsam_jax.train._model import build_model, new_model
+from sapsam_jax.train._model import CONVENTIONS, build_model, new_model
 from sapsam_jax.train._step import (
     StepSpec,
     frozen_block_names,
@@ -125,9 +125,7 @@ def fit(cfg: TrainConfig, cache: ProjectionCache, *, log=print) -> dict:
             "num_classes": _num_classes(cfg),
             "multi_label": spec.multi_label,
             # Conventions the weights switched on (torchvision Inception: BN scale, padded pools).
-            "model_conventions": {
-                k: v for k, v in model.config.items() if k in ("bn_scale", "pool_include_pad")
-            },
+            "model_conventions": {k: v for k, v in model.config.items() if k in CONVENTIONS},
         },
     )
     mesh = Mesh(np.array(jax.devices()), ("data",))

@@ -14,6 +14,8 @@ from sapsam_jax.train._config import TrainConfig
 # Without ImageNet weights the input convention is ours to choose: Keras Inception's [-1, 1]
 # centres the [0, 1] projections, which helps training from scratch.
 DEFAULT_PREPROCESSING = "tf"
+# Model settings that ImageNet weights can switch (torchvision Inception), kept in run.json.
+CONVENTIONS = ("bn_scale", "pool_include_pad")
 
 
 def new_model(cfg: TrainConfig, num_classes: int, rngs: nnx.Rngs):
@@ -41,6 +43,11 @@ def build_model(cfg: TrainConfig, *, num_classes: int, seed: int):
     preprocessing = DEFAULT_PREPROCESSING
     if cfg.init_from:
         source = load_trained(cfg.init_from)
+        # The source's conventions first (torchvision Inception: BN scale, padded pools), or its
+        # parameters do not fit this model's structure.
+        conventions = {k: source.model.config[k] for k in CONVENTIONS if k in source.model.config}
+        if conventions:
+            model.set_conventions(**conventions)
         nnx.update(model, nnx.state(source.model, nnx.Any(nnx.Param, nnx.BatchStat)))
         model.reset_head(nnx.Rngs(params=seed + 2), last=2)
         preprocessing = source.preprocessing
