@@ -441,6 +441,30 @@ def test_survival_starts_from_a_torchvision_convention_inception_disease_run(tmp
     )
 
 
+def test_resume_measures_improvement_against_the_best_checkpoint_on_disk(tmp_path):
+    import orbax.checkpoint as ocp
+
+    from sapsam_jax.train._checkpoint import RunCheckpoints
+
+    cfg = TINY.replace(frozen_blocks=0)
+    model, _ = build_model(cfg, num_classes=2, seed=0)
+    optimizer = make_optimizer(model, cfg, 1)
+    ckpts = RunCheckpoints(tmp_path)
+    ckpts.save(model, optimizer, {"epoch": 1, "best_val_loss": 0.6, "best_epoch": 1}, best=True)
+    # Epoch 2 improved, but the run was killed after `latest` committed it and before `best` did.
+    ckpts.latest.save(
+        2,
+        args=ocp.args.Composite(
+            model=ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(model, nnx.Param))),
+            optimizer=ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(optimizer, nnx.OptState))),
+            meta=ocp.args.JsonSave({"epoch": 2, "best_val_loss": 0.5, "best_epoch": 2}),
+        ),
+    )
+    ckpts.close()
+    meta = RunCheckpoints(tmp_path).restore_latest(model, optimizer)
+    assert meta == {"epoch": 2, "best_val_loss": 0.6, "best_epoch": 1}
+
+
 @pytest.mark.parametrize("dies_in", ["_append_metrics", "save"])
 def test_a_kill_between_metrics_line_and_checkpoint_loses_no_line(tmp_path, monkeypatch, dies_in):
     import sapsam_jax.train._loop as loop

@@ -57,6 +57,19 @@ class RunCheckpoints:
         )
         _assign(model, model_state, restored["model"])
         _assign(optimizer, opt_state, restored["optimizer"])
+        # The two managers commit apart: a kill between them leaves `best` an epoch behind the
+        # record in `latest`. The best weights on disk are what the run must beat.
+        best = self._best_meta()
+        return dict(restored["meta"]) | {
+            "best_val_loss": best["best_val_loss"] if best else float("inf"),
+            "best_epoch": best["best_epoch"] if best else 0,
+        }
+
+    def _best_meta(self) -> dict | None:
+        step = self.best.latest_step()
+        if step is None:
+            return None
+        restored = self.best.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(restored["meta"])
 
     def restore_best(self, model) -> dict | None:
