@@ -493,6 +493,11 @@ def test_workdir_of_another_run_is_refused_and_tensorboard_logs(tmp_path):
     assert b"train/loss" in events.read_bytes() and b"val/f1" in events.read_bytes()
     with pytest.raises(ValueError, match="different run"):
         _fit(tmp_path, epochs=1, seed=5)
+    # The split of the checkpoint's run is in split.json: a rerun cannot ask for another one.
+    with pytest.raises(ValueError, match=r"split_fractions: \(0\.6, 0\.2, 0\.2\) != \(0\.2"):
+        _fit(tmp_path, epochs=2, tensorboard=True, split_fractions=(0.2, 0.2, 0.6))
+    _fit(tmp_path, epochs=2, tensorboard=False)  # training longer, without logs: a resume
+    assert [r["epoch"] for r in _metrics_lines(tmp_path)] == [1, 2]
 
 
 def test_a_map_layer_the_architecture_lacks_fails_before_any_work(tmp_path):

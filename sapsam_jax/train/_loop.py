@@ -9,7 +9,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import jax
@@ -423,16 +423,24 @@ def _replicate(nodes, sharding) -> None:
     nnx.update(nodes, jax.tree.map(replicated, state))
 
 
+# What a rerun in the same workdir may change: how long it trains, where its inputs and logs
+# are, how the report is made. Anything else (data, split, model, optimisation) would resume a
+# different run from this one's checkpoint.
+RESUMABLE_CHANGES = frozenset(
+    ("epochs", "workdir", "data_dir", "manifest", "backend", "bootstrap", "cam_method")
+    + ("cam_layer", "tensorboard")
+)
+
+
 def _check_or_write_config(cfg: TrainConfig, workdir: Path) -> None:
     """Refuse to resume a workdir that holds a different run (other task, axis, data, ...)."""
     path = workdir / "config.json"
     if path.is_file():
         old = TrainConfig.from_dict(json.loads(path.read_text()))
-        keys = ("task", "axis", "sign", "arch", "width", "cache", "seed", "preset", "weights")
         diff = [
-            f"{k}: {getattr(old, k)!r} != {getattr(cfg, k)!r}"
-            for k in keys
-            if getattr(old, k) != getattr(cfg, k)
+            f"{f.name}: {getattr(old, f.name)!r} != {getattr(cfg, f.name)!r}"
+            for f in fields(TrainConfig)
+            if f.name not in RESUMABLE_CHANGES and getattr(old, f.name) != getattr(cfg, f.name)
         ]
         if diff:
             raise ValueError(
