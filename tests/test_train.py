@@ -12,6 +12,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from sapsam_jax.config import SIGNS
 from sapsam_jax.data import (
     augment_batch,
     balance_indices,
@@ -190,6 +191,24 @@ def test_metrics_against_brute_force():
     assert ci["auc"][1] - ci["auc"][0] < 0.2
 
 
+def test_undefined_metrics_are_nan_and_bootstraps_skip_them():
+    nan = pytest.approx(np.nan, nan_ok=True)
+    none_positive = binary_metrics([0, 0, 0, 0], [0.1, 0.2, 0.3, 0.4])
+    assert none_positive["accuracy"] == 1.0
+    assert [none_positive[k] for k in ("precision", "recall", "f1", "auc")] == [nan] * 4
+    missed = binary_metrics([1, 1, 0, 0], [0.1, 0.2, 0.3, 0.4])  # nothing called positive
+    assert (missed["precision"], missed["recall"], missed["f1"]) == (nan, 0.0, 0.0)
+
+    # A perfect classifier, 2 positive patients of 8: resamples without a positive patient have
+    # no recall; they must not enter its interval as zeros.
+    patient_y = np.array([1, 1, 0, 0, 0, 0, 0, 0])
+    y = np.repeat(patient_y, 5)
+    s = np.where(y == 1, 0.9, 0.1)
+    ci = bootstrap_intervals(y, s, n_resamples=200, groups=np.repeat(np.arange(8), 5))
+    assert ci["recall"] == ci["precision"] == ci["f1"] == (1.0, 1.0)
+    assert bootstrap_intervals([0, 0], [0.1, 0.2], n_resamples=5)["recall"] == (nan, nan)
+
+
 def test_patient_bootstrap_is_wider_when_images_of_a_patient_agree():
     # 12 patients x 40 images; each patient's images share one score: 12 observations, not 480.
     rng = np.random.default_rng(1)
@@ -322,6 +341,10 @@ def test_multi_label_run_weighs_signs_by_their_training_balance(tmp_path):
         predictions["probs"].shape == predictions["labels"].shape == (len(predictions["probs"]), 3)
     )
     assert json.loads((tmp_path / "run.json").read_text())["multi_label"] is True
+    from sapsam_jax.evaluate import write_run_figures
+
+    names = {path.name for path in write_run_figures(tmp_path)}
+    assert {f"roc_{s}.png" for s in SIGNS} | {f"confusion_{s}.png" for s in SIGNS} <= names
     assert 0.0 <= metrics["auc"] <= 1.0
 
 

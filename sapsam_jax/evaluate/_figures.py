@@ -12,11 +12,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from sapsam_jax.config import SIGNS  # noqa: E402
 from sapsam_jax.train import confusion, roc_auc, roc_curve  # noqa: E402
 
 
 def write_run_figures(run_dir: Path) -> list[Path]:
-    """learning_curves.png, roc.png and confusion.png in ``run_dir``."""
+    """learning_curves.png, roc.png and confusion.png in ``run_dir`` (multi-label runs:
+    roc_<sign>.png and confusion_<sign>.png)."""
     run_dir = Path(run_dir)
     written = []
     records = _read_metrics(run_dir / "metrics.jsonl")
@@ -27,6 +29,11 @@ def write_run_figures(run_dir: Path) -> list[Path]:
     if labels.ndim == 1:
         written.append(_save(_roc_figure(labels, probs), run_dir / "roc.png"))
         written.append(_save(_confusion_figure(labels, probs), run_dir / "confusion.png"))
+        return written
+    for k, sign in enumerate(SIGNS):  # multi-label run: one output, one of each, per sign
+        written.append(_save(_roc_figure(labels[:, k], probs[:, k]), run_dir / f"roc_{sign}.png"))
+        confusion_png = run_dir / f"confusion_{sign}.png"
+        written.append(_save(_confusion_figure(labels[:, k], probs[:, k]), confusion_png))
     return written
 
 

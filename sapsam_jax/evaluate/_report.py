@@ -78,7 +78,8 @@ def write_report(workdirs, out_dir, *, extra: dict | None = None) -> dict:
         rows.extend(run_results(run_dir)["rows"])
         write_run_figures(run_dir)
     report = {"rows": rows, **(extra or {})}
-    _write_atomic(out_dir / "report.json", json.dumps(report, indent=2, default=_json_default))
+    text = json.dumps(_nan_to_null(report), indent=2, default=_json_default, allow_nan=False)
+    _write_atomic(out_dir / "report.json", text)
     _write_atomic(out_dir / "report.md", render_markdown(report))
     return report
 
@@ -159,6 +160,17 @@ def _localisation_lines(scores) -> list[str]:
             f"{entry['energy_inside']:.2f} ({entry['energy_chance']:.2f}) |"
         )
     return lines
+
+
+def _nan_to_null(value):
+    """Undefined metrics (NaN) as JSON null: ``NaN`` is not JSON, and strict readers refuse it."""
+    if isinstance(value, dict):
+        return {k: _nan_to_null(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_nan_to_null(v) for v in value]
+    if isinstance(value, float | np.floating) and np.isnan(value):
+        return None
+    return value
 
 
 def _json_default(value):

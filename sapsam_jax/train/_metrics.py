@@ -45,13 +45,19 @@ def roc_curve(y_true, scores) -> tuple[np.ndarray, np.ndarray]:
 
 
 def binary_metrics(y_true, scores, threshold: float = 0.5) -> dict[str, float]:
-    """Accuracy, precision, recall, F1 (at ``threshold`` on P(positive)) and ROC AUC."""
+    """Accuracy, precision, recall, F1 (at ``threshold`` on P(positive)) and ROC AUC.
+
+    A metric whose denominator is empty is NaN, not 0: precision without predicted positives,
+    recall without positives, F1 without either. A sign no test patient has is "n/a" in the
+    report, and a bootstrap resample without positives leaves the recall interval alone instead
+    of pulling it to 0.
+    """
     y_true = np.asarray(y_true).astype(bool)
     counts = confusion(y_true, np.asarray(scores) >= threshold)
     tp, fp, fn = counts["tp"], counts["fp"], counts["fn"]
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    precision = _ratio(tp, tp + fp)
+    recall = _ratio(tp, tp + fn)
+    f1 = _ratio(2 * tp, 2 * tp + fp + fn)  # = 2 P R / (P + R) where both are defined
     return {
         "accuracy": (tp + counts["tn"]) / max(len(y_true), 1),
         "precision": precision,
@@ -61,6 +67,10 @@ def binary_metrics(y_true, scores, threshold: float = 0.5) -> dict[str, float]:
         "n": int(len(y_true)),
         "n_positive": int(y_true.sum()),
     }
+
+
+def _ratio(numerator: int, denominator: int) -> float:
+    return numerator / denominator if denominator else float("nan")
 
 
 def bootstrap_intervals(
@@ -92,10 +102,15 @@ def bootstrap_intervals(
         for name in METRIC_NAMES:
             draws[name].append(values[name])
     tail = (1 - level) / 2 * 100
-    return {
-        name: tuple(float(v) for v in np.nanpercentile(np.asarray(vals), [tail, 100 - tail]))
-        for name, vals in draws.items()
-    }
+    return {name: _interval(np.asarray(vals), tail) for name, vals in draws.items()}
+
+
+def _interval(values: np.ndarray, tail: float) -> tuple[float, float]:
+    """Percentile interval of the resamples where the metric is defined (NaN if none is)."""
+    values = values[~np.isnan(values)]
+    if values.size == 0:
+        return (float("nan"), float("nan"))
+    return tuple(float(v) for v in np.percentile(values, [tail, 100 - tail]))
 
 
 def _group_members(groups, n: int) -> list[np.ndarray] | None:
