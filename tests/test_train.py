@@ -108,6 +108,24 @@ def test_study_labels_per_task():
     assert study_label(meta, "survival") == 0  # alive at two years: negative (paper 3.3)
     assert study_label({"cpa": 1, "survival_2y": 0}, "survival") == 1
     assert study_label({"cpa": 0, "survival_2y": None}, "survival") is None
+    annotated = {"cpa": 1, "annotations": {"left_upper": {"cavity": 1, "fungus_ball": None}}}
+    assert study_label(annotated, "signs", "cavity") == 1
+    assert study_label(annotated, "signs", "fungus_ball") is None  # not annotated: no part
+    assert study_label({"cpa": 1, "annotations": {}}, "signs", "cavity") is None
+
+
+def test_sign_split_holds_only_patients_with_annotated_subregions(tmp_path):
+    cache = FakeCache(n_patients=10)
+    annotated = {"P01", "P03", "P05", "P06", "P08"}
+    for sid in cache.study_ids:
+        if cache.meta(sid)["patient_id"] not in annotated:
+            cache.meta(sid)["annotations"] = {}  # sparse labels (paper 1.2)
+    cfg = TINY.replace(task="signs", sign="cavity", workdir=str(tmp_path))
+    data = load_run_data(cfg, cache, tmp_path)
+    split = json.loads((tmp_path / "split.json").read_text())
+    assert set(split["train"]) | set(split["val"]) | set(split["test"]) == annotated
+    for part in (data.train, data.val, data.test):
+        assert len(part) and set(part.patient_ids) <= annotated
 
 
 # ---------------------------------------------------------------- augmentation (2.3)

@@ -36,8 +36,12 @@ class SampleSet:
         return SampleSet(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
 
 
-def study_label(meta: dict, task: str) -> int | None:
-    """The scan-level label of a study for ``task`` (None: the study does not take part)."""
+def study_label(meta: dict, task: str, sign: str = "all") -> int | None:
+    """The scan-level label of a study for ``task`` (None: the study does not take part).
+
+    Signs: a study without an annotated sub-region for ``sign`` takes no part (sparse labels,
+    paper 1.2); the others are stratified by disease status.
+    """
     if task == "disease":
         return int(meta["cpa"])
     if task == "survival":
@@ -45,7 +49,9 @@ def study_label(meta: dict, task: str) -> int | None:
         # survival_2y = 1 means the patient was alive two years after the scan.
         value = meta.get("survival_2y")
         return None if value is None else 1 - int(value)
-    return int(meta["cpa"])  # signs: splits are stratified by disease status
+    if len(_annotated_subregions(meta, sign)[0]) == 0:
+        return None
+    return int(meta["cpa"])
 
 
 def task_samples(

@@ -189,7 +189,7 @@ def fit(cfg: TrainConfig, cache: ProjectionCache, *, log=print) -> dict:
 def load_run_data(cfg: TrainConfig, cache: ProjectionCache, workdir: Path) -> RunData:
     """Split by patient (saved in split.json, reused on resume) and gather balanced samples."""
     split = _load_or_make_split(cfg, cache, workdir)
-    studies = {name: _studies_of(cache, split[name], cfg.task) for name in ("train", "val", "test")}
+    studies = {name: _studies_of(cache, split[name], cfg) for name in ("train", "val", "test")}
     sample = dict(task=cfg.task, axis=cfg.axis, sign=cfg.sign)
     train_set = task_samples(cache, studies["train"], rotations="all", **sample)
     test_set = task_samples(cache, studies["test"], rotations=cfg.eval_rotations, **sample)
@@ -218,13 +218,13 @@ def load_run_data(cfg: TrainConfig, cache: ProjectionCache, workdir: Path) -> Ru
     return RunData(train_set, val_set, test_set, split)
 
 
-def _studies_of(cache, patients, task) -> list[str]:
+def _studies_of(cache, patients, cfg) -> list[str]:
     wanted = set(patients)
     return [
         sid
         for sid in cache.study_ids
         if cache.meta(sid)["patient_id"] in wanted
-        and study_label(cache.meta(sid), task) is not None
+        and study_label(cache.meta(sid), cfg.task, cfg.sign) is not None
     ]
 
 
@@ -232,11 +232,11 @@ def _load_or_make_split(cfg, cache, workdir) -> dict:
     path = workdir / "split.json"
     if path.is_file():
         return json.loads(path.read_text())
-    studies = [s for s in cache.study_ids if study_label(cache.meta(s), cfg.task) is not None]
+    studies = _studies_of(cache, {cache.meta(s)["patient_id"] for s in cache.study_ids}, cfg)
     fractions = cfg.survival_split_fractions if cfg.task == "survival" else cfg.split_fractions
     split = split_by_patient(
         [cache.meta(s)["patient_id"] for s in studies],
-        [study_label(cache.meta(s), cfg.task) for s in studies],
+        [study_label(cache.meta(s), cfg.task, cfg.sign) for s in studies],
         fractions=fractions,
         seed=cfg.seed,
     )
