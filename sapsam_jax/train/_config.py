@@ -235,6 +235,11 @@ def preset_config(name: str, task: str) -> TrainConfig:
         cfg = cfg.replace(epochs=QUICK_EPOCHS[task])
         if task != "signs":  # one image per scan (not six): every rotation, every epoch
             cfg = cfg.replace(rotations_per_epoch=None)
+        else:
+            # Warm up over as many steps as one pass over all 27 rotations: 3 epochs of 9. The
+            # README's sign numbers were measured so; one epoch left the seed-0 pleural network
+            # at test F1 72.9 (against 85.7), cavity 98.6 and fungus ball 96.9 (98.4, 99.0).
+            cfg = cfg.replace(warmup_epochs=3.0)
         if task == "disease":
             cfg = cfg.replace(
                 synthetic=dataclasses.replace(
