@@ -116,3 +116,20 @@ def test_evaluate_without_runs_is_a_clear_error(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 2 and "no training run" in proc.stderr
+
+
+def test_report_table_shows_every_run_of_a_sign_and_axis():
+    from sapsam_jax.evaluate._report import render_markdown
+
+    def row(workdir, axis, f1):
+        metrics = {"precision": f1, "recall": f1, "f1": f1, "auc": f1, "accuracy": f1}
+        metrics |= {"n": 10, "n_positive": 5}
+        ci = {k: (f1, f1) for k in metrics}
+        return {"row": "cavity", "axis": axis, "workdir": workdir, "metrics": metrics, "ci95": ci}
+
+    rows = [row("runs/all/cavity", "axial", 0.9), row("runs/seed1/cavity", "axial", 0.8)]
+    rows.append(row("runs/coronal/cavity", "coronal", 0.7))
+    table = render_markdown({"rows": rows})
+    assert "| cavity (all/cavity) | 90.0 [90.0-90.0] | - |" in table
+    assert "| cavity (seed1/cavity) | 80.0 [80.0-80.0] | - |" in table
+    assert "| cavity | - | 70.0 [70.0-70.0] |" in table  # alone on its axis: one row per sign

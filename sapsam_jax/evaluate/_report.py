@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +87,7 @@ def write_report(workdirs, out_dir, *, extra: dict | None = None) -> dict:
 
 def render_markdown(report: dict) -> str:
     """Table 2 layout: rows = task/sign, columns = metric x (axial | coronal | sagittal)."""
-    rows = report["rows"]
+    rows = _distinct_rows(report["rows"])
     names = list(dict.fromkeys(r["row"] for r in rows))
     axes = [a for a in AXES if any(r["axis"] == a for r in rows)]
     header = ["Task"] + [
@@ -123,6 +124,22 @@ def render_markdown(report: dict) -> str:
         )
     lines += _localisation_lines(report.get("localisation"))
     return "\n".join(lines) + "\n"
+
+
+def _distinct_rows(rows: list[dict]) -> list[dict]:
+    """Rows with the run's folder added to the name where runs share a name and axis (two seeds,
+    ``--sign all`` next to ``--sign multi``), so the table shows every run, not the first."""
+    shared = Counter((r["row"], r["axis"]) for r in rows)
+    return [
+        r | {"row": f"{r['row']} ({_short_path(r['workdir'])})"}
+        if shared[(r["row"], r["axis"])] > 1
+        else r
+        for r in rows
+    ]
+
+
+def _short_path(workdir: str) -> str:
+    return "/".join(Path(workdir).parts[-2:])
 
 
 def _cell(row: dict, metric: str) -> str:
