@@ -332,3 +332,21 @@ def test_failures_merge_drops_succeeded_and_keeps_newest(tmp_path):
     os.utime(tmp_path / "failures-0-of-2.csv", (1, 1))
     _cache.write_shard_failures(tmp_path, (0, 1), {"B": "new reason"})
     assert _cache.read_failures(tmp_path) == {"B": "new reason"}
+
+
+def test_cache_of_a_manifest_is_its_own_and_lists_only_its_studies(tmp_path):
+    from sapsam_jax.train import TINY
+    from sapsam_jax.train._data import cache_dir_for
+
+    cfg = TINY.replace(data_dir=str(tmp_path / "data"))
+    here, there = tmp_path / "siteA" / "cohort.csv", tmp_path / "siteB" / "cohort.csv"
+    dirs = [cache_dir_for(cfg.replace(manifest=str(m)), m, QUICK) for m in (here, there, here)]
+    assert dirs[0] != dirs[1] and dirs[0] == dirs[2]  # same stem, other folder: another cache
+    assert dirs[0].name.startswith("cache-cohort-")
+
+    out = _cache.init_cache_dir(tmp_path / "cache", QUICK)
+    for sid in ("S1", "S2", "S3"):
+        (out / _cache.STUDIES_DIR / sid).mkdir(parents=True)
+    assert ProjectionCache(out).study_ids == ["S1", "S2", "S3"]
+    edited = ProjectionCache(out, studies=["S1", "S3", "S9"])  # S2 left the manifest
+    assert edited.study_ids == ["S1", "S3"] and "S2" not in edited and "S1" in edited

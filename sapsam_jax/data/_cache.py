@@ -347,10 +347,15 @@ class ProjectionCache:
     >>> cache = ProjectionCache("cache/")                           # doctest: +SKIP
     >>> cache.bands(cache.study_ids[0], "coronal").shape            # doctest: +SKIP
     (27, 6, 128, 64, 3)
+
+    ``studies`` (ids) restricts the cache to those studies, e.g. the current manifest's when the
+    folder still holds studies an edited manifest no longer lists.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, studies=None):
         self.path = Path(path)
+        # Only these study ids (a manifest's), when the folder also holds other studies.
+        self.only = None if studies is None else frozenset(studies)
         if not self.path.is_dir():
             raise CacheError(f"projection cache not found: {self.path} is not a directory")
         header = _read_json(self.path / CACHE_JSON, "projection cache header")
@@ -375,11 +380,20 @@ class ProjectionCache:
         if not self.studies_path.is_dir():
             return []
         return sorted(
-            p.name for p in self.studies_path.iterdir() if p.is_dir() and not p.name.startswith(".")
+            p.name
+            for p in self.studies_path.iterdir()
+            if p.is_dir() and not p.name.startswith(".") and self._wanted(p.name)
         )
 
+    def _wanted(self, study_id: str) -> bool:
+        return self.only is None or study_id in self.only
+
     def __contains__(self, study_id) -> bool:
-        return isinstance(study_id, str) and (self.studies_path / study_id).is_dir()
+        return (
+            isinstance(study_id, str)
+            and self._wanted(study_id)
+            and (self.studies_path / study_id).is_dir()
+        )
 
     def __len__(self) -> int:
         return len(self.study_ids)

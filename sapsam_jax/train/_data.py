@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from sapsam_jax.backend import get_backend
 from sapsam_jax.config import preprocess_preset
 from sapsam_jax.data import ProjectionCache, preprocess_cohort
+from sapsam_jax.data._cohort import manifest_studies
 from sapsam_jax.train._distributed import barrier, is_primary
 
 # Keep the whole training set on the device when it takes at most this share of device memory.
@@ -37,10 +38,7 @@ def prepare_cache(cfg, log=print) -> ProjectionCache:
         return ProjectionCache(cfg.cache)
     config = preprocess_preset(cfg.preprocess_preset)
     manifest = Path(cfg.manifest) if cfg.manifest else ensure_synthetic_cohort(cfg, log=log)
-    name = manifest.stem if cfg.manifest else manifest.parent.name
-    # The config's digest in the name: a changed preprocessing config gets a cache of its own
-    # instead of mixing projections of two configs.
-    cache_dir = Path(cfg.data_dir) / f"cache-{name}-{cfg.preprocess_preset}-{config_digest(config)}"
+    cache_dir = cache_dir_for(cfg, manifest, config)
     log(f"preprocessing {manifest} -> {cache_dir} (finished studies are reused)")
     if jax.process_count() > 1 or get_backend(cfg.backend).is_gpu or _cpu_workers() == 1:
         # Across processes each one preprocesses its own shard of the cohort (preprocess_cohort
@@ -49,7 +47,21 @@ def prepare_cache(cfg, log=print) -> ProjectionCache:
         barrier(f"projection cache {cache_dir.name}")
     else:
         _preprocess_on_cpu_cores(manifest, cache_dir, config, _cpu_workers(), log=log)
-    return ProjectionCache(cache_dir)
+    # The manifest's studies only: studies an edited manifest dropped stay in the folder.
+    return ProjectionCache(cache_dir, studies=[s.study_id for s in manifest_studies(manifest)])
+
+
+def cache_dir_for(cfg, manifest: Path, config) -> Path:
+    """Where the projections of ``manifest`` under preprocessing ``config`` are cached."""
+    # A user's manifest: its name and a digest of its path, so two cohorts' `cohort.csv` in
+    # different folders never share (and mix in) one cache. The synthetic cohort's folder name
+    # says what it holds.
+    name = manifest.stem if cfg.manifest else manifest.parent.name
+    if cfg.manifest:
+        name += "-" + hashlib.sha1(str(Path(manifest).resolve()).encode()).hexdigest()[:8]
+    # The config's digest too: a changed preprocessing config gets a cache of its own instead of
+    # mixing projections of two configs.
+    return Path(cfg.data_dir) / f"cache-{name}-{cfg.preprocess_preset}-{config_digest(config)}"
 
 
 def config_digest(config) -> str:
