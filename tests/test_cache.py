@@ -189,7 +189,10 @@ def test_resume_recomputes_only_missing_and_reports_broken(tmp_path, monkeypatch
     cohort = write_cohort(tmp_path / "cohort")
     out = tmp_path / "cache"
     shutil.copytree(built[0], out)  # the same phantoms (same seed) already preprocessed
-    untouched = {s: (out / "studies" / s / "meta.json").stat().st_mtime_ns for s in ("S0", "S3")}
+    # Projections not recomputed (meta.json takes the new cohort folder's paths).
+    untouched = {
+        s: (out / "studies" / s / "gray_axial.npy").stat().st_mtime_ns for s in ("S0", "S3")
+    }
     shutil.rmtree(out / "studies" / "S1")
     shutil.rmtree(out / "studies" / "S2")
     source = tmp_path / "cohort" / "s2.nii.gz"
@@ -210,7 +213,7 @@ def test_resume_recomputes_only_missing_and_reports_broken(tmp_path, monkeypatch
     assert ProjectionCache(out).failures == {"S2": failures[0]["reason"]}
     assert not list((out / "studies").glob(".tmp-*"))
     for s, mtime in untouched.items():
-        assert (out / "studies" / s / "meta.json").stat().st_mtime_ns == mtime
+        assert (out / "studies" / s / "gray_axial.npy").stat().st_mtime_ns == mtime
 
     # Repaired scan: the rerun retries only the failed study and clears its failure.
     write_cohort(tmp_path / "cohort")
@@ -350,3 +353,40 @@ def test_cache_of_a_manifest_is_its_own_and_lists_only_its_studies(tmp_path):
     assert ProjectionCache(out).study_ids == ["S1", "S2", "S3"]
     edited = ProjectionCache(out, studies=["S1", "S3", "S9"])  # S2 left the manifest
     assert edited.study_ids == ["S1", "S3"] and "S2" not in edited and "S1" in edited
+
+
+def test_rerun_takes_corrected_labels_and_keeps_projections_of_moved_files(
+    tmp_path, monkeypatch, caplog
+):
+    root = write_cohort(tmp_path / "cohort", n=2).parent
+    out = tmp_path / "cache"
+    preprocess_cohort(root / "manifest.csv", out, config=TINY, backend="cpu", progress=False)
+    before = np.asarray(ProjectionCache(out).gray("S1", "axial")).copy()
+    studies = list(read_manifest(root / "manifest.csv").studies)
+    studies[0] = dataclasses.replace(studies[0], cpa=1, survival_2y=0)  # a label corrected
+    moved = shutil.copy(studies[1].path, tmp_path / "moved.nii.gz")
+    studies[1] = dataclasses.replace(studies[1], path=Path(moved))
+    write_manifest(root / "manifest.csv", studies)
+
+    calls = count_calls(monkeypatch)
+    result = preprocess_cohort(root / "manifest.csv", out, config=TINY, backend="cpu")
+    assert (result.done, result.skipped, len(calls)) == (0, 2, 0)  # nothing re-projected
+    cache = ProjectionCache(out)
+    assert (cache.meta("S0")["cpa"], cache.meta("S0")["survival_2y"]) == (1, 0)
+    assert cache.meta("S1")["ct_path"] == str(studies[1].path)
+    np.testing.assert_array_equal(cache.gray("S1", "axial"), before)
+    assert "S1: the manifest names other files" in caplog.text
+
+
+def test_a_scan_without_lungs_is_a_failure_not_a_blank_study(tmp_path):
+    root = tmp_path / "cohort"
+    root.mkdir()
+    affine = np.diag([SPACING[2], SPACING[1], SPACING[0], 1.0])[[2, 1, 0, 3]]
+    hu = np.full(SHAPE, -1000, np.int16)
+    hu[5:-5, 5:-5, 5:-5] = 40  # a block of soft tissue in air
+    path = save_nifti(root / "block.nii.gz", hu, CTVolume(hu, SPACING, affine))
+    manifest = write_manifest(root / "manifest.csv", [Study("B", "PB", path, cpa=0)])
+    result = preprocess_cohort(manifest, tmp_path / "cache", config=TINY, backend="cpu")
+    assert result.failed == 1 and "no lungs found" in result.failures["B"]
+    assert "B" not in ProjectionCache(tmp_path / "cache")
+    assert "no lungs found" in (tmp_path / "cache" / "failures.csv").read_text()

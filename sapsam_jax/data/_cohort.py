@@ -9,6 +9,7 @@ studies and retries failed ones. Run as ``python scripts/preprocess.py --manifes
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 from sapsam_jax.backend import Backend, get_backend, to_numpy
 from sapsam_jax.config import AXES, PreprocessConfig, preprocess_preset
 from sapsam_jax.data._cache import (
+    META_JSON,
     clean_stale_tmp,
     init_cache_dir,
     merge_summaries,
@@ -90,7 +92,7 @@ def preprocess_cohort(
     backend = get_backend(backend)
     studies = shard_studies(manifest_studies(manifest), shard)
     out = init_cache_dir(out_dir, config)
-    todo = [s for s in studies if not _is_cached(out, s.study_id)]
+    todo = [s for s in studies if not _reusable(out, s)]
     result = CohortResult(out, shard, skipped=len(studies) - len(todo))
     bar = tqdm(
         total=len(studies),
@@ -138,6 +140,7 @@ def build_study(
     scan = preprocess_scan(
         ct.hu, ct.spacing, config=config, backend=backend, lesion_labels=labels, keep_masks=qc_png
     )
+    _check_lungs_found(scan.qc)
     arrays = scan_arrays(scan)
     meta = study_meta(study, ct, scan, summarise_qc(scan.qc, config), arrays, config)
     extra = None
@@ -147,6 +150,16 @@ def build_study(
     clean_stale_tmp(out_dir, study.study_id)
     write_study(out_dir, study.study_id, arrays, meta, extra)
     return target
+
+
+def _check_lungs_found(qc: dict) -> None:
+    """An empty lung mask would cache blank projections as a study the networks learn from."""
+    for name in ("conservative", "refined"):
+        if not qc[f"{name}_volume_ml"] > 0:
+            raise ValueError(
+                f"no lungs found: the {name} lung mask is empty (nothing below -570 HU inside "
+                "the body, paper 2.1); is this a chest CT in Hounsfield units?"
+            )
 
 
 def load_lesion_labels(path, ct_shape) -> np.ndarray:
@@ -188,23 +201,20 @@ def study_meta(study, ct, scan, qc: dict, arrays: dict, config: PreprocessConfig
     Only the manifest's study and patient ids identify the scan: DICOM header fields
     (``ct.meta``: names, birth dates, ...) are deliberately not copied.
     """
-    return to_jsonable(
-        {
-            "study_id": study.study_id,
-            "patient_id": study.patient_id,
-            "cpa": study.cpa,
-            "survival_2y": study.survival_2y,
-            "annotations": {region: dict(flags) for region, flags in study.annotations.items()},
-            "qc": qc,
-            "mapping": scan.mapping,
-            "ct_path": str(study.path),
-            "lesion_labels_path": str(study.lesion_labels) if study.lesion_labels else None,
-            "ct_shape": list(np.shape(ct.hu)),
-            "spacing": [float(s) for s in ct.spacing],
-            "shapes": {name: list(a.shape) for name, a in arrays.items()},
-            "dtypes": {name: a.dtype.name for name, a in arrays.items()},
-            "preset": config.name,
-        }
+    return (
+        {"study_id": study.study_id}
+        | _row_meta(study)
+        | to_jsonable(
+            {
+                "qc": qc,
+                "mapping": scan.mapping,
+                "ct_shape": list(np.shape(ct.hu)),
+                "spacing": [float(s) for s in ct.spacing],
+                "shapes": {name: list(a.shape) for name, a in arrays.items()},
+                "dtypes": {name: a.dtype.name for name, a in arrays.items()},
+                "preset": config.name,
+            }
+        )
     )
 
 
@@ -229,6 +239,47 @@ def _is_cached(out: Path, study_id) -> bool:
         return study_dir(out, study_id).is_dir()
     except ValueError:  # unusable id: build_study reports it as this study's failure
         return False
+
+
+def _reusable(out: Path, study) -> bool:
+    """Whether the cached projections of ``study`` still belong to its manifest row.
+
+    Labels are copied into meta.json when a study is built; a corrected label in the manifest is
+    written into it here (no re-projection). Files that moved keep their projections (a moved
+    cohort is not recomputed), with a warning: a study id that now names another scan needs its
+    folder deleted to be rebuilt.
+    """
+    if not _is_cached(out, study.study_id):
+        return False
+    folder = study_dir(out, study.study_id)
+    meta = json.loads((folder / META_JSON).read_text())
+    row = _row_meta(study)
+    if any(meta.get(k) != row[k] for k in ("ct_path", "lesion_labels_path")):
+        logger.warning(
+            "study %s: the manifest names other files than its cached projections were made "
+            "from (moved?); keeping them -- delete %s to rebuild",
+            study.study_id,
+            folder,
+        )
+    if any(meta.get(k) != v for k, v in row.items()):
+        tmp = folder / f"{META_JSON}.tmp"
+        tmp.write_text(json.dumps(meta | row, indent=2) + "\n")
+        os.replace(tmp, folder / META_JSON)
+    return True
+
+
+def _row_meta(study) -> dict:
+    """What meta.json takes from the manifest row (ids, labels, source files)."""
+    return to_jsonable(
+        {
+            "patient_id": study.patient_id,
+            "cpa": study.cpa,
+            "survival_2y": study.survival_2y,
+            "annotations": {region: dict(flags) for region, flags in study.annotations.items()},
+            "ct_path": str(study.path),
+            "lesion_labels_path": str(study.lesion_labels) if study.lesion_labels else None,
+        }
+    )
 
 
 def shard_studies(studies: Sequence, shard: tuple[int, int]) -> list:
