@@ -19,13 +19,14 @@ import time
 
 from sapsam_jax.backend import BACKEND_NAMES, BackendError, gpu_available
 from sapsam_jax.config import PREPROCESS_PRESETS, preprocess_preset
-from sapsam_jax.data._cache import STUDIES_DIR, CacheError, init_cache_dir
+from sapsam_jax.data._cache import STUDIES_DIR, CacheError, init_cache_dir, merge_summaries
 from sapsam_jax.data._cohort import (
     manifest_studies,
     parse_shard,
     preprocess_cohort,
     shard_studies,
 )
+from sapsam_jax.data._qc import QC_FIELDS, qc_row
 from sapsam_jax.io import ManifestError, read_manifest
 
 
@@ -105,7 +106,15 @@ def launch_workers(args, manifest, config, shard) -> int:
         procs.append(subprocess.Popen(cmd, env=env))
     _watch(procs, args, manifest, shard)
     codes = [p.wait() for p in procs]
-    return max(codes)
+    # A killed worker (OOM killer: -9) never merged its shard's summaries: merge them here.
+    merge_summaries(args.out, QC_FIELDS, qc_row)
+    failed = [(k, code) for k, code in enumerate(codes) if code != 0]
+    for k, code in failed:
+        print(
+            f"preprocess: worker {k} exited with {code}; rerun to finish its studies",
+            file=sys.stderr,
+        )
+    return 0 if not failed else max(1, max(code for _, code in failed))
 
 
 def _child_argv(args) -> list[str]:

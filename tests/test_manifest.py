@@ -166,3 +166,9 @@ def test_missing_and_empty_manifests(tmp_path):
     (tmp_path / "header_only.csv").write_text(",".join(manifest_columns) + "\n")
     with pytest.raises(ManifestError, match="no study rows after the header"):
         read_manifest(tmp_path / "header_only.csv")
+    # Saved by Excel on Windows (cp1252): the row and the byte, not a bare decoding error.
+    row = ["Séverine_01", "P1", "scan.nii.gz", "1"] + [""] * (len(manifest_columns) - 4)
+    text = ",".join(manifest_columns) + "\n" + ",".join(row) + "\n"
+    (tmp_path / "cp1252.csv").write_bytes(text.encode("cp1252"))
+    with pytest.raises(ManifestError, match=r"(?s)cp1252\.csv.*row 2: not UTF-8 \(byte 0xe9\)"):
+        read_manifest(tmp_path / "cp1252.csv")

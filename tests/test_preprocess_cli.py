@@ -113,6 +113,23 @@ def test_cli_workers_pin_gpus_and_subshard(tmp_path, cohort, monkeypatch):
     assert all("--no-progress" in cmd and "--qc-png" not in cmd for cmd, _ in launched)
     assert (tmp_path / "c" / "cache.json").exists()
 
+    # A worker the OOM killer took (-9) fails the command, and the summaries are merged anyway.
+    class SecondKilled(FakeProcess):
+        def __init__(self, cmd, env):
+            super().__init__(cmd, env)
+            self.code = -9 if len(launched) == 2 else 0
+
+        def poll(self):
+            return self.code
+
+        def wait(self):
+            return self.code
+
+    monkeypatch.setattr(cli.subprocess, "Popen", SecondKilled)
+    launched.clear()
+    assert cli.main([*argv, "--workers", "2", "--no-progress"]) == 1
+    assert (tmp_path / "c" / "qc.csv").exists() and (tmp_path / "c" / "failures.csv").exists()
+
 
 def test_cli_bad_shard_flag(tmp_path, cohort, capsys):
     argv = ["--manifest", str(cohort), "--out", str(tmp_path / "c"), "--shard", "2/2"]

@@ -178,13 +178,26 @@ def _duplicate_ids(header: list[str], rows) -> list[str]:
 
 def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """Header and (row number, cells) of the non-blank rows; utf-8-sig drops an Excel BOM."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header = [name.strip() for name in next(reader, [])]
-        rows = [(reader.line_num, row) for row in reader if any(c.strip() for c in row)]
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = [name.strip() for name in next(reader, [])]
+            rows = [(reader.line_num, row) for row in reader if any(c.strip() for c in row)]
+    except UnicodeDecodeError:
+        raise ManifestError(path, [_not_utf8(Path(path).read_bytes())]) from None
     if not header:
         raise ManifestError(path, ["empty file: no header row"])
     return header, rows
+
+
+def _not_utf8(data: bytes) -> str:
+    """Where a manifest stops being UTF-8 (Excel on Windows saves CSV as cp1252)."""
+    try:
+        data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        row = data[: err.start].count(b"\n") + 1
+        return f"row {row}: not UTF-8 (byte 0x{data[err.start]:02x}); save the file as UTF-8 CSV"
+    return "not UTF-8; save the file as UTF-8 CSV"
 
 
 def _header_problems(header: list[str]) -> list[str]:
