@@ -382,6 +382,32 @@ def test_2d_images(tmp_path, series):
         load_ct(series)
 
 
+def test_slices_off_the_stack_are_an_error(series):
+    # Gantry tilt recorded only in ImagePositionPatient (orientation still axial): sheared stack.
+    def shear(ds, n):
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y + np.tan(np.deg2rad(15)) * z, z]
+
+    edit_all(series, shear)
+    with pytest.raises(CTLoadError, match=r"mm off the stack of the first slice.*gantry tilt"):
+        load_ct(series)
+
+
+def test_malformed_tags_are_errors_that_name_the_file(series):
+    path = series / "IMG0040.dcm"
+    ds = pydicom.dcmread(path)
+    del ds.Rows
+    ds.save_as(path)
+    with pytest.raises(CTLoadError, match=r"IMG0040.dcm: no Rows/Columns"):
+        load_ct(series)
+    shutil.copy(series / "IMG0041.dcm", path)  # a good file back, then a bad RescaleIntercept
+    data = path.read_bytes()
+    at = data.index(b"(\x00R\x10") + 8  # (0028,1052) RescaleIntercept: tag, 4-byte length
+    path.write_bytes(data[:at] + b"O" + data[at + 1 :])
+    with pytest.raises(CTLoadError, match=r"IMG0040.dcm: malformed RescaleIntercept"):
+        load_ct(series)
+
+
 def test_oblique_orientation(series):
     angle = np.deg2rad(10)
     iop = [np.cos(angle), np.sin(angle), 0, -np.sin(angle), np.cos(angle), 0]

@@ -84,6 +84,7 @@ def read_dicom(path: Path, series_uid: str | None, allow_gaps: bool) -> CTVolume
         normal = _slice_normal(frames[0])
         frames.sort(key=lambda fr: float(fr.position @ normal))
         positions = np.array([fr.position @ normal for fr in frames])
+        _check_stacked(frames, normal, path)
         targets = _check_spacing(positions, frames, path, allow_gaps)
         hu = decode(frames, pool)
     interpolated = 0
@@ -217,9 +218,29 @@ def _check_consistent(frames: list[_Frame], items, source: Path) -> None:
     odd = np.flatnonzero(np.abs(spacings - first.pixel_spacing).max(axis=1) > 1e-4)
     if odd.size:
         raise CTLoadError(f"{source}: {frames[odd[0]].label()} has a different PixelSpacing")
-    shapes = {(int(ds.Rows), int(ds.Columns)) for _, ds in items}
+    shapes = {_size(ds, path) for path, ds in items}
     if len(shapes) > 1:
         raise CTLoadError(f"{source}: slices have different sizes (rows, columns) {sorted(shapes)}")
+
+
+def _check_stacked(frames: list[_Frame], normal: np.ndarray, source: Path) -> None:
+    """Every slice origin on the line through the first one along the slice normal.
+
+    The affine stacks the slices along the normal; a stack sheared in ImagePositionPatient alone
+    (gantry tilt the orientation does not record) or slices shifted in-plane would load with the
+    wrong geometry and no error.
+    """
+    origins = np.array([fr.position for fr in frames])
+    in_plane = origins - np.outer(origins @ normal, normal)
+    shift = np.linalg.norm(in_plane - in_plane[0], axis=1)
+    worst = int(np.argmax(shift))
+    if shift[worst] > 0.5 * min(frames[0].pixel_spacing):
+        raise CTLoadError(
+            f"{source}: {frames[worst].label()} lies {shift[worst]:.1f} mm off the stack of the "
+            f"first slice ({frames[0].label()}) across the slice plane: a gantry tilt recorded "
+            "only in ImagePositionPatient, or slices of another acquisition; resample the series "
+            "onto a regular grid first"
+        )
 
 
 def _check_spacing(positions, frames: list[_Frame], source: Path, allow_gaps: bool):
@@ -293,6 +314,23 @@ def _floats(value, count: int, what: str, where) -> np.ndarray:
     return out
 
 
+def _number(value, what: str, where, default: float) -> float:
+    """A numeric DICOM value (``default`` when absent), or a clear error naming the file."""
+    if value is None or value == "":
+        return default
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise CTLoadError(f"{where}: malformed {what} ({value!r})") from None
+
+
+def _size(ds, where) -> tuple[int, int]:
+    """(Rows, Columns) of an image, or a clear error naming the file."""
+    if "Rows" not in ds or "Columns" not in ds:
+        raise CTLoadError(f"{where}: no Rows/Columns: not an image")
+    return int(_number(ds.Rows, "Rows", where, 0)), int(_number(ds.Columns, "Columns", where, 0))
+
+
 def _single_frame(path: Path, ds) -> _Frame:
     return _Frame(
         path=path,
@@ -300,8 +338,8 @@ def _single_frame(path: Path, ds) -> _Frame:
         position=_floats(ds.get("ImagePositionPatient"), 3, "ImagePositionPatient", path),
         orientation=_floats(ds.get("ImageOrientationPatient"), 6, "ImageOrientationPatient", path),
         pixel_spacing=_floats(ds.get("PixelSpacing"), 2, "PixelSpacing", path),
-        slope=float(ds.get("RescaleSlope") or 1),
-        intercept=float(ds.get("RescaleIntercept") or 0),
+        slope=_number(ds.get("RescaleSlope"), "RescaleSlope", path, 1.0),
+        intercept=_number(ds.get("RescaleIntercept"), "RescaleIntercept", path, 0.0),
     )
 
 
@@ -337,8 +375,8 @@ def _enhanced_frame(path: Path, ds, number: int, group) -> _Frame:
         position=_floats(position, 3, "ImagePositionPatient", where),
         orientation=_floats(orientation, 6, "ImageOrientationPatient", where),
         pixel_spacing=_floats(spacing, 2, "PixelSpacing", where),
-        slope=float(slope if slope not in (None, "") else 1),
-        intercept=float(intercept if intercept not in (None, "") else 0),
+        slope=_number(slope, "RescaleSlope", where, 1.0),
+        intercept=_number(intercept, "RescaleIntercept", where, 0.0),
     )
 
 
@@ -450,7 +488,7 @@ def _rescale_into(out: np.ndarray, raw: np.ndarray, slope: float, intercept: flo
 def _decode_series(frames: list[_Frame], by_path, pool: ThreadPoolExecutor) -> np.ndarray:
     """Decode one file per slice, in parallel, straight into the int16 stack."""
     first = by_path[frames[0].path]
-    hu = np.empty((len(frames), int(first.Rows), int(first.Columns)), dtype=np.int16)
+    hu = np.empty((len(frames), *_size(first, frames[0].path)), dtype=np.int16)
 
     def fill(n: int) -> None:
         fr = frames[n]
