@@ -390,3 +390,25 @@ def test_a_scan_without_lungs_is_a_failure_not_a_blank_study(tmp_path):
     assert result.failed == 1 and "no lungs found" in result.failures["B"]
     assert "B" not in ProjectionCache(tmp_path / "cache")
     assert "no lungs found" in (tmp_path / "cache" / "failures.csv").read_text()
+
+
+def test_a_rerun_killed_early_keeps_the_failures_it_did_not_retry(tmp_path, monkeypatch):
+    cohort = write_cohort(tmp_path / "cohort")
+    for name in ("s1.nii.gz", "s2.nii.gz"):  # two unreadable scans
+        path = tmp_path / "cohort" / name
+        path.write_bytes(path.read_bytes()[:300])
+    out = tmp_path / "cache"
+    preprocess_cohort(cohort, out, config=TINY, backend="cpu", progress=False)
+    assert [r["study_id"] for r in read_csv(out / "failures.csv")] == ["S1", "S2"]
+
+    real = _cohort.build_study
+
+    def killed_at_s2(study, *args, **kwargs):
+        if study.study_id == "S2":
+            raise KeyboardInterrupt  # the rerun dies after retrying S1 (which fails again)
+        return real(study, *args, **kwargs)
+
+    monkeypatch.setattr(_cohort, "build_study", killed_at_s2)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess_cohort(cohort, out, config=TINY, backend="cpu", progress=False)
+    assert [r["study_id"] for r in read_csv(out / "failures.csv")] == ["S1", "S2"]

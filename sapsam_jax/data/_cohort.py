@@ -29,6 +29,7 @@ from sapsam_jax.data._cache import (
     clean_stale_tmp,
     init_cache_dir,
     merge_summaries,
+    read_failures,
     study_dir,
     to_jsonable,
     write_shard_failures,
@@ -94,6 +95,10 @@ def preprocess_cohort(
     out = init_cache_dir(out_dir, config)
     todo = [s for s in studies if not _reusable(out, s)]
     result = CohortResult(out, shard, skipped=len(studies) - len(todo))
+    # Earlier failures of the studies still to do stay on record until this run retries them:
+    # a rerun killed early must not drop them from failures.csv.
+    pending = {s.study_id for s in todo}
+    result.failures = {sid: r for sid, r in read_failures(out).items() if sid in pending}
     bar = tqdm(
         total=len(studies),
         initial=result.skipped,
@@ -118,6 +123,7 @@ def _run_one(study, out, config, backend, qc_png, result: CohortResult) -> None:
     try:
         build_study(study, out, config=config, backend=backend, qc_png=qc_png)
         result.done += 1
+        result.failures.pop(study.study_id, None)  # an earlier failure, repaired
     except Exception as err:  # any failure of one scan must not stop the cohort
         reason = failure_reason(err)
         logger.warning("study %s failed: %s", study.study_id, reason)
