@@ -412,3 +412,20 @@ def test_a_rerun_killed_early_keeps_the_failures_it_did_not_retry(tmp_path, monk
     with pytest.raises(KeyboardInterrupt):
         preprocess_cohort(cohort, out, config=TINY, backend="cpu", progress=False)
     assert [r["study_id"] for r in read_csv(out / "failures.csv")] == ["S1", "S2"]
+
+
+def test_manifest_series_uid_and_allow_gaps_reach_the_loader(tmp_path, monkeypatch):
+    cohort = write_cohort(tmp_path / "cohort", n=1)
+    study = dataclasses.replace(
+        read_manifest(cohort).studies[0], series_uid="1.2.840.99", allow_gaps=True
+    )
+    write_manifest(cohort, [study])
+    seen = []
+
+    def loader(path, **kwargs):
+        seen.append(kwargs)
+        return load_ct(path)  # a NIfTI phantom: one series, no gaps
+
+    monkeypatch.setattr(_cohort, "load_ct", loader)
+    preprocess_cohort(cohort, tmp_path / "cache", config=TINY, backend="cpu", progress=False)
+    assert seen[0] == {"series_uid": "1.2.840.99", "allow_gaps": True}

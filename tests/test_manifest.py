@@ -37,13 +37,13 @@ def studies(root):
             annotations={"left_upper": {"cavity": 1, "fungus_ball": 0}, "right_lower": {}},
             lesion_labels=root / "ct" / "s1_lesions.nii.gz",
         ),
-        Study("s2", "p1", root / "ct" / "s2.nii.gz", cpa=1, survival_2y=None),
+        Study("s2", "p1", root / "ct" / "s2.nii.gz", cpa=1, series_uid="1.2.3.4", allow_gaps=True),
         Study("s3", "p2", root.parent / "elsewhere.nii.gz", cpa=0),
     ]
 
 
 def test_column_contract():
-    assert len(manifest_columns) == 5 + 24 + 1
+    assert len(manifest_columns) == 5 + 24 + 3
     assert manifest_columns[:5] == ("study_id", "patient_id", "path", "cpa", "survival_2y")
     assert manifest_columns[5:9] == (
         "left_upper_preexisting",
@@ -51,10 +51,10 @@ def test_column_contract():
         "left_upper_fungus_ball",
         "left_upper_pleural_thickening",
     )
-    assert manifest_columns[-2] == "right_lower_pleural_thickening"
-    assert manifest_columns[-1] == "lesion_labels"
+    assert manifest_columns[-4] == "right_lower_pleural_thickening"
+    assert manifest_columns[-3:] == ("lesion_labels", "series_uid", "allow_gaps")
     expected = {f"{r}_{f}" for r in SUBREGIONS for f in ANNOTATION_FLAGS}
-    assert expected == set(manifest_columns[5:-1])
+    assert expected == set(manifest_columns[5:-3])
 
 
 def test_round_trip(cohort):
@@ -64,7 +64,8 @@ def test_round_trip(cohort):
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
     assert tuple(rows[0]) == manifest_columns
-    assert rows[1][2] == "ct/s1.nii.gz" and rows[1][-1] == "ct/s1_lesions.nii.gz"  # relative
+    assert rows[1][2] == "ct/s1.nii.gz" and rows[1][-3] == "ct/s1_lesions.nii.gz"  # relative
+    assert rows[2][-2:] == ["1.2.3.4", "1"] and rows[1][-2:] == ["", ""]
     assert rows[3][2] == str(cohort.parent.resolve() / "elsewhere.nii.gz")  # outside: absolute
     assert rows[2][4] == "" and rows[1][manifest_columns.index("left_upper_cavity")] == "1"
 
@@ -79,6 +80,8 @@ def test_round_trip(cohort):
     assert s1.annotations["right_middle"]["cavity"] is None
     assert s1.is_annotated and not manifest[1].is_annotated
     assert manifest[1].survival_2y is None and manifest[2].cpa == 0
+    assert (manifest[1].series_uid, manifest[1].allow_gaps) == ("1.2.3.4", True)
+    assert (s1.series_uid, s1.allow_gaps) == (None, False)
     assert manifest.patient_ids == ("p1", "p2")
     assert manifest.study_ids == ("s1", "s2", "s3")
 

@@ -140,7 +140,7 @@ def build_study(
 ) -> Path:
     """Preprocess one manifest ``Study`` and write it into the cache; returns its directory."""
     target = study_dir(out_dir, study.study_id)  # rejects ids that cannot name a directory
-    ct = load_ct(study.path)
+    ct = load_ct(study.path, series_uid=study.series_uid, allow_gaps=study.allow_gaps)
     labels = load_lesion_labels(study.lesion_labels, ct.hu.shape) if study.lesion_labels else None
     # Masks come back (to host memory) only when the QC figure needs them.
     scan = preprocess_scan(

@@ -2,9 +2,10 @@
 
 Columns, in order: ``study_id, patient_id, path, cpa, survival_2y``, the 24 annotation columns
 ``{side}_{level}_{flag}`` (``config.SUBREGIONS`` x ``config.ANNOTATION_FLAGS``, paper 1.2 /
-Table 1), then optional ``lesion_labels``. Labels are 0/1; an empty cell means "not known /
-not annotated" (the paper's annotations are sparse). Relative paths resolve against the folder
-that holds the manifest. Reading reports every problem at once, with row and column.
+Table 1), then optional ``lesion_labels``, ``series_uid`` and ``allow_gaps``. Labels are 0/1; an
+empty cell means "not known / not annotated" (the paper's annotations are sparse). Relative paths
+resolve against the folder that holds the manifest. Reading reports every problem at once, with
+row and column.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from ._volume import atomic_path
 
 REQUIRED_COLUMNS = ("study_id", "patient_id", "path", "cpa", "survival_2y")
 ANNOTATION_COLUMNS = tuple(f"{region}_{flag}" for region in SUBREGIONS for flag in ANNOTATION_FLAGS)
-OPTIONAL_COLUMNS = ("lesion_labels",)
+# series_uid / allow_gaps: which series of a DICOM folder holding several, and whether missing or
+# unevenly spaced slices are interpolated (load_ct's arguments).
+OPTIONAL_COLUMNS = ("lesion_labels", "series_uid", "allow_gaps")
 # The ordered column list of a manifest; write_manifest writes exactly these.
 manifest_columns: tuple[str, ...] = REQUIRED_COLUMNS + ANNOTATION_COLUMNS + OPTIONAL_COLUMNS
 # Only these columns may be absent from a manifest's header.
@@ -77,6 +80,8 @@ class Study:
     survival_2y: int | None = None
     annotations: Mapping[str, Mapping[str, int | None]] = field(default_factory=dict)
     lesion_labels: Path | None = None
+    series_uid: str | None = None
+    allow_gaps: bool = False
 
     def __post_init__(self):
         if self.cpa not in (0, 1) or self.survival_2y not in (0, 1, None):
@@ -89,6 +94,8 @@ class Study:
         object.__setattr__(self, "annotations", _frozen_annotations(self.annotations))
         if self.lesion_labels is not None:
             object.__setattr__(self, "lesion_labels", Path(self.lesion_labels))
+        object.__setattr__(self, "series_uid", self.series_uid or None)
+        object.__setattr__(self, "allow_gaps", bool(self.allow_gaps))
 
     def __hash__(self) -> int:  # annotations is a (unhashable) mapping; identity is enough
         return hash((self.study_id, self.path))
@@ -233,6 +240,8 @@ def _parse_row(row_number, header, cells, root: Path, check_files, problems) -> 
         "survival_2y": _binary(values, "survival_2y", bad, optional=True),
         "path": _path(values, "path", root, check_files, bad, optional=False),
         "lesion_labels": _path(values, "lesion_labels", root, check_files, bad, optional=True),
+        "series_uid": values.get("series_uid") or None,
+        "allow_gaps": bool(_binary(values, "allow_gaps", bad, optional=True)),
     }
     annotations = _empty_annotations()
     for region in SUBREGIONS:
@@ -298,6 +307,8 @@ def _row(study: Study, root: Path) -> list[str]:
         _cell(study.survival_2y),
         *annotations,
         _relative(study.lesion_labels, root),
+        _cell(study.series_uid),
+        "1" if study.allow_gaps else "",
     ]
 
 
