@@ -36,6 +36,11 @@ def git_commit() -> str | None:
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
+# The code a benchmark runs is the code it imported at its start: a commit made while it runs
+# (hours, for the learning benchmark) must not be recorded as the one measured.
+_COMMIT_AT_START = git_commit()
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -78,7 +83,8 @@ def environment() -> dict:
             "gpu": _gpu_name(),
         },
         "versions": _versions(),
-        "git_commit": git_commit(),
+        "git_commit": _COMMIT_AT_START,
+        **({"git_commit_at_end": end} if (end := git_commit()) != _COMMIT_AT_START else {}),
     }
 
 
