@@ -355,7 +355,7 @@ class ProjectionCache:
     def __init__(self, path: str | os.PathLike, studies=None):
         self.path = Path(path)
         # Only these study ids (a manifest's), when the folder also holds other studies.
-        self.only = None if studies is None else frozenset(studies)
+        self._listed = None if studies is None else frozenset(studies)
         if not self.path.is_dir():
             raise CacheError(f"projection cache not found: {self.path} is not a directory")
         header = _read_json(self.path / CACHE_JSON, "projection cache header")
@@ -386,7 +386,7 @@ class ProjectionCache:
         )
 
     def _wanted(self, study_id: str) -> bool:
-        return self.only is None or study_id in self.only
+        return self._listed is None or study_id in self._listed
 
     def __contains__(self, study_id) -> bool:
         return (
