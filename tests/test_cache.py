@@ -353,6 +353,8 @@ def test_cache_of_a_manifest_is_its_own_and_lists_only_its_studies(tmp_path):
     assert ProjectionCache(out).study_ids == ["S1", "S2", "S3"]
     edited = ProjectionCache(out, studies=["S1", "S3", "S9"])  # S2 left the manifest
     assert edited.study_ids == ["S1", "S3"] and "S2" not in edited and "S1" in edited
+    with pytest.raises(CacheError, match="not among the studies"):
+        edited.meta("S2")  # in the folder, not in the manifest: not read by id either
 
 
 def test_rerun_takes_corrected_labels_and_keeps_projections_of_moved_files(

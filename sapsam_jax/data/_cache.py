@@ -405,6 +405,12 @@ class ProjectionCache:
         path = self.studies_path / str(study_id)
         if not path.is_dir() or str(study_id).startswith("."):
             raise CacheError(f"study {study_id!r} is not in the projection cache: no {path}")
+        if not self._wanted(str(study_id)):
+            # The folder holds it, but the manifest this cache was opened for does not list it.
+            raise CacheError(
+                f"study {study_id!r} is in {self.studies_path} but not among the studies this "
+                "cache was opened for (the manifest's)"
+            )
         return path
 
     def meta(self, study_id: str) -> dict:
