@@ -97,7 +97,7 @@ class SegmentationConfig:
     # markers' radius, the paper's bound on where lung tissue may be added (35 px), so bays of
     # juxtapleural soft tissue (fungus balls, pleural thickening, tumours) up to ~6 cm across
     # fill. Measured on the real scans: 20 px takes in a third of what 35 px does of the
-    # tumours, for the same mask volume (docs/readme/segmentation.md).
+    # tumours, for the same mask volume (README, "Lung segmentation", "Measured").
     tophat_radius_px: float = 35.0
     # What the masks may add to the thresholded air (watershed, top-hat, filled holes): soft
     # tissue and fluid, never bone (cortical bone > 300 HU; the paper's soft-tissue band ends

@@ -3,7 +3,7 @@
     python scripts/convert_weights.py --arch vgg19 --from keras \
         --input vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5 --output weights/vgg19_keras
 
-Nothing is downloaded; see docs/readme/models.md for the files to fetch by hand.
+Nothing is downloaded; see the README, "ImageNet weights", for the files to fetch by hand.
 """
 
 import argparse

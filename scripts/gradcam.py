@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Grad-CAM figures and 3-D PSAMs: `python scripts/gradcam.py --workdir W --study S`.
 
-See --help and docs/readme/explain.md.
+See --help and the README, "Explaining predictions".
 """
 
 import sys

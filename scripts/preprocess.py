@@ -1,4 +1,4 @@
-"""Preprocess a cohort manifest into the projection cache (docs/readme/cache.md).
+"""Preprocess a cohort manifest into the projection cache (README, "Preprocessing a cohort").
 
     python scripts/preprocess.py --manifest cohort.csv --out cache/ --preset paper
     python scripts/preprocess.py --manifest cohort.csv --out cache/ --workers 4   # 4 GPUs

@@ -189,6 +189,36 @@ def test_published_vgg_layout_with_top(tmp_path):
             np.testing.assert_array_equal(loaded[p], array, err_msg=str(p))
 
 
+def test_vgg19_file_is_refused_by_vgg16(tmp_path):
+    # A VGG19 file holds every layer of a VGG16 with the same shapes: it must not load silently
+    # with block3_conv4..block5_conv4 dropped.
+    template = nnx.eval_shape(lambda: build_model("vgg19", rngs=nnx.Rngs(0), **TINY))
+    arrays = _random_like(template, np.random.default_rng(0))
+    path = tmp_path / "vgg19.h5"
+    _write_legacy_h5(path, _published_vgg_layers(arrays))
+    with pytest.raises(ValueError, match="block3_conv4, block4_conv4, block5_conv4.*vgg16"):
+        build_model("vgg16", rngs=nnx.Rngs(0), weights=path, **TINY)
+
+
+def test_weights_of_the_other_source_or_missing_get_clear_errors(tmp_path):
+    from safetensors.numpy import save_file
+
+    model = nnx.eval_shape(lambda: build_model("vgg19", rngs=nnx.Rngs(0), **TINY))
+    save_file({"features.0.weight": np.zeros((8, 3, 3, 3), np.float32)}, tmp_path / "t.safetensors")
+    with pytest.raises(ValueError, match="not an HDF5 file.*--from torchvision"):
+        load_keras_weights(model, tmp_path / "t.safetensors")
+    _write_legacy_h5(tmp_path / "k.h5", [("block1_conv1", [])])
+    with pytest.raises(ValueError, match="HDF5 file.*--from keras"):
+        load_torchvision_weights(model, tmp_path / "k.h5")
+    (tmp_path / "junk.pth").write_bytes(b"not a pickle at all")
+    pytest.importorskip("torch")
+    with pytest.raises(ValueError, match="not a torchvision state dict"):
+        load_torchvision_weights(model, tmp_path / "junk.pth")
+    for missing in ("weights/vgg19_keras", "missing.h5", "missing.pth"):
+        with pytest.raises(FileNotFoundError, match="vgg19_weights_tf_dim_ordering"):
+            build_model("vgg19", rngs=nnx.Rngs(0), weights=tmp_path / missing, **TINY)
+
+
 def _published_inception_layers(model, arrays, rng):
     """Keras 2 names (conv2d_1 .. conv2d_94, 'beta:0', no gamma), layer order shuffled."""
     layers = []
@@ -537,17 +567,23 @@ def test_torchvision_parity(torch_pair, size_index):
     assert ours.preprocessing == {"vgg19": "torch", "inception_v3": "tf"}[arch]
 
 
-def test_torchvision_mismatch_names_key(tmp_path):
-    from safetensors.numpy import save_file
-
-    model = nnx.eval_shape(lambda: build_model("vgg19", rngs=nnx.Rngs(0), **TINY))
-    arrays = _random_like(model, np.random.default_rng(0))
+def _torch_vgg_state(model, arrays) -> dict:
     state, index = {}, 0
     for block, conv in model.conv_paths():  # torchvision indices: conv, ReLU, ..., MaxPool
         kernel = arrays[(block, conv, "kernel")].transpose(3, 2, 0, 1)
         state[f"features.{index}.weight"] = np.ascontiguousarray(kernel)
         state[f"features.{index}.bias"] = arrays[(block, conv, "bias")]
         index += 3 if conv == getattr(model, block).conv_names[-1] else 2
+    return state
+
+
+def test_torchvision_mismatch_names_key(tmp_path):
+    from safetensors.numpy import save_file
+
+    model = nnx.eval_shape(lambda: build_model("vgg19", rngs=nnx.Rngs(0), **TINY))
+    arrays = _random_like(model, np.random.default_rng(0))
+    state = _torch_vgg_state(model, arrays)
+    save_file(state, tmp_path / "vgg19.safetensors")
     state["features.0.weight"] = np.zeros((64, 3, 3, 3), np.float32)  # full-width file
     save_file(state, tmp_path / "vgg.safetensors")
     with pytest.raises(ValueError, match=r"features\.0.*\(3, 3, 3, 64\).*\(3, 3, 3, 8\)"):
@@ -556,6 +592,11 @@ def test_torchvision_mismatch_names_key(tmp_path):
     save_file(state, tmp_path / "vgg.safetensors")
     with pytest.raises(ValueError, match=r"features\.34\.weight"):
         load_torchvision_weights(model, tmp_path / "vgg.safetensors")
+    # torchvision numbers ReLUs and pools too: a VGG19 file lacks VGG16's features.17 (a ReLU
+    # there), so it cannot load into a VGG16 (a Keras file needs its own check, above).
+    vgg16 = nnx.eval_shape(lambda: build_model("vgg16", rngs=nnx.Rngs(0), **TINY))
+    with pytest.raises(ValueError, match=r"features\.17\.weight' not found"):
+        load_torchvision_weights(vgg16, tmp_path / "vgg19.safetensors")
 
 
 # ----------------------------------------------------------------------------- checkpoints, CLI

@@ -1,6 +1,6 @@
 """Explain: Grad-CAM maps (paper 2.5, eq. (1)), PSAMs back in CT space, 3-D PSAMs, localisation.
 
-See docs/readme/explain.md.
+See the README, "Explaining predictions".
 """
 
 from sapsam_jax.explain._cli import main

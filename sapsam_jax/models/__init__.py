@@ -1,6 +1,6 @@
 """Flax NNX VGG19 / InceptionV3 with the paper's head (paper 2.4), ImageNet weight conversion.
 
-See docs/readme/models.md and the Models contract in docs/ARCHITECTURE.md.
+See the README, "Models", and the Models contract in docs/ARCHITECTURE.md.
 """
 
 from ._checkpoint import load_weights, read_weights_info, save_weights

@@ -65,7 +65,7 @@ def _replace_dir(tmp: Path, directory: Path, overwrite: bool) -> None:
 def save_weights(
     model,
     directory,
-    preprocessing: str = "none",
+    preprocessing: str | None = None,
     *,
     source=None,
     include_head: bool = True,
@@ -74,7 +74,11 @@ def save_weights(
     """Write the model's parameters and batch statistics to ``directory`` (atomically).
 
     ``include_head=False`` saves the backbone only (converted ImageNet weights have no head).
+    ``preprocessing`` (the input convention recorded with the weights) defaults to the model's
+    own (``model.preprocessing``, set by the weight loaders).
     """
+    if preprocessing is None:
+        preprocessing = model.preprocessing
     if preprocessing not in PREPROCESSING:
         raise ValueError(f"preprocessing must be one of {PREPROCESSING}, got {preprocessing!r}")
     directory = Path(directory).absolute()

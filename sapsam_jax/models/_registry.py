@@ -43,7 +43,7 @@ def _abstract_backbone(arch: str, num_classes: int, rngs: nnx.Rngs, **kwargs):
 
 def _load_any(model, weights) -> str:
     """A weights directory (save_weights / convert_weights), a Keras .h5 or a torchvision file."""
-    weights = Path(weights)
+    weights = require_weights_file(weights, model.arch)  # missing: say what to download
     if weights.is_dir():
         return load_weights(model, weights)
     if weights.suffix in (".h5", ".hdf5"):

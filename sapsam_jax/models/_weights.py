@@ -7,6 +7,7 @@ head keeps its random initialisation (paper 2.4). Loaders return the input ``pre
 convention (see `preprocess_input`) that the weights expect, also set as ``model.preprocessing``.
 """
 
+import pickle
 import re
 from pathlib import Path
 
@@ -80,12 +81,15 @@ def require_weights_file(path, arch: str) -> Path:
         if a == arch
     ]
     if not options:
-        raise ValueError(f"no published ImageNet weights known for arch {arch!r}")
+        raise FileNotFoundError(
+            f"weights for {arch} not found: {path} (no published ImageNet weights are known "
+            "for this architecture)"
+        )
     raise FileNotFoundError(
         f"ImageNet weights for {arch} not found (looked for {path}). Nothing is downloaded "
         "automatically; fetch one of\n" + "\n".join(options) + "\nthen convert it with\n"
         f"  python scripts/convert_weights.py --arch {arch} --from keras|torchvision "
-        "--input FILE --output DIR\nand pass DIR (see docs/readme/models.md)."
+        "--input FILE --output DIR\nand pass DIR (see the README, 'ImageNet weights')."
     )
 
 
@@ -106,6 +110,11 @@ def _h5_strings(group, name: str) -> list[str]:
 
 def read_keras_h5(path) -> dict[str, list[tuple[str, np.ndarray]]]:
     """Layer name -> [(weight name without ':0', array)] from a legacy Keras HDF5 weights file."""
+    if not h5py.is_hdf5(path):
+        raise ValueError(
+            f"{path}: not an HDF5 file, so not Keras weights (a torchvision .pth or "
+            ".safetensors file is read with --from torchvision)"
+        )
     with h5py.File(path, "r") as f:
         root = f["model_weights"] if "model_weights" in f else f  # full-model saves nest it
         names = _h5_strings(root, "layer_names")
@@ -127,6 +136,10 @@ def read_keras_h5(path) -> dict[str, list[tuple[str, np.ndarray]]]:
 def read_torch_state_dict(path) -> dict[str, np.ndarray]:
     """A torchvision state dict from ``.safetensors`` or a ``.pth`` (``weights_only=True``)."""
     path = Path(path)
+    if h5py.is_hdf5(path):
+        raise ValueError(
+            f"{path}: an HDF5 file, i.e. Keras weights; read it with --from keras (a .h5 name)"
+        )
     if path.suffix == ".safetensors":
         from safetensors.numpy import load_file
 
@@ -134,7 +147,15 @@ def read_torch_state_dict(path) -> dict[str, np.ndarray]:
     else:
         import torch  # optional dependency, only needed for .pth files
 
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            # Not a plain state dict of tensors. torch's message suggests weights_only=False,
+            # which would run arbitrary code from a downloaded file: never do that here.
+            raise ValueError(
+                f"{path}: not a torchvision state dict of tensors (torch.load with "
+                f"weights_only=True refused it: {str(err).splitlines()[0]})"
+            ) from err
         state = state.get("state_dict", state)
         state = {
             k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
@@ -198,6 +219,15 @@ def _bn_entries(prefix, name, scale, bias, mean, var) -> NewState:
 
 
 def _keras_vgg(model: VGG, layers, path) -> NewState:
+    # A VGG19 file holds every layer a VGG16 needs, with the same shapes: without this check
+    # it would load into a VGG16 and drop block3_conv4..block5_conv4 silently.
+    expected = {f"{block}_{conv}" for block, conv in model.conv_paths()}
+    extra = sorted(n for n in layers if re.fullmatch(r"block\d+_conv\d+", n) and n not in expected)
+    if extra:
+        raise ValueError(
+            f"{path} has convolution layers {', '.join(extra)} that {model.arch} lacks "
+            "(weights of another VGG depth?)"
+        )
     new = {}
     for block, conv in model.conv_paths():
         name = f"{block}_{conv}"

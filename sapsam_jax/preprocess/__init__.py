@@ -1,6 +1,6 @@
 """Preprocessing of one CT scan: lung masks, resampling, 27 rotations, projections (paper 2.1-2.3).
 
-Orientation, axes and sub-regions: ``docs/ARCHITECTURE.md``; usage: ``docs/readme/preprocess.md``.
+Orientation, axes and sub-regions: ``docs/ARCHITECTURE.md``; usage: the README, "Preprocessing".
 """
 
 from ._geometry import (

@@ -13,7 +13,7 @@ trachea and extra-pulmonary bronchi.
 
 Pixel sizes are converted to mm at the paper's 0.9 mm grid and every morphological operation is
 an exact Euclidean distance transform with ``sampling=spacing``, so the masks keep their physical
-shape from 0.6 mm voxels to 5 mm slices. Usage and measured accuracy: docs/readme/segmentation.md.
+shape from 0.6 mm voxels to 5 mm slices. Usage and measured accuracy: README, "Lung segmentation".
 """
 
 from __future__ import annotations

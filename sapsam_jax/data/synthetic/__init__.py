@@ -8,7 +8,7 @@ scans per patient, written as DICOM (or NIfTI) with a cohort manifest and voxel 
     from sapsam_jax.data.synthetic import make_cohort
     manifest = make_cohort("cohort/", n_patients=24)   # ~ (80, 128, 128) voxels per scan
 
-See docs/readme/synthetic.md.
+See the README, "Synthetic CPA cohort".
 """
 
 from ._cohort import (
