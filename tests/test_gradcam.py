@@ -193,6 +193,9 @@ def test_rejects_bad_arguments(tiny, images):
         grad_cam(tiny, images, np.array([0, 1]))
     with pytest.raises(TypeError):
         grad_cam(tiny, images, 0.5)
+    for outside in (3, -1):  # tiny has 3 outputs: one_hot would make every map silently 0
+        with pytest.raises(ValueError, match="outside the model's 3 outputs"):
+            grad_cam(tiny, images, outside)
 
 
 def test_real_vgg19_tiny():

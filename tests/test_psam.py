@@ -199,9 +199,13 @@ class Brightness(nnx.Module):
 class FakeCache:
     """The ProjectionCache reader interface over in-memory arrays."""
 
-    def __init__(self, meta, bands, lesions):
+    def __init__(self, meta, bands, lesions, geometry=STUDY_GEOMETRY):
         self.study_ids = [meta["study_id"]]
         self._meta, self._bands, self._lesions = meta, bands, lesions
+        self.config, self.path = SimpleNamespace(geometry=geometry), Path("fake-cache")
+
+    def __contains__(self, study_id):
+        return study_id in self.study_ids
 
     def meta(self, study_id):
         return self._meta
@@ -259,12 +263,12 @@ def study(tmp_path_factory):
     return FakeCache(meta, bands, lesions)
 
 
-def _runs(cache, sign=1.0, axes=tuple(AXES)):
+def _runs(cache, sign=1.0, axes=tuple(AXES), root="runs", seed=0, test=("P1",)):
     from sapsam_jax.train._step import StepSpec
 
     return [
         SimpleNamespace(
-            workdir=f"runs/{axis}",
+            workdir=f"{root}/{axis}",
             config=SimpleNamespace(
                 task="signs",
                 axis=axis,
@@ -272,11 +276,11 @@ def _runs(cache, sign=1.0, axes=tuple(AXES)):
                 cache="c",
                 arch="vgg19",
                 width=1.0,
-                seed=0,
+                seed=seed,
             ),
             model=Brightness(sign),
             multi_label=False,
-            split={"train": [], "val": [], "test": ["P1"]},
+            split={"train": [], "val": [], "test": list(test)},
             cache=cache,
             step_spec=StepSpec((32, 32), "none", augment=False),  # maps come back resized
         )
@@ -329,6 +333,18 @@ def test_localisation_report_rows(study):
     assert len([r for r in rows if r["axis"] == "3d"][0]["workdirs"]) == 3
 
 
+def test_localisation_report_keeps_run_sets_apart(study):
+    from sapsam_jax.evaluate._report import _localisation_lines
+
+    runs = _runs(study, root="a/seed0", axes=("axial",)) + _runs(
+        study, root="a/seed1", seed=1, axes=("axial",)
+    )
+    rows = localisation_report(runs, "test")
+    assert sorted(tuple(r["workdirs"]) for r in rows) == [("a/seed0/axial",), ("a/seed1/axial",)]
+    table = "\n".join(_localisation_lines(rows))
+    assert "fungus_ball (seed0/axial)" in table and "fungus_ball (seed1/axial)" in table
+
+
 def test_explain_study_writes_fig3_and_3d_psam(study, tmp_path):
     import nibabel as nib
 
@@ -371,6 +387,81 @@ def test_gradcam_cli_with_stand_in_runs(study, tmp_path, monkeypatch):
     assert main(argv) == 0
     assert (out / "S1" / "fungus_ball_left_middle_psam3d.nii.gz").is_file()
     assert json.loads((out / "localisation.json").read_text())["signs"]["fungus_ball"]["3d"]
+
+
+def _stand_in_workdirs(tmp_path, runs, monkeypatch):
+    """Workdir folders for stand-in runs; load_trained hands back the run of a folder."""
+    import sapsam_jax.train
+
+    by_path = {}
+    for run in runs:
+        folder = (tmp_path / run.workdir).resolve()
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in ("config.json", "run.json", "split.json"):
+            (folder / name).write_text("{}")
+        by_path[folder] = run
+    monkeypatch.setattr(sapsam_jax.train, "load_trained", lambda w: by_path[Path(w)])
+
+
+def test_gradcam_cli_splits_runs_that_cannot_share_a_figure(study, tmp_path, monkeypatch):
+    from sapsam_jax.explain import main
+
+    # Two seeds of the three axes: two runs per (sign, axis), each set gets its own folder.
+    runs = _runs(study, root="runs/seed0") + _runs(study, root="runs/seed1", seed=1)
+    _stand_in_workdirs(tmp_path, runs, monkeypatch)
+    out = tmp_path / "out"
+    common = ["--all", "--out", str(out), "--subregions", "left_middle"]
+    assert main(["--workdir", str(tmp_path / "runs"), *common, "--localisation"]) == 0
+    for name in ("seed0", "seed1"):
+        assert (out / name / "S1" / "fungus_ball_left_middle_psam3d.nii.gz").is_file()
+        # Strict JSON: undefined scores are null, not NaN.
+        json.loads((out / name / "localisation.json").read_text(), parse_constant=_refuse)
+    # The same run named twice (relative and absolute) is one run, not two sets.
+    monkeypatch.chdir(tmp_path)
+    twice = ["--workdir", "runs/seed0", str(tmp_path / "runs" / "seed0")]
+    assert main([*twice, "--all", "--out", str(tmp_path / "o2")]) == 0
+    assert (tmp_path / "o2" / "S1" / "summary.json").is_file()
+
+
+def _refuse(token):
+    raise ValueError(f"{token} is not JSON")
+
+
+def test_gradcam_cli_errors(study, tmp_path, monkeypatch, capsys):
+    from sapsam_jax.explain import main
+
+    _stand_in_workdirs(tmp_path, _runs(study, test=()), monkeypatch)
+    workdir = ["--workdir", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as stop:
+        main([*workdir, "--study", "S1", "--subregions", "positive", "left_upper"])
+    assert stop.value.code == 2 and "stands alone" in capsys.readouterr().err
+    assert main([*workdir, "--study", "NOPE"]) == 2
+    assert "NOPE are not in the cache" in capsys.readouterr().err
+    assert main([*workdir, "--all", "--localisation"]) == 2  # empty test split
+    assert "hold no study" in capsys.readouterr().err
+    assert main([*workdir, "--study", "S1", "--layer", "block9_conv9"]) == 2
+    assert "has no layer 'block9_conv9'" in capsys.readouterr().err
+
+
+def test_explain_study_uses_each_runs_map_settings(study, tmp_path):
+    runs = _runs(study)
+    runs[1].config.cam_method = "hirescam"  # coronal
+    summary = explain_study(runs, "S1", tmp_path, subregions=["left_middle"])
+    maps = summary["labels"]["fungus_ball"]["left_middle"]["maps"]
+    assert maps["coronal"]["method"] == "hirescam" and maps["axial"]["method"] == "gradcam"
+    assert summary["method"] is None  # nothing asked: each run's own
+
+
+def test_maps_undo_the_rotations_of_the_runs_cache(study):
+    from sapsam_jax.explain import view_maps
+
+    wider = GeometryConfig(grid_shape=(24, 32, 32), rotation_angles_deg=(-10.0, 0.0, 10.0))
+    cache = FakeCache(study._meta, study._bands, study._lesions, geometry=wider)
+    run = _runs(cache, axes=("axial",))[0]
+    assert view_maps(run, "S1", "fungus_ball").angles == (0.0, 0.0, 0.0)  # its identity
+    assert view_maps(run, "S1", "fungus_ball", rotation=26).angles == (10.0, 10.0, 10.0)
+    with pytest.raises(ValueError, match="index 0-26"):
+        view_maps(run, "S1", "fungus_ball", rotation=27)
 
 
 def test_pointing_game_energy_and_distance(rng):

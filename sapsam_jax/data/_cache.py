@@ -106,6 +106,18 @@ def to_jsonable(obj):
     return json.loads(json.dumps(obj, default=_json_default))
 
 
+def nonfinite_to_null(value):
+    """NaN and +-inf (undefined metrics, no distance) as None: they are not JSON, and strict
+    readers refuse Python's ``NaN``/``Infinity`` tokens."""
+    if isinstance(value, Mapping):
+        return {k: nonfinite_to_null(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [nonfinite_to_null(v) for v in value]
+    if isinstance(value, float | np.floating) and not np.isfinite(value):
+        return None
+    return value
+
+
 @contextlib.contextmanager
 def locked(path: str | os.PathLike) -> Iterator[None]:
     """Exclusive advisory lock on ``path`` (created if missing) for read-merge-write sections.

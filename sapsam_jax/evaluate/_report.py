@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from sapsam_jax.config import AXES
+from sapsam_jax.data._cache import nonfinite_to_null
 from sapsam_jax.train import METRIC_NAMES, binary_metrics, bootstrap_intervals
 from sapsam_jax.train._config import TrainConfig
 
@@ -79,7 +80,7 @@ def write_report(workdirs, out_dir, *, extra: dict | None = None) -> dict:
         rows.extend(run_results(run_dir)["rows"])
         write_run_figures(run_dir)
     report = {"rows": rows, **(extra or {})}
-    text = json.dumps(_nan_to_null(report), indent=2, default=_json_default, allow_nan=False)
+    text = json.dumps(nonfinite_to_null(report), indent=2, default=_json_default, allow_nan=False)
     _write_atomic(out_dir / "report.json", text)
     _write_atomic(out_dir / "report.md", render_markdown(report))
     return report
@@ -165,29 +166,23 @@ def _localisation_lines(scores) -> list[str]:
         "| pointing game, detected (maps) | energy inside (chance) |",
         "|---|---|---|---|---|---|---|",
     ]
+    repeated = Counter((e["sign"], e["axis"]) for e in scores)
     for entry in scores:
         how = f"{entry.get('method', '?')} ({entry.get('layer', '?')})"
+        sign = entry["sign"]
+        if repeated[(sign, entry["axis"])] > 1 and entry.get("workdirs"):
+            # Several run sets (seeds, --sign all beside multi): name each row's runs.
+            sign += " (" + ", ".join(_short_path(w) for w in entry["workdirs"]) + ")"
         chance = entry.get("pointing_chance")
         chance = f" ({chance:.2f})" if chance is not None else ""
         detected = entry.get("pointing_game_detected", float("nan"))
         lines.append(
-            f"| {entry['sign']} | {entry['axis']} | {entry['n']} | {how} | "
+            f"| {sign} | {entry['axis']} | {entry['n']} | {how} | "
             f"{entry['pointing_game']:.2f}{chance} | "
             f"{detected:.2f} ({entry.get('n_detected', 0)}) | "
             f"{entry['energy_inside']:.2f} ({entry['energy_chance']:.2f}) |"
         )
     return lines
-
-
-def _nan_to_null(value):
-    """Undefined metrics (NaN) as JSON null: ``NaN`` is not JSON, and strict readers refuse it."""
-    if isinstance(value, dict):
-        return {k: _nan_to_null(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_nan_to_null(v) for v in value]
-    if isinstance(value, float | np.floating) and np.isnan(value):
-        return None
-    return value
 
 
 def _json_default(value):

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from sapsam_jax.config import SIGNS, SUBREGIONS
+from sapsam_jax.data._cache import CacheError, atomic_write_json, nonfinite_to_null, to_jsonable
 from sapsam_jax.explain._gradcam import CAM_METHODS
 
 EPILOG = """examples:
@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=["positive"],
         choices=("positive", "all") + SUBREGIONS,
-        help="positive: predicted p >= --threshold (else the top one)",
+        help="sign runs: positive (predicted p >= --threshold, else the top one), all, or "
+        "sub-region names; whole-scan runs (disease, survival) explain the scan",
     )
     parser.add_argument("--threshold", type=float, default=0.5)
     parser.add_argument(
@@ -75,24 +76,80 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    from sapsam_jax.explain._localisation import localisation_scores
-    from sapsam_jax.explain._study import explain_study, find_workdirs, split_studies
-    from sapsam_jax.train import load_trained
-
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    keywords = {"positive", "all"} & set(args.subregions)
+    if keywords and len(args.subregions) > 1:
+        parser.error(f"--subregions {' / '.join(sorted(keywords))} stands alone, not with names")
     try:
-        runs = [load_trained(w) for w in find_workdirs(args.workdir)]
-    except FileNotFoundError as err:
+        return _run(args)
+    except (CacheError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def _run(args) -> int:
+    from sapsam_jax.explain._study import find_workdirs, run_sets, set_name
+
+    runs = _load_runs(find_workdirs(args.workdir))
     out = args.out or args.workdir[0] / "gradcam"
-    studies = args.study or sorted({s for r in runs for s in split_studies(r, args.split)})
+    sets = [s for s in run_sets(runs) if _wanted_labels(s, args.sign)]
+    if not sets:
+        raise ValueError(f"no run predicts any of {args.sign}")
+    for members in sets:
+        # Runs that cannot share one figure folder (two seeds, --sign all beside --sign multi)
+        # each get their own.
+        where = out / set_name(members, runs) if len(sets) > 1 else out
+        _explain_set(members, args, where)
+    return 0
+
+
+def _load_runs(workdirs) -> list:
+    from sapsam_jax.train import load_trained
+
+    runs = []
+    for workdir in workdirs:
+        try:
+            runs.append(load_trained(workdir))
+        except FileNotFoundError as err:  # a run still in its first epoch: not an error here
+            print(f"warning: skipped {workdir}: {err}", file=sys.stderr)
+    if not runs:
+        raise FileNotFoundError(f"no trained run (with a checkpoint) under {workdirs}")
+    return runs
+
+
+def _wanted_labels(runs, labels) -> bool:
+    from sapsam_jax.explain._study import run_labels
+
+    return labels is None or any(set(labels) & set(run_labels(r)) for r in runs)
+
+
+def _explain_set(runs, args, out: Path) -> None:
+    from sapsam_jax.explain._localisation import localisation_scores
+    from sapsam_jax.explain._study import explain_study, in_split, split_studies
+
+    cache = runs[0].cache
+    if args.study:
+        missing = [s for s in args.study if s not in cache]
+        if missing:
+            raise CacheError(f"studies {', '.join(missing)} are not in the cache {cache.path}")
+        chosen = {s: runs for s in args.study}
+    else:
+        # Per study the runs whose --split holds its patient: runs of other signs, tasks or
+        # seeds split patients differently, and a training scan says little about a network.
+        ids = sorted({s for r in runs for s in split_studies(r, args.split)})
+        chosen = {s: [r for r in runs if in_split(r, s, args.split)] for s in ids}
+        if not chosen:
+            raise ValueError(f"the runs' {args.split} splits hold no study")
     which = args.subregions[0] if len(args.subregions) == 1 else args.subregions
     if which in SUBREGIONS:
         which = [which]
-    for study_id in studies:
+    for study_id, here in chosen.items():
+        trained_on = [str(r.workdir) for r in here if in_split(r, study_id, "train")]
+        if trained_on:
+            print(f"warning: {study_id} is a training scan of {', '.join(trained_on)}")
         summary = explain_study(
-            runs,
+            here,
             study_id,
             out,
             method=args.method,
@@ -104,9 +161,9 @@ def main(argv=None) -> int:
         print(f"{study_id}: {out / study_id} ({_describe(summary)})", flush=True)
     if args.localisation:
         scores = localisation_scores(runs, args.split, method=args.method, layer=args.layer)
-        (out / "localisation.json").write_text(json.dumps(scores, indent=2, default=float))
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "localisation.json", nonfinite_to_null(to_jsonable(scores)))
         print(f"localisation: {out / 'localisation.json'}")
-    return 0
 
 
 def _describe(summary: dict) -> str:

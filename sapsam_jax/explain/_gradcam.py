@@ -57,6 +57,7 @@ def grad_cam(
     if images.shape[0] == 0:
         raise ValueError("images is empty")
     graphdef, state = _eval_split(model)
+    _check_targets(targets, graphdef, state, images[:1], layer)
     maps, logits = [], []
     for start, stop in _chunks(images.shape[0], batch_size):
         x, t = _pad(images[start:stop], batch_size), _pad(targets[start:stop], batch_size)
@@ -146,6 +147,21 @@ def _as_targets(target, n: int):
     if targets.shape != (n,):
         raise ValueError(f"target must be an int or shape ({n},), got shape {targets.shape}")
     return jnp.asarray(targets, jnp.int32)
+
+
+def _check_targets(targets, graphdef, state, image, layer) -> None:
+    """Targets must index the model's outputs: one_hot of any other index is all zeros, and
+    every map would silently be 0. The output count comes from shape inference (no compute)."""
+
+    def outputs(st, x):
+        model = nnx.merge(graphdef, st)
+        return model.forward_from(model.forward_to(x, layer), layer)
+
+    n_out = jax.eval_shape(outputs, state, image).shape[-1]
+    bad = np.asarray(targets)
+    bad = bad[(bad < 0) | (bad >= n_out)]
+    if bad.size:
+        raise ValueError(f"target {bad.tolist()} outside the model's {n_out} outputs")
 
 
 def _chunks(n: int, batch_size: int | None):

@@ -23,9 +23,10 @@ import scipy.ndimage as ndi
 from sapsam_jax.config import AXES, SIGNS, SUBREGIONS
 from sapsam_jax.explain._psam import locate_maximum, psam_3d, working_volume_to_ct
 from sapsam_jax.explain._study import (
-    IDENTITY_ROTATION,
     group_runs,
+    in_split,
     run_labels,
+    run_sets,
     split_studies,
     view_maps,
 )
@@ -150,20 +151,24 @@ def _sign_records(
     records = []
     first = next(iter(by_axis.values()))
     cache, s = first.cache, SIGNS.index(sign)
-    for study_id in split_studies(first, split):
-        truth = {a: cache.lesions(study_id, a) for a in by_axis}
+    studies = sorted({sid for run in by_axis.values() for sid in split_studies(run, split)})
+    for study_id in studies:
+        # Each axis's run scores only the studies of its own split (runs of other seeds or of
+        # the multi-label task split their patients differently).
+        here = {a: run for a, run in by_axis.items() if in_split(run, study_id, split)}
+        truth = {a: cache.lesions(study_id, a) for a in here}
         if any(t is None for t in truth.values()):
             continue
         views = {
             a: view_maps(run, study_id, sign, method=method, batch_size=batch_size, layer=layer)
-            for a, run in by_axis.items()
+            for a, run in here.items()
         }
         for a, view in views.items():
             for r, name in enumerate(SUBREGIONS):
                 mask = truth[a][r, ..., s].astype(bool)
                 if mask.any():
                     records.append(_record_2d(view, r, name, mask, tolerance_px))
-        if three_d and len(by_axis) == len(AXES):
+        if three_d and len(views) == len(AXES):
             records += _records_3d(cache, study_id, sign, views, truth, tolerance_mm)
     return records
 
@@ -202,11 +207,11 @@ def _records_3d(cache, study_id, sign, views, truth, tolerance_mm) -> list[dict]
         if not any(t[r, ..., s].any() for t in truth.values()):
             continue
         volume = psam_3d({a: v.maps[r] for a, v in views.items()}, name, working)
-        peak = locate_maximum(volume, mapping, labels.affine, rotation=IDENTITY_ROTATION)
+        peak = locate_maximum(volume, mapping, labels.affine)  # the views are unrotated
         distance = float("inf")
         if peak["value"] > 0:
             distance = distance_to_lesion_mm(peak["ct_index"], lesion, labels.spacing)
-        on_ct = working_volume_to_ct(volume, mapping, rotation=IDENTITY_ROTATION)
+        on_ct = working_volume_to_ct(volume, mapping)
         support = on_ct > 0
         records.append(
             {
@@ -266,12 +271,8 @@ def localisation_report(runs, split: str = "test", **kwargs) -> list[dict]:
 
     loaded = [r if hasattr(r, "model") else load_trained(r) for r in runs]
     loaded = [r for r in loaded if r.config.task == "signs" and _has_lesion_truth(r, split)]
-    groups: dict[tuple, list] = {}
-    for run in loaded:
-        key = (str(run.config.cache), run.config.arch, run.config.width, run.config.seed)
-        groups.setdefault(key, []).append(run)
     rows = []
-    for group in groups.values():
+    for group in run_sets(loaded):
         scores = localisation_scores(group, split, **kwargs)
         for sign, by_axis in scores["signs"].items():
             for axis, values in by_axis.items():
@@ -285,5 +286,4 @@ def localisation_report(runs, split: str = "test", **kwargs) -> list[dict]:
 
 
 def _has_lesion_truth(run, split: str) -> bool:
-    studies = split_studies(run, split)
-    return bool(studies) and run.cache.lesions(studies[0], run.config.axis) is not None
+    return any(run.cache.lesions(s, run.config.axis) is not None for s in split_studies(run, split))

@@ -246,7 +246,9 @@ def locate_maximum(volume, mapping: Mapping, affine=None, *, rotation=None) -> d
     (fractional CT voxel (k, j, i)), "lps_mm" (patient LPS via the CT ``affine``; None without
     it), "subregion" (name, or None outside all six), "relative" {"superior", "posterior",
     "left"}: the position inside that sub-region along k, j and i, 0 (inferior / anterior /
-    right edge) .. 1}``.
+    right edge) .. 1}``. ``working_index``, ``subregion`` and ``relative`` are in the frame of
+    ``volume`` (the rotated working grid when ``rotation`` is given); ``ct_index`` and
+    ``lps_mm`` undo the rotation.
     """
     volume = np.asarray(volume)
     index = np.unravel_index(int(np.argmax(volume)), volume.shape)

@@ -7,7 +7,6 @@ three runs of that sign, one per axis (paper 2.4 trains 9 sign networks).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from sapsam_jax.explain._psam import (
     working_volume_to_ct,
 )
 
-IDENTITY_ROTATION = GeometryConfig().identity_rotation_index  # paper 2.3: index 13
+IDENTITY_ROTATION = GeometryConfig().identity_rotation_index  # paper 2.3: index 13 (default grid)
 MAP_NAMES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "hirescam": "HiResCAM"}
 # A run's workdir holds these (docs/ARCHITECTURE.md, "Training workdir").
 _WORKDIR_FILES = ("config.json", "run.json", "split.json")
@@ -42,7 +41,9 @@ class ViewMaps:
     ``maps`` (N, H, W) float32 are resized back to the cache image size (H, W), so a pixel is a
     ray of the working volume; ``images`` (N, H, W, C) are the cache images they explain;
     ``probabilities`` (N,) the run's output for the label; ``subregions`` names each image
-    (None for a whole-scan image); ``method``/``layer`` say how the maps were made.
+    (None for a whole-scan image); ``method``/``layer`` say how the maps were made; ``angles``
+    are the (about-k, about-j, about-i) degrees of ``rotation`` in the run's cache (what the
+    mapping back to the CT undoes).
     """
 
     study_id: str
@@ -55,12 +56,14 @@ class ViewMaps:
     probabilities: np.ndarray
     method: str = "gradcam"
     layer: str | None = None  # the model layer the maps come from
+    angles: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
 def find_workdirs(paths: Iterable[str | os.PathLike]) -> list[Path]:
     """Training workdirs at or up to two levels under ``paths`` (``runs``, ``runs/signs-axial``)."""
     found = []
     for root in map(Path, paths):
+        root = root.resolve()  # the same run named twice (relative, absolute) is one run
         candidates = [root, *sorted(root.glob("*")), *sorted(root.glob("*/*"))]
         found += [p for p in candidates if all((p / f).is_file() for f in _WORKDIR_FILES)]
     if not found:
@@ -87,13 +90,33 @@ def split_studies(run, split: str = "test") -> list[str]:
     return [s for s in run.cache.study_ids if run.cache.meta(s)["patient_id"] in patients]
 
 
+def in_split(run, study_id: str, split: str) -> bool:
+    """Whether ``study_id``'s patient is in ``run``'s ``split`` (runs of other tasks, signs or
+    seeds split their patients differently)."""
+    return run.cache.meta(study_id)["patient_id"] in set(run.split.get(split, []))
+
+
+def rotation_of(run, rotation: int | None) -> tuple[int, tuple[float, float, float]]:
+    """(index, angles) of a rotation of ``run``'s cache; None is its identity.
+
+    Indices follow the cache's own ``GeometryConfig.rotations()`` (the first array axis), so a
+    cache built with other angles maps back with its own.
+    """
+    geometry = run.cache.config.geometry
+    rotations = geometry.rotations()
+    index = geometry.identity_rotation_index if rotation is None else int(rotation)
+    if not 0 <= index < len(rotations):
+        raise ValueError(f"rotation {rotation} is not an index 0-{len(rotations) - 1}")
+    return index, tuple(float(a) for a in rotations[index])
+
+
 def view_maps(
     run,
     study_id: str,
     label: str,
     *,
     method: str | None = None,
-    rotation: int = IDENTITY_ROTATION,
+    rotation: int | None = None,
     layer: str | None = None,
     batch_size: int | None = 32,
 ) -> ViewMaps:
@@ -101,11 +124,13 @@ def view_maps(
 
     Images go through ``train.model_inputs`` (the exact training input), the map comes back at
     model size and is resized to the cache image; the target is :func:`target_class`.
-    ``method``/``layer`` default to the run's (:func:`run_cam_settings`).
+    ``method``/``layer`` default to the run's (:func:`run_cam_settings`); ``rotation`` (an index
+    of the cache's 27) to its identity.
     """
     from sapsam_jax.train import model_inputs
 
     method, layer = run_cam_settings(run, method, layer)
+    rotation, angles = rotation_of(run, rotation)
     axis, cache = run.config.axis, run.cache
     if run.config.task == "signs":
         images = np.asarray(cache.bands(study_id, axis)[rotation], dtype=np.float32)
@@ -129,7 +154,8 @@ def view_maps(
         study_id=study_id,
         label=label,
         axis=axis,
-        rotation=int(rotation),
+        rotation=rotation,
+        angles=angles,
         method=method,
         layer=layer,
         subregions=subregions,
@@ -148,6 +174,11 @@ def run_cam_settings(run, method: str | None = None, layer: str | None = None) -
     """
     config = run.config
     method = method or getattr(config, "cam_method", None) or "gradcam"
+    if layer is not None and layer not in run.model.layer_names:
+        raise ValueError(
+            f"{run.workdir}: {run.config.arch} has no layer {layer!r}; "
+            f"its layers are {', '.join(run.model.layer_names)}"
+        )
     if layer is None:
         layer = getattr(config, "cam_layer", None)
         if layer not in run.model.layer_names:
@@ -162,15 +193,48 @@ def _probabilities(logits: np.ndarray, target: int, multi_label: bool) -> np.nda
 
 
 def group_runs(runs: Sequence) -> dict[str, dict[str, object]]:
-    """``{label: {axis: run}}``; two runs for the same label and axis are an error."""
+    """``{label: {axis: run}}``; two runs for the same label and axis are an error (split them
+    with :func:`run_sets` first)."""
     groups: dict[str, dict[str, object]] = {}
     for run in runs:
         for label in run_labels(run):
             axes = groups.setdefault(label, {})
             if run.config.axis in axes:
-                raise ValueError(f"two runs for {label} on the {run.config.axis} axis")
+                raise ValueError(
+                    f"two runs for {label} on the {run.config.axis} axis: "
+                    f"{axes[run.config.axis].workdir} and {run.workdir}"
+                )
             axes[run.config.axis] = run
     return groups
+
+
+def run_sets(runs: Sequence) -> list[list]:
+    """Split ``runs`` into sets that :func:`group_runs` accepts: at most one run per label and
+    axis, runs of one cache, architecture, width and seed together, a multi-label run apart from
+    one-sign runs (so ``--sign all`` beside ``--sign multi``, or two seeds, give two sets)."""
+
+    def key(run):
+        c = run.config
+        return (str(c.cache), c.arch, c.width, c.seed, c.sign == "multi")
+
+    sets: list[tuple[tuple, list, set]] = []
+    for run in sorted(runs, key=lambda r: (repr(key(r)), str(r.workdir))):
+        slots = {(label, run.config.axis) for label in run_labels(run)}
+        home = next((s for s in sets if s[0] == key(run) and not slots & s[2]), None)
+        if home is None:
+            home = (key(run), [], set())
+            sets.append(home)
+        home[1].append(run)
+        home[2].update(slots)
+    return [members for _, members, _ in sets]
+
+
+def set_name(members: Sequence, all_runs: Sequence) -> str:
+    """A folder name for one run set: its workdirs' common path below that of all runs."""
+    everything = os.path.commonpath([str(r.workdir) for r in all_runs])
+    mine = os.path.commonpath([str(r.workdir) for r in members])
+    name = os.path.relpath(mine, everything)
+    return "runs" if name == "." else name.replace(os.sep, "_")
 
 
 def choose_subregions(views: dict[str, ViewMaps], which="positive", threshold: float = 0.5):
@@ -198,15 +262,18 @@ def explain_study(
     subregions="positive",
     threshold: float = 0.5,
     labels: Sequence[str] | None = None,
-    rotation: int = IDENTITY_ROTATION,
+    rotation: int | None = None,
 ) -> dict:
     """Fig. 3-style PNGs for every chosen sub-region and view, plus the 3-D PSAM (NIfTI on the CT
     grid, PNG, maximum in mm and sub-region terms) where all three axes have a run.
 
     Writes ``out_dir/<study>/<label>_<subregion>_<axis>.png``, ``..._psam3d.nii.gz`` and
     ``..._psam3d.png``, and ``summary.json`` (also returned): per label and sub-region the
-    probability per axis, the files and the 3-D maximum (:func:`locate_maximum`).
+    probability per axis, the files, the map method and layer per axis and the 3-D maximum
+    (:func:`locate_maximum`). ``method``/``layer`` None: each run's own (``run_cam_settings``);
+    ``rotation`` None: the identity.
     """
+    from sapsam_jax.data._cache import atomic_write_json
     from sapsam_jax.io import load_ct, save_nifti
 
     out = Path(out_dir) / study_id
@@ -216,12 +283,11 @@ def explain_study(
     first = next(iter(next(iter(groups.values())).values()))
     meta = first.cache.meta(study_id)
     ct = load_ct(meta["ct_path"])
-    method, first_layer = run_cam_settings(first, method, layer)
     summary = {
         "study_id": study_id,
-        "method": method,
-        "layer": first_layer,
-        "rotation": rotation,
+        "method": method,  # None: each run's own, recorded per axis under "maps"
+        "layer": layer,
+        "rotation": rotation_of(first, rotation)[0],
         "labels": {},
     }
     for label, by_axis in groups.items():
@@ -236,7 +302,7 @@ def explain_study(
             )
         summary["labels"][label] = entries
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_json(out / "summary.json", summary)
     return summary
 
 
@@ -247,10 +313,13 @@ def _name(views, index) -> str:
 def _explain_region(views: dict[str, ViewMaps], index: int, mapping, ct, out: Path, save_nifti):
     """Figures (and the 3-D PSAM when all axes are there) of one sub-region of one study."""
     first = next(iter(views.values()))
-    subregion, label, rotation = first.subregions[index], first.label, first.rotation
+    subregion, label, rotation = first.subregions[index], first.label, first.angles
     working = tuple(mapping["working_shape"])
     stem = f"{label}_{subregion or 'scan'}"
-    entry = {"probability": {a: float(v.probabilities[index]) for a, v in views.items()}}
+    entry = {
+        "probability": {a: float(v.probabilities[index]) for a, v in views.items()},
+        "maps": {a: {"method": v.method, "layer": v.layer} for a, v in views.items()},
+    }
     peak = None
     if len(views) == len(AXES):
         volume = psam_3d({a: v.maps[index] for a, v in views.items()}, subregion, working)
