@@ -6,7 +6,8 @@
 // neighbour with the smallest flooding key, among neighbours labelled before this step:
 //     key = level_at_labelling * KEY_STRIDE + step   (markers: their own level * KEY_STRIDE).
 // This orders voxels as scikit-image's priority queue does (by level, then first come first
-// served), so the result matches skimage.segmentation.watershed. Voxels written in this step
+// served), so the result matches skimage.segmentation.watershed up to plateau ties (see below;
+// scikit-image breaks them by push order). Voxels written in this step
 // carry key == step_key and are skipped by their neighbours, which makes the in-place update
 // race-free and deterministic. Ties between equal keys go to the first neighbour in C order.
 //

@@ -89,11 +89,23 @@ def _gpu_backend() -> Backend:
     try:
         ski = _skimage_namespace("cucim.skimage")
     except ImportError as err:
-        raise BackendError(
-            "backend 'gpu' needs cuCIM for its scikit-image mirror: pip install cucim-cu12 "
-            f"(or cucim-cu13 for CUDA 13); import failed with: {err}"
-        ) from err
+        # The GPU pipeline runs on CuPy, cupyx.scipy.ndimage and our kernels alone today (cuCIM
+        # has no watershed), so a missing cuCIM only matters to code that asks for bk.ski.
+        ski = _Unavailable(
+            "bk.ski on the GPU needs cuCIM: pip install cucim-cu12 (or cucim-cu13 for CUDA 13); "
+            f"import failed with: {err}"
+        )
     return Backend("gpu", cupy, cupyx.scipy.ndimage, ski)
+
+
+class _Unavailable:
+    """Stands in for a namespace that could not be imported; any use says why."""
+
+    def __init__(self, reason: str):
+        self._reason = reason
+
+    def __getattr__(self, name):
+        raise BackendError(self._reason)
 
 
 def get_backend(name: str | Backend | None = None) -> Backend:

@@ -63,3 +63,9 @@ def test_non_contiguous_cupy_array_is_made_contiguous_on_the_device():
 
     x = cp.arange(6 * 8, dtype=cp.float32).reshape(6, 8)[:, 1::2]
     np.testing.assert_array_equal(np.asarray(bk.to_jax(x)), x.get())
+
+
+def test_missing_cucim_fails_only_where_it_is_used():
+    stand_in = bk._Unavailable("bk.ski on the GPU needs cuCIM")
+    with pytest.raises(bk.BackendError, match="needs cuCIM"):
+        stand_in.segmentation.watershed  # noqa: B018 - the attribute access is the test

@@ -253,8 +253,9 @@ def _ptr(array):
 
 @pytest.mark.skipif(_host_compiler is None, reason="g++ not found")
 @pytest.mark.parametrize("axis", list(AXES))
-def test_host_emulated_kernels_match_twins(tmp_path, rng, axis):
-    shape = (15, 10, 12)
+# The second shape is not divisible into sub-regions (k by 3, i by 2): the remainder rays.
+@pytest.mark.parametrize("shape", [(15, 10, 12), (17, 9, 13)])
+def test_host_emulated_kernels_match_twins(tmp_path, rng, axis, shape):
     hu, cons, ref = _smooth_case(rng, shape)
     a = AXES[axis]
     # Kernel 1 on the unrotated volume vs the NumPy path.
@@ -282,10 +283,11 @@ def test_host_emulated_kernels_match_twins(tmp_path, rng, axis):
 @pytest.mark.gpu
 @pytest.mark.parametrize("axis", list(AXES))
 @pytest.mark.parametrize("dtype", [np.float32, np.int16])
-def test_gpu_project_bands_kernel_matches_numpy(rng, axis, dtype):
+@pytest.mark.parametrize("shape", [(27, 32, 30), (28, 33, 31)])
+def test_gpu_project_bands_kernel_matches_numpy(rng, axis, dtype, shape):
     import cupy
 
-    hu, _, ref = _smooth_case(rng, (27, 32, 30))
+    hu, _, ref = _smooth_case(rng, shape)
     hu = hu.astype(dtype)
     got = subregion_band_projections(cupy.asarray(hu), cupy.asarray(ref), axis)
     assert isinstance(got, cupy.ndarray)
@@ -293,10 +295,11 @@ def test_gpu_project_bands_kernel_matches_numpy(rng, axis, dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_fused_kernel_matches_twin_and_unfused(rng):
+@pytest.mark.parametrize("shape", [(27, 32, 30), (28, 33, 31)])
+def test_gpu_fused_kernel_matches_twin_and_unfused(rng, shape):
     import cupy
 
-    hu, cons, ref = _smooth_case(rng, (27, 32, 30))
+    hu, cons, ref = _smooth_case(rng, shape)
     rotations = GeometryConfig().rotations()
     fused = rotate_project(*(cupy.asarray(v) for v in (hu, cons, ref)), rotations, method="fused")
     twin = rotate_project(hu, cons, ref, rotations, method="twin")

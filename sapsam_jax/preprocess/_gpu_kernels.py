@@ -81,6 +81,7 @@ def project_bands_gpu(hu, mask, axis: int, bands=PAPER_BANDS):
     import cupy
 
     hu_dtype = "int16" if hu.dtype == cupy.int16 else "float32"
+    _check_same_shape(hu, mask=mask)  # the kernel indexes the mask with hu's shape
     hu = cupy.ascontiguousarray(hu, dtype=hu_dtype)
     mask = cupy.ascontiguousarray(mask, dtype=cupy.bool_).view(cupy.uint8)
     defines = kernel_defines(axis, hu.shape, hu_dtype, bands)
@@ -88,6 +89,12 @@ def project_bands_gpu(hu, mask, axis: int, bands=PAPER_BANDS):
     kernel = get_kernel(PROJECT_BANDS, defines)
     kernel(_grid(axis, hu.shape, 1), (_THREADS,), (hu, mask, out))
     return out
+
+
+def _check_same_shape(hu, **masks) -> None:
+    for name, mask in masks.items():
+        if tuple(mask.shape) != tuple(hu.shape):
+            raise ValueError(f"{name} mask has shape {tuple(mask.shape)}, hu {tuple(hu.shape)}")
 
 
 def rotation_affines(rotations, shape) -> np.ndarray:
@@ -106,9 +113,13 @@ def rotate_project_gpu(hu, conservative, refined, rotations, axes, config, progr
     from ..config import AXES
 
     geometry, projection = config.geometry, config.projection
+    _check_same_shape(hu, conservative=conservative, refined=refined)
     hu = cupy.ascontiguousarray(hu, dtype=cupy.float32)
     # Both masks in one byte: one load per corner serves the gray and the band projections.
-    masks = conservative.astype(cupy.uint8) | (refined.astype(cupy.uint8) << 1)
+    # C order is what the kernel indexes; CuPy does not promise it for elementwise results.
+    masks = cupy.ascontiguousarray(
+        conservative.astype(cupy.uint8) | (refined.astype(cupy.uint8) << 1)
+    )
     affines = cupy.asarray(rotation_affines(rotations, hu.shape))
     nrot, nb = len(rotations), len(projection.bands)
     gray, bands = {}, {}

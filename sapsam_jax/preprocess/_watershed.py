@@ -5,8 +5,11 @@ Sobel map to 0..255). The CPU floods it with ``skimage.segmentation.watershed``.
 watershed, so the GPU floods with ``kernels/watershed.cu``: levels are swept in increasing order
 and, per level, a synchronous step labels every unlabelled voxel at or below the level from its
 earliest-flooded neighbour, until nothing changes. Flooding keys ``level * KEY_STRIDE + step``
-reproduce scikit-image's queue order (by level, then first come first served), so the kernel,
-its NumPy twin :func:`flood_numpy` and scikit-image agree (``tests/test_mask.py``).
+follow scikit-image's queue order (by level, then first come first served), so the kernel and
+its NumPy twin :func:`flood_numpy` agree exactly and both agree with scikit-image up to plateau
+ties: where neighbours carry equal keys the first in C order wins, not scikit-image's push order
+(0.01 % of voxels differ on 256-level random maps, 1.3 % on 4 levels; 99.99 % agreement on real
+CT, ``tests/test_mask.py``).
 """
 
 from __future__ import annotations
