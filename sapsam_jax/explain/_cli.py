@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--localisation",
         action="store_true",
-        help="also score localisation against lesion truth (synthetic cohort)",
+        help="also score localisation against lesion truth (synthetic cohort): every study of "
+        "--split and every sign of the runs, whatever --study and --sign say",
     )
     return parser
 
