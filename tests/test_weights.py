@@ -210,13 +210,13 @@ def test_weights_of_the_other_source_or_missing_get_clear_errors(tmp_path):
     _write_legacy_h5(tmp_path / "k.h5", [("block1_conv1", [])])
     with pytest.raises(ValueError, match="HDF5 file.*--from keras"):
         load_torchvision_weights(model, tmp_path / "k.h5")
-    (tmp_path / "junk.pth").write_bytes(b"not a pickle at all")
-    pytest.importorskip("torch")
-    with pytest.raises(ValueError, match="not a torchvision state dict"):
-        load_torchvision_weights(model, tmp_path / "junk.pth")
     for missing in ("weights/vgg19_keras", "missing.h5", "missing.pth"):
         with pytest.raises(FileNotFoundError, match="vgg19_weights_tf_dim_ordering"):
             build_model("vgg19", rngs=nnx.Rngs(0), weights=tmp_path / missing, **TINY)
+    (tmp_path / "junk.pth").write_bytes(b"not a pickle at all")
+    pytest.importorskip("torch")  # .pth files need torch (an optional dependency)
+    with pytest.raises(ValueError, match="not a torchvision state dict"):
+        load_torchvision_weights(model, tmp_path / "junk.pth")
 
 
 def _published_inception_layers(model, arrays, rng):
