@@ -116,5 +116,7 @@ def write_json(record: dict, name: str, out: str | Path | None = None) -> Path:
         out = RESULTS_DIR / f"{name}_{stamp}.json"
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")  # never a half-written result
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, out)
     return out

@@ -129,7 +129,7 @@ def test_dicom_round_trips_exactly(cohort):
     assert (float(first.RescaleSlope), float(first.RescaleIntercept)) == (1.0, -1024.0)
     assert [float(v) for v in first.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
     assert float(second.ImagePositionPatient[2]) > float(first.ImagePositionPatient[2])
-    assert first.PatientID == study.patient_id and "PatientBirthDate" not in first
+    assert first.PatientID == study.patient_id and first.PatientBirthDate == ""  # Type 2, empty
 
 
 def test_hu_values_are_plausible():
@@ -276,3 +276,49 @@ def test_cli_writes_a_nifti_cohort(tmp_path, monkeypatch):
     assert len(manifest) == 2 and sorted(s.cpa for s in manifest) == [0, 1]
     ct = load_ct(manifest[0].path)
     assert ct.hu.shape == (40, 64, 64) and ct.spacing == pytest.approx((7.0, 5.4, 5.4))
+
+
+def _first_slice(study) -> pydicom.Dataset:
+    return pydicom.dcmread(sorted(study.path.glob("*.dcm"))[0])
+
+
+def test_dicom_uids_name_one_image_only(tmp_path):
+    """Cohorts of other sizes draw other controls: a study id can be another image there, and
+    then it must carry other UIDs (a PACS merges instances by UID)."""
+    small = (24, 32, 32)
+    kwargs = dict(shape=small, seed=5, scans_per_patient=(1, 1), progress=False)
+    a = read_manifest(make_cohort(tmp_path / "a", n_patients=2, control_fraction=0.5, **kwargs))
+    b = read_manifest(make_cohort(tmp_path / "b", n_patients=2, control_fraction=0.0, **kwargs))
+    again = read_manifest(make_cohort(tmp_path / "c", n_patients=2, control_fraction=0.5, **kwargs))
+    for x, y, z in zip(a, b, again, strict=True):
+        same_pixels = np.array_equal(load_ct(x.path).hu, load_ct(y.path).hu)
+        same_uid = _first_slice(x).SOPInstanceUID == _first_slice(y).SOPInstanceUID
+        assert same_pixels == same_uid, x.study_id
+        assert _first_slice(x).SOPInstanceUID == _first_slice(z).SOPInstanceUID  # reproducible
+    assert any(x.cpa != y.cpa for x, y in zip(a, b, strict=True))  # the case that matters
+
+
+def test_rerun_removes_the_old_manifest_first_and_files_are_readable(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    from sapsam_jax.data.synthetic import _cohort
+
+    old = os.umask(0o022)
+    try:
+        kwargs = dict(n_patients=2, shape=(24, 32, 32), scans_per_patient=(1, 1), progress=False)
+        manifest = make_cohort(tmp_path, seed=1, **kwargs)
+        assert stat.S_IMODE(manifest.stat().st_mode) == 0o644  # not mkstemp's owner-only 0600
+        study = read_manifest(manifest).studies[0]
+        assert stat.S_IMODE(study.path.stat().st_mode) == 0o755
+        assert stat.S_IMODE(study.lesion_labels.stat().st_mode) == 0o644
+
+        def interrupted(*args):
+            raise KeyboardInterrupt  # e.g. Ctrl-C while the new studies are being written
+
+        monkeypatch.setattr(_cohort, "_run", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            make_cohort(tmp_path, seed=2, **kwargs)
+        assert not manifest.exists()  # no old labels over new images
+    finally:
+        os.umask(old)

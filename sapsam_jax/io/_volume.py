@@ -120,6 +120,28 @@ def to_hu_int16(values: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(values), info.min, info.max).astype(HU_DTYPE)
 
 
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask would, for a moment, for every thread)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(directory: bool = False) -> int:
+    """Permissions a plain ``open``/``mkdir`` would give under the process umask.
+
+    ``tempfile.mkstemp``/``mkdtemp`` create owner-only (0600/0700) entries; renamed into place
+    they would lock other users (a shared data folder, a container's other uid) out of the files.
+    """
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
 @contextmanager
 def atomic_path(path, suffix: str = ""):
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
@@ -132,6 +154,7 @@ def atomic_path(path, suffix: str = ""):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

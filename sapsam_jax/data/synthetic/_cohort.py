@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
+import hashlib
 import multiprocessing
 import os
 import warnings
@@ -43,7 +44,8 @@ MANIFEST_NAME = "manifest.csv"
 # 3: pleural thickening paints only under its lens; 2 also brightened the lung's outermost voxels
 #    over the whole painting box (up to ~8 cm from the patch, into other sub-regions, unlabelled).
 GENERATOR_VERSION = 3
-# Paper 1.1: 76 of 352 studies are controls.
+# About a quarter of the patients are controls: paper 1.1 has 76 control studies of 352 (22 %;
+# its patients are not counted by group). The quick disease task uses half (train/_config.py).
 DEFAULT_CONTROL_FRACTION = 0.25
 NOISE_SIGMA_HU = (12.0, 22.0)  # per-scan image noise, spatially correlated like CT noise
 NOISE_CORRELATION_VOXELS = 0.7
@@ -87,7 +89,8 @@ def patient_id_of(index: int) -> str:
 
 
 def _rng(seed: int, *keys: int) -> np.random.Generator:
-    """Independent stream per (seed, patient, scan): a patient does not depend on cohort size."""
+    """Independent stream per (seed, patient, scan): a patient's anatomy and lesions do not
+    depend on the cohort size (whether it is a control and its scan count are drawn per cohort)."""
     return np.random.default_rng([int(seed), *map(int, keys)])
 
 
@@ -240,8 +243,10 @@ def _write_files(scan: SyntheticScan, out_dir: Path, fmt: str, seed: int) -> dic
             scan.hu,
             scan.grid.spacing,
             ct.affine[:3, 3],
-            # UIDs differ between cohorts of another seed or grid, never between reruns.
-            uid_seed=f"{seed}/{scan.grid.shape}/{scan.grid.spacing}",
+            # UIDs are a function of the content: the same study id in cohorts of another size
+            # can be another scan (which patients are controls is drawn per cohort), and two
+            # different images must never share UIDs (a PACS would merge them). Reruns repeat them.
+            uid_seed=f"{seed}/{scan.grid.shape}/{scan.grid.spacing}/{_digest(scan.hu)}",
             patient_id=scan.patient_id,
             study_id=scan.study_id,
             date=date.strftime("%Y%m%d"),
@@ -256,6 +261,10 @@ def _write_files(scan: SyntheticScan, out_dir: Path, fmt: str, seed: int) -> dic
     return _study_fields(scan, ct_path, labels_path)
 
 
+def _digest(array: np.ndarray) -> str:
+    return hashlib.blake2b(np.ascontiguousarray(array).tobytes(), digest_size=12).hexdigest()
+
+
 def write_scan(scan: SyntheticScan, out_dir, fmt: str = "dicom", seed: int = 0) -> Study:
     """Write a scan's CT (DICOM folder or NIfTI) and label map; returns its manifest row.
 
@@ -267,7 +276,7 @@ def write_scan(scan: SyntheticScan, out_dir, fmt: str = "dicom", seed: int = 0) 
 def _plan_cohort(n_patients: int, scans_per_patient, control_fraction: float, seed: int):
     """(index, cpa, n_scans) per patient; the control count is exact, their places random."""
     rng = _rng(seed, 1_000_003)
-    n_controls = int(round(control_fraction * n_patients))
+    n_controls = int(np.floor(control_fraction * n_patients + 0.5))  # halves up, not to even
     controls = set(rng.choice(n_patients, size=n_controls, replace=False).tolist())
     lo, hi = scans_per_patient
     counts = rng.integers(lo, hi + 1, size=n_patients)
@@ -349,6 +358,9 @@ def make_cohort(
     # writes them relative to its own folder).
     out_dir = Path(out_dir).expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Studies are rewritten in place: an old manifest must not survive an interrupted rerun and
+    # describe new images with old labels. The new one is written when every study is.
+    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
     plan = _plan_cohort(n_patients, scans_per_patient, control_fraction, seed)
     work = functools.partial(_write_patient, out_dir, fmt, seed, shape, spacing)
     workers = _auto_workers(n_patients, shape) if workers is None else max(1, int(workers))

@@ -26,6 +26,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from ...io._volume import default_mode
+
 RESCALE_INTERCEPT = -1024  # stored value = HU + 1024, HU = stored * 1 - 1024
 KVP = "120"  # paper 1.1: scans acquired at 120 kVp
 
@@ -53,10 +55,16 @@ def _template(shape, spacing, uid_seed, patient_id: str, study_id: str, date: st
     ds.Manufacturer = "sapsam-jax synthetic phantom"
     ds.StudyDescription = "Synthetic chest CT (SAPSAM phantom)"
     ds.SeriesDescription = "phantom"
-    # Anonymous: the id is the only patient attribute; no name, birth date, sex or age.
+    # Anonymous: the id is the only patient attribute; no name, birth date, sex or age. The
+    # Type 2 attributes are present and empty, as the CT IOD requires of unknown values.
     ds.PatientName = patient_id
     ds.PatientID = patient_id
+    ds.PatientBirthDate = ds.PatientSex = ""
     ds.PatientIdentityRemoved = "YES"
+    ds.DeidentificationMethod = "synthetic phantom, no patient data"
+    ds.ReferringPhysicianName = ds.AccessionNumber = ""
+    ds.PositionReferenceIndicator = ""
+    ds.AcquisitionNumber = None
     ds.StudyInstanceUID = synthetic_uid(uid_seed, study_id, "study")
     ds.SeriesInstanceUID = synthetic_uid(uid_seed, study_id, "series")
     ds.FrameOfReferenceUID = synthetic_uid(uid_seed, study_id, "frame")
@@ -110,6 +118,7 @@ def write_dicom_series(
     stored = (hu.astype(np.int32) - RESCALE_INTERCEPT).astype("<i2")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    tmp.chmod(default_mode(directory=True))  # mkdtemp's 0700 would lock other users out
     try:
         for k in range(hu.shape[0]):
             uid = synthetic_uid(uid_seed, study_id, "slice", k)
