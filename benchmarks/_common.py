@@ -7,6 +7,7 @@ which git commit it was measured, so numbers in the READMEs can be traced back.
 from __future__ import annotations
 
 import datetime as dt
+import importlib
 import json
 import os
 import platform
@@ -15,8 +16,23 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from sapsam_jax.data._cache import nonfinite_to_null
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-_PACKAGES = ("sapsam-jax", "numpy", "scipy", "scikit-image", "jax", "cupy", "cucim")
+_PACKAGES = (
+    "sapsam-jax",
+    "numpy",
+    "scipy",
+    "scikit-image",
+    "jax",
+    "flax",
+    "optax",
+    "cupy",
+    "cucim",
+    "pydicom",
+    "nibabel",
+    "torch",
+)
 
 
 def git_commit() -> str | None:
@@ -24,14 +40,12 @@ def git_commit() -> str | None:
     root = Path(__file__).resolve().parents[1]
     git = ["git", "-C", str(root)]
     try:
-        head = subprocess.run(
-            [*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        )
+        head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True)
         status = [*git, "status", "--porcelain", "--untracked-files=no"]
-        dirty = subprocess.run(status, capture_output=True, text=True, check=True)
-    except OSError:
+        dirty = subprocess.run(status, capture_output=True, text=True)
+    except OSError:  # no git
         return None
-    if head.returncode != 0:
+    if head.returncode != 0 or dirty.returncode != 0:  # not a checkout, or one git refuses
         return None
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
@@ -57,7 +71,14 @@ def _gpu_name() -> str | None:
 
         props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
         return props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
-    except Exception:  # no CuPy, no driver, no device
+    except Exception:  # no CuPy, no driver, no device: ask JAX
+        pass
+    try:
+        import jax
+
+        gpus = [d for d in jax.devices() if d.platform != "cpu"]
+        return gpus[0].device_kind if gpus else None
+    except Exception:
         return None
 
 
@@ -67,8 +88,18 @@ def _versions() -> dict[str, str | None]:
         try:
             out[name] = version(name)
         except PackageNotFoundError:
-            out[name] = None
+            # CUDA builds are distributed as cupy-cuda12x, cucim-cu13, ...: ask the module.
+            out[name] = _module_version(name)
     return out
+
+
+def _module_version(name: str) -> str | None:
+    if name not in ("cupy", "cucim"):
+        return None
+    try:
+        return importlib.import_module(name).__version__
+    except Exception:  # not installed, or no CUDA driver to import against
+        return None
 
 
 def environment() -> dict:
@@ -110,13 +141,15 @@ def timed(fn, backend_name: str = "cpu", repeat: int = 1):
 
 def write_json(record: dict, name: str, out: str | Path | None = None) -> Path:
     """Write ``environment() | record`` to ``out`` or ``results/<name>_<timestamp>.json``."""
-    record = {**environment(), **record}
+    record = nonfinite_to_null({**environment(), **record})  # strict JSON: NaN -> null
     if out is None:
         stamp = record["date"].replace(":", "").replace("-", "")[:15]
         out = RESULTS_DIR / f"{name}_{stamp}.json"
+        if out.exists():  # two runs in one second
+            out = out.with_name(f"{out.stem}-{os.getpid()}.json")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")  # never a half-written result
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=False, allow_nan=False) + "\n")
     os.replace(tmp, out)
     return out

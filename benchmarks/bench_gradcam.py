@@ -99,6 +99,13 @@ def _row(impl, method, args, first, best, device=None) -> dict:
     }
 
 
+def _ratios(rows) -> dict:
+    """Our maps/s over pytorch-grad-cam's, per method both ran."""
+    ours = {r["method"]: r["maps_per_s"] for r in rows if r["impl"] == "sapsam_jax"}
+    peer = {r["method"]: r["maps_per_s"] for r in rows if r["impl"] == "pytorch-grad-cam"}
+    return {m: round(ours[m] / peer[m], 3) for m in ours if m in peer and peer[m]}
+
+
 def _line(row: dict) -> str:
     return (
         f"{row['impl']:>16} {row['method']:>12} on {row['device']}: "
@@ -128,6 +135,9 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", nargs="+", choices=CAM_METHODS, default=None)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.torch and args.width != 1.0:
+        # The peer is torchvision's full-width VGG19: a narrower one of ours does other work.
+        parser.error("--torch compares full-width VGG19s: leave --width at 1.0")
     args.batch = args.batch or (4 if args.quick else 32)
     args.repeat = args.repeat or (2 if args.quick else 5)
     args.methods = args.methods or (["gradcam"] if args.quick else list(CAM_METHODS))
@@ -138,6 +148,7 @@ def main(argv=None) -> int:
     record = {
         "benchmark": "gradcam",
         "quick": args.quick,
+        "ours_over_pytorch_grad_cam": _ratios(rows),
         "jax_backend": jax.default_backend(),
         "extra_versions": _versions(),
         "results": rows,

@@ -12,16 +12,11 @@ the medians are compared. JSON goes to ``benchmarks/results/``::
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +24,11 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from sapsam_jax.io import load_ct
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_json  # noqa: E402
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+from sapsam_jax.io import load_ct  # noqa: E402
+
 INTERCEPT = -1024
 
 
@@ -82,35 +79,6 @@ def timed(function, folder: Path, repeat: int) -> tuple[list[float], list[float]
     return wall, cpu, result
 
 
-def environment() -> dict:
-    """Date, machine, package versions and git commit recorded with every result."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).resolve().parent,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
-    return {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "device": {
-            "kind": "cpu",  # DICOM parsing is host work; no accelerator is involved
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "platform": platform.platform(),
-            "load_average_1min": os.getloadavg()[0],  # other jobs on the same cores
-        },
-        "versions": {
-            "python": sys.version.split()[0],
-            **{name: version(name) for name in ("numpy", "pydicom", "nibabel", "sapsam-jax")},
-        },
-        "git_commit": commit,
-    }
-
-
 def run(slices: int, size: int, repeat: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_io_") as tmp:
         folder = Path(tmp)
@@ -122,7 +90,6 @@ def run(slices: int, size: int, repeat: int) -> dict:
     naive_med, ours_med = statistics.median(naive_s), statistics.median(ours_s)
     return {
         "benchmark": "io.load_ct vs naive pydicom loop",
-        **environment(),
         "params": {"slices": slices, "rows": size, "columns": size, "repeat": repeat},
         "seconds": {"load_ct": ours_s, "naive_pydicom_loop": naive_s},
         "cpu_seconds": {"load_ct": ours_cpu, "naive_pydicom_loop": naive_cpu},
@@ -136,13 +103,10 @@ def main(argv=None) -> None:
     parser.add_argument("--slices", type=int, default=512)
     parser.add_argument("--size", type=int, default=512, help="rows = columns")
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default: results/)")
     args = parser.parse_args(argv)
     result = run(args.slices, args.size, args.repeat)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = args.out / f"bench_io_{args.slices}x{args.size}_{stamp}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path = write_json(result, f"bench_io_{args.slices}x{args.size}", args.out)
     print(json.dumps(result["median_s"]), f"speedup {result['speedup']:.2f}x ->", path)
 
 

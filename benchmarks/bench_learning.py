@@ -42,6 +42,12 @@ def run_split(task: str, seed: int, args) -> list[dict]:
     if task == "signs":
         cfg = cfg.replace(sign="all")
     cfg = with_overrides(cfg, args.override)
+    if not args.resume and any(Path(cfg.workdir).rglob("config.json")):
+        # train() would resume the run there: finished, it reports the old network's scores
+        # under this commit (and a run of other settings is refused).
+        raise SystemExit(
+            f"{cfg.workdir} holds a run already; pass a new --workdir, or --resume to finish it"
+        )
     start = time.perf_counter()
     results = train(cfg, log=print)
     seconds = time.perf_counter() - start
@@ -121,7 +127,17 @@ def main(argv=None) -> int:
     parser.add_argument("--axis", default="axial")
     parser.add_argument("--preset", default="quick", choices=("quick", "tiny", "paper"))
     parser.add_argument("--data-dir", type=Path, default=Path("runs/data"))
-    parser.add_argument("--workdir", type=Path, default=Path("runs/bench_learning"))
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="folder of the runs (default: runs/bench_learning/<UTC time>, new each time)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="finish runs an interrupted benchmark left in --workdir (otherwise refused)",
+    )
     parser.add_argument(
         "--override",
         nargs="*",
@@ -134,6 +150,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="JSON path (default: benchmarks/results/)")
     args = parser.parse_args(argv)
     args.override = dict(args.override)
+    if args.workdir is None:
+        args.workdir = Path("runs/bench_learning") / time.strftime("%Y%m%dT%H%M%S", time.gmtime())
 
     rows = []
     for task in args.tasks:

@@ -51,6 +51,7 @@ def bench_masks(hu, spacing, repeat: int) -> dict:
         lung_masks(volume, spacing)  # compile the kernels once
         seconds, gpu = timed(lambda: lung_masks(volume, spacing), "gpu", repeat)
         rows["lung_masks"]["gpu_s"] = seconds
+        rows["lung_masks"]["cpu_over_gpu"] = rows["lung_masks"]["cpu_s"] / seconds
         for name, mask in gpu.items():
             mask = cupy.asnumpy(mask)
             dice = 2 * (mask & cpu[name]).sum() / (mask.sum() + cpu[name].sum())
@@ -66,6 +67,7 @@ def bench_watershed(hu, spacing, repeat: int) -> dict:
     )
     row["numpy_twin_s"], twin = timed(lambda: flood_numpy(levels, markers, mask), "cpu", repeat)
     row["twin_vs_skimage_agreement"] = float((twin == reference)[mask].mean())
+    row["twin_over_skimage_s"] = row["numpy_twin_s"] / row["skimage_s"]
     if gpu_available():
         import cupy
 
@@ -73,6 +75,7 @@ def bench_watershed(hu, spacing, repeat: int) -> dict:
         flood_gpu(*args)
         row["gpu_kernel_s"], gpu = timed(lambda: flood_gpu(*args), "gpu", repeat)
         row["gpu_equals_twin"] = bool((cupy.asnumpy(gpu) == twin).all())
+        row["skimage_over_gpu"] = row["skimage_s"] / row["gpu_kernel_s"]
     return {"watershed": row}
 
 

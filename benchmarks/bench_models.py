@@ -146,7 +146,13 @@ def search_train_runners(model_fn, size: int, start: int, cap: int) -> dict:
 
 def bench_jax(arch, dtype, size, args, first_batch, cap) -> list[dict]:
     def model_fn():
-        return build_model(arch, rngs=nnx.Rngs(0), width=args.width, dtype=DTYPES[dtype])
+        return build_model(
+            arch,
+            rngs=nnx.Rngs(0),
+            width=args.width,
+            head_units=args.head_units,
+            dtype=DTYPES[dtype],
+        )
 
     peak, rows = peak_flops(dtype), []
     runners, stopped_by = search_train_runners(model_fn, size, first_batch, cap)
@@ -225,8 +231,8 @@ def _torch_runners(batch, dtype, size, args, device):
     """(forward, train_step, net) closures for one batch size."""
     import torch
 
-    head_units = 32 if args.quick else 1024
-    net = _torch_vgg19(args.width, head_units).to(device, memory_format=torch.channels_last)
+    # The same network as the JAX side (width and head): the FLOPs credited are the JAX model's.
+    net = _torch_vgg19(args.width, args.head_units).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9)
     x = torch.rand(batch, 3, size, size, device=device).to(memory_format=torch.channels_last)
     y = torch.randint(0, 2, (batch,), device=device)
@@ -287,6 +293,22 @@ def bench_torch(dtype, size, batches, args, flops_per_image) -> list[dict]:
     return rows
 
 
+def _ratios(rows) -> list[dict]:
+    """JAX images/s over torch images/s where both ran the same (dtype, mode, batch)."""
+    torch_rows = {
+        (r["dtype"], r["mode"], r["batch"]): r
+        for r in rows
+        if r["framework"] == "torch" and "images_per_s" in r
+    }
+    out = []
+    for r in rows:
+        peer = torch_rows.get((r["dtype"], r["mode"], r["batch"]))
+        if r["framework"] == "jax" and r["arch"] == "vgg19" and peer:
+            ratio = r["images_per_s"] / peer["images_per_s"]
+            out.append({k: r[k] for k in ("dtype", "mode", "batch")} | {"ratio": round(ratio, 3)})
+    return out
+
+
 def _torch_throughput(fn, batch, min_seconds, device, windows=3) -> float:
     import torch
 
@@ -327,6 +349,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     args.width = 0.125 if args.quick else 1.0
+    args.head_units = 32 if args.quick else 1024
     args.min_seconds = args.min_seconds or (0.2 if args.quick else 2.0)
     cap = args.max_batch or (4 if args.quick else 1024)
     first_batch = 2 if args.quick else 32
@@ -346,6 +369,8 @@ def main(argv=None) -> int:
         benchmark="bench_models",
         quick=args.quick,
         width=args.width,
+        head_units=args.head_units,
+        jax_over_torch=_ratios(rows),
         backend=jax.default_backend(),
         device_kind=jax.devices()[0].device_kind,
         jax_version=jax.__version__,

@@ -148,7 +148,7 @@ def stage_functions(hu, spacing, masks, config, bk):
     return funcs
 
 
-def run_case(name, case, backends, stages, repeat):
+def run_case(name, case, backends, stages, repeat, cpu_repeat=1):
     config, spacing = case["config"], case["spacing"]
     print(f"[{name}] building a {case['shape']} synthetic chest CT", flush=True)
     hu = synthetic_chest(case["shape"], spacing)
@@ -159,7 +159,13 @@ def run_case(name, case, backends, stages, repeat):
         "preset": config.name,
         "working_shape": list(config.geometry.working_shape),
         "seconds": {},
-        "notes": {"fused": "on the CPU, the NumPy twin of the fused kernel (map_coordinates)"},
+        "notes": {
+            "fused": "on the CPU, the NumPy twin of the fused kernel (map_coordinates)",
+            "timing": f"gpu: one warm-up run, then the best of {repeat}; cpu: the best of "
+            f"{cpu_repeat} run(s) without warm-up (paper-grid CPU stages take minutes)",
+            "copies": "gpu 'scan' starts from the CT in host memory and ends with the "
+            "projections there (copies included); the other gpu stages start on the device",
+        },
     }
     if _real_lung_masks() is None:
         result["notes"]["masks"] = "sapsam_jax.preprocess._mask missing: scan used threshold masks"
@@ -175,7 +181,7 @@ def run_case(name, case, backends, stages, repeat):
             if bk.is_gpu:
                 fn()  # compile kernels, warm the memory pool
                 synchronize("gpu")
-            seconds[stage], _ = timed(fn, backend_name, repeat if bk.is_gpu else 1)
+            seconds[stage], _ = timed(fn, backend_name, repeat if bk.is_gpu else cpu_repeat)
             print(f"[{name}] {backend_name:3s} {stage:8s} {seconds[stage]:9.3f} s", flush=True)
         if bk.is_gpu:
             import cupy
@@ -203,6 +209,9 @@ def main(argv=None):
     parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages")
     parser.add_argument("--backends", default=None, help="cpu,gpu (default: cpu + gpu if any)")
     parser.add_argument("--repeat", type=int, default=3, help="GPU timings: best of N")
+    parser.add_argument(
+        "--cpu-repeat", type=int, default=1, help="CPU timings: best of N (default 1, cold)"
+    )
     parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/)")
     args = parser.parse_args(argv)
     stages = [s for s in args.stages.split(",") if s]
@@ -217,7 +226,9 @@ def main(argv=None):
     cases = args.cases.split(",") if args.cases else ["quick"] if args.quick else list(CASES)
     record = {"benchmark": "preprocess", "stages": stages, "backends": backends, "cases": {}}
     for name in cases:
-        record["cases"][name] = run_case(name, CASES[name], backends, stages, args.repeat)
+        record["cases"][name] = run_case(
+            name, CASES[name], backends, stages, args.repeat, args.cpu_repeat
+        )
     path = write_json(record, "preprocess" + ("_quick" if args.quick else ""), args.out)
     print(f"wrote {path}")
     return record

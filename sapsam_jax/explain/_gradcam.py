@@ -57,7 +57,6 @@ def grad_cam(
     if images.shape[0] == 0:
         raise ValueError("images is empty")
     graphdef, state = _eval_split(model)
-    _check_targets(targets, graphdef, state, images[:1], layer)
     maps, logits = [], []
     for start, stop in _chunks(images.shape[0], batch_size):
         x, t = _pad(images[start:stop], batch_size), _pad(targets[start:stop], batch_size)
@@ -65,6 +64,7 @@ def grad_cam(
         maps.append(m[: stop - start])
         logits.append(z[: stop - start])
     maps, logits = jnp.concatenate(maps), jnp.concatenate(logits)
+    _check_targets(targets, logits.shape[-1])
     return (maps, logits) if return_logits else maps
 
 
@@ -149,15 +149,9 @@ def _as_targets(target, n: int):
     return jnp.asarray(targets, jnp.int32)
 
 
-def _check_targets(targets, graphdef, state, image, layer) -> None:
+def _check_targets(targets, n_out: int) -> None:
     """Targets must index the model's outputs: one_hot of any other index is all zeros, and
-    every map would silently be 0. The output count comes from shape inference (no compute)."""
-
-    def outputs(st, x):
-        model = nnx.merge(graphdef, st)
-        return model.forward_from(model.forward_to(x, layer), layer)
-
-    n_out = jax.eval_shape(outputs, state, image).shape[-1]
+    every map would silently be 0. (Checked once the logits' width is known: no extra pass.)"""
     bad = np.asarray(targets)
     bad = bad[(bad < 0) | (bad >= n_out)]
     if bad.size:
