@@ -7,11 +7,12 @@ Nothing is downloaded; see the README, "ImageNet weights", for the files to fetc
 """
 
 import argparse
+import sys
 
 from sapsam_jax.models import ARCHITECTURES, convert_weights
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", required=True, choices=sorted(ARCHITECTURES))
     parser.add_argument("--from", dest="source", required=True, choices=("keras", "torchvision"))
@@ -19,9 +20,19 @@ def main(argv=None) -> None:
     parser.add_argument("--output", required=True, help="weights directory to write")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     args = parser.parse_args(argv)
-    out = convert_weights(args.arch, args.source, args.input, args.output, overwrite=args.overwrite)
+    try:
+        out = convert_weights(
+            args.arch, args.source, args.input, args.output, overwrite=args.overwrite
+        )
+    except FileExistsError as err:
+        print(f"error: {err}; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError, OSError) as err:  # missing, wrong or unreadable file
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(f"wrote {out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

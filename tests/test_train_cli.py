@@ -133,3 +133,46 @@ def test_report_table_shows_every_run_of_a_sign_and_axis():
     assert "| cavity (all/cavity) | 90.0 [90.0-90.0] | - |" in table
     assert "| cavity (seed1/cavity) | 80.0 [80.0-80.0] | - |" in table
     assert "| cavity | - | 70.0 [70.0-70.0] |" in table  # alone on its axis: one row per sign
+
+
+def test_train_command_mistakes_are_error_lines_before_any_work(tmp_path, capsys):
+    from sapsam_jax.models import build_model, save_weights
+    from sapsam_jax.train import main
+
+    base = ["--preset", "tiny", "--data-dir", str(tmp_path / "data")]
+    bad = {
+        "image_size takes 2 positive values": ["--image-size", "32"],
+        "zoom_range takes 2 values": ["--zoom-range", "1.2", "0.8"],
+        "split_fractions takes 3 values": ["--split-fractions", "0.5", "0.5"],
+        "--manifest .* or --cache, not both": ["--manifest", "m.csv", "--cache", "c"],
+        "not a weights directory": ["--weights", str(tmp_path / "nowhere")],
+    }
+    for message, flags in bad.items():
+        assert main([*base, *flags]) == 2, flags
+        assert __import__("re").search(message, capsys.readouterr().err), message
+    assert not (tmp_path / "data").exists()  # refused before the cohort is generated
+    with pytest.raises(SystemExit):
+        main([*base, "--backend", "tpu"])  # a choice, checked by argparse
+
+    # Converted ImageNet weights are full width: the preset's 1/16 width yields to them.
+    from flax import nnx
+
+    from sapsam_jax.train._cli import build_parser, config_from_args
+
+    weights = save_weights(
+        build_model("vgg19", rngs=nnx.Rngs(0), width=0.25, head_units=8), tmp_path / "w"
+    )
+    cfg, reason = config_from_args(build_parser().parse_args([*base, "--weights", str(weights)]))
+    assert cfg.width == 0.25 and "width 0.25 from --weights" in reason
+    args = build_parser().parse_args([*base, "--weights", str(weights), "--width", "0.5"])
+    assert config_from_args(args)[0].width == 0.5  # asked for explicitly: the load will say
+
+
+def test_a_workdir_of_another_run_is_an_error_line(tiny_run, capsys):
+    from sapsam_jax.train import main
+
+    run, _ = tiny_run
+    argv = ["--preset", "tiny", "--task", "signs", "--sign", "cavity", "--seed", "7"]
+    argv += ["--data-dir", str(run.parent / "data")]  # its cached cohort: no new one
+    assert main([*argv, "--axis", "axial", "--workdir", str(run)]) == 2
+    assert "belongs to a different run" in capsys.readouterr().err

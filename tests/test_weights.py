@@ -641,7 +641,7 @@ def test_require_weights_file_says_what_to_download(tmp_path):
     assert require_weights_file(existing, "vgg19") == existing
 
 
-def test_convert_weights_script(keras_vgg19, tmp_path):
+def test_convert_weights_script(keras_vgg19, tmp_path, capsys):
     _, h5_path, reference = keras_vgg19
     spec = importlib.util.spec_from_file_location(
         "convert_weights", REPO_ROOT / "scripts" / "convert_weights.py"
@@ -649,9 +649,13 @@ def test_convert_weights_script(keras_vgg19, tmp_path):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     out = tmp_path / "vgg19_keras"
-    script.main(
-        ["--arch", "vgg19", "--from", "keras", "--input", str(h5_path), "--output", str(out)]
-    )
+    argv = ["--arch", "vgg19", "--from", "keras", "--input", str(h5_path), "--output", str(out)]
+    assert script.main(argv) == 0
+    assert script.main(argv) == 2  # exists: an error line naming --overwrite, not a traceback
+    assert "--overwrite" in capsys.readouterr().err
+    missing = ["--arch", "vgg19", "--from", "keras", "--input", str(tmp_path / "no.h5")]
+    assert script.main([*missing, "--output", str(tmp_path / "x")]) == 2
+    assert "vgg19_weights_tf_dim_ordering" in capsys.readouterr().err  # what to download
     info = json.loads((out / "weights.json").read_text())
     assert info["preprocessing"] == "caffe" and not info["has_head"]
     model = build_model("vgg19", rngs=nnx.Rngs(0), weights=out)

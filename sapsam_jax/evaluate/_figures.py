@@ -40,7 +40,9 @@ def write_run_figures(run_dir: Path) -> list[Path]:
 def _read_metrics(path: Path) -> list[dict]:
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    # Undefined metrics are null in the file; NaN is what a plot leaves out.
+    return [{k: float("nan") if v is None else v for k, v in r.items()} for r in records]
 
 
 def _learning_curves(records: list[dict]):

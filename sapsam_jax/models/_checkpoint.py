@@ -53,7 +53,7 @@ def _flatten(tree: dict, prefix=()) -> dict:
 def _replace_dir(tmp: Path, directory: Path, overwrite: bool) -> None:
     if directory.exists():
         if not overwrite:
-            raise FileExistsError(f"{directory} exists (pass overwrite=True to replace it)")
+            raise FileExistsError(f"{directory} exists (overwrite=True replaces it)")
         old = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex[:8]}")
         os.rename(directory, old)
         os.rename(tmp, directory)

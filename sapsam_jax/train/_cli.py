@@ -33,6 +33,7 @@ _CHOICES = {
     "train_balance": ("oversample", "undersample"),
     "test_balance": ("oversample", "undersample"),
     "eval_rotations": ("all", "identity"),
+    "backend": ("auto", "cpu", "gpu"),
 }
 _NOT_FLAGS = {"synthetic", "preset"}
 
@@ -97,22 +98,47 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, str]:
     synthetic = {k: v for k, v in synthetic.items() if v is not None}
     if synthetic:
         overrides["synthetic"] = dataclasses.replace(cfg.synthetic, **synthetic)
+    if args.manifest and args.cache:
+        raise ValueError("give --manifest (preprocessed into a cache) or --cache, not both")
     if overrides.get("arch", cfg.arch) != cfg.arch and "cam_layer" not in overrides:
         overrides["cam_layer"] = None  # the preset's map layer belongs to its own architecture
+    if args.weights and "width" not in overrides:
+        # Converted ImageNet weights are full width; the quick preset's network is 1/8 wide.
+        width = _weights_width(args.weights)
+        if width != cfg.width:
+            overrides["width"] = width
+            reason += f"; width {width:g} from --weights (the preset's is {cfg.width:g})"
     return cfg.replace(**overrides), reason
 
 
+def _weights_width(directory) -> float:
+    from sapsam_jax.models import read_weights_info
+
+    return float(read_weights_info(directory)["config"]["width"])
+
+
 def main(argv=None) -> int:
+    from sapsam_jax.data._cache import CacheError
+    from sapsam_jax.io import ManifestError
+    from sapsam_jax.train._loop import WorkdirError
+
     args = build_parser().parse_args(argv)
+    # What a user can fix (a path, a manifest, a flag, a workdir of another run) is one error
+    # line and exit status 2, not a traceback.
+    user_errors = (ValueError, FileNotFoundError, FileExistsError, CacheError, ManifestError)
     try:
         cfg, reason = config_from_args(args)
-    except ValueError as err:
+    except user_errors as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(reason, flush=True)  # the first line says which preset runs, and why
     from sapsam_jax.job import train_and_report
 
-    results = train_and_report(cfg)
+    try:
+        results = train_and_report(cfg)
+    except (FileNotFoundError, FileExistsError, CacheError, ManifestError, WorkdirError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     for name, metrics in results.items():
         print(
             f"{name}: test precision {metrics['precision']:.3f} recall {metrics['recall']:.3f} "

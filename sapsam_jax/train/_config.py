@@ -138,6 +138,22 @@ class TrainConfig:
             raise ValueError(f"grad_clip_norm must be > 0, not {self.grad_clip_norm}")
         if self.batch_size < 1 or self.learning_rate <= 0:
             raise ValueError("batch_size must be >= 1 and learning_rate > 0")
+        self._check_tuples()
+
+    def _check_tuples(self) -> None:
+        """Shapes of the tuple fields, checked before any work (a bad one failed deep in JAX)."""
+        if self.image_size is not None and (len(self.image_size) != 2 or min(self.image_size) < 1):
+            raise ValueError(f"image_size takes 2 positive values (H W), not {self.image_size}")
+        lo_hi = tuple(self.zoom_range)
+        if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
+            raise ValueError(f"zoom_range takes 2 values 0 < LO <= HI, not {self.zoom_range}")
+        for name in ("split_fractions", "survival_split_fractions"):
+            fractions = tuple(getattr(self, name))
+            if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
+                raise ValueError(
+                    f"{name} takes 3 values >= 0 (train, validation, test) summing to 1, "
+                    f"not {fractions}"
+                )
 
     @property
     def num_epochs(self) -> int:

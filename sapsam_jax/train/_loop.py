@@ -28,6 +28,7 @@ from sapsam_jax.data import (
     study_label,
     task_samples,
 )
+from sapsam_jax.data._cache import nonfinite_to_null
 from sapsam_jax.train._checkpoint import RunCheckpoints
 from sapsam_jax.train._config import MIN_INPUT_SIZE, TrainConfig
 from sapsam_jax.train._data import Batches, prepare_cache, to_global, to_host
@@ -46,6 +47,10 @@ from sapsam_jax.train._step import (
     make_train_step,
     set_train_mode,
 )
+
+
+class WorkdirError(ValueError):
+    """The workdir holds another run (other task, data, model or optimisation settings)."""
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -443,7 +448,7 @@ def _check_or_write_config(cfg: TrainConfig, workdir: Path) -> None:
             if f.name not in RESUMABLE_CHANGES and getattr(old, f.name) != getattr(cfg, f.name)
         ]
         if diff:
-            raise ValueError(
+            raise WorkdirError(
                 f"{path} belongs to a different run ({'; '.join(diff)}); use another --workdir"
             )
     _write_json_atomic(path, json.loads(cfg.to_json()))
@@ -462,7 +467,8 @@ def _append_metrics(path: Path, record: dict) -> None:
     if not is_primary():
         return
     with open(path, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
+        # Strict JSON lines (jq, JavaScript): undefined metrics are null, as in report.json.
+        fh.write(json.dumps(nonfinite_to_null(record), allow_nan=False) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
 
