@@ -6,13 +6,17 @@ python scripts/make_synthetic_cohort.py --out data/paper-size --patients 8 --sha
 """
 
 import argparse
+import sys
 from pathlib import Path
 
 from sapsam_jax.data.synthetic import DEFAULT_SHAPE, make_cohort
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--out", type=Path, required=True, help="cohort folder (created)")
     parser.add_argument("--patients", type=int, default=24, help="number of patients")
     parser.add_argument(
@@ -30,8 +34,10 @@ def main(argv=None) -> int:
         metavar=("DK", "DJ", "DI"),
         help="voxel size in mm (default: keep a ~280x346x346 mm field of view)",
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--format", choices=("dicom", "nifti"), default="dicom")
+    parser.add_argument("--seed", type=int, default=0, help="cohort seed")
+    parser.add_argument(
+        "--format", choices=("dicom", "nifti"), default="dicom", help="CT file format"
+    )
     parser.add_argument(
         "--scans",
         type=int,
@@ -40,10 +46,25 @@ def main(argv=None) -> int:
         metavar=("MIN", "MAX"),
         help="longitudinal scans per patient",
     )
-    parser.add_argument("--control-fraction", type=float, default=0.25)
+    parser.add_argument(
+        "--control-fraction", type=float, default=0.25, help="share of control patients"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a cohort already in --out"
+    )
     args = parser.parse_args(argv)
-    manifest = make_cohort(
+    try:
+        manifest = _make(args)
+    except (FileExistsError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"manifest: {manifest}")
+    return 0
+
+
+def _make(args) -> Path:
+    return make_cohort(
         args.out,
         n_patients=args.patients,
         shape=tuple(args.shape),
@@ -53,9 +74,8 @@ def main(argv=None) -> int:
         scans_per_patient=tuple(args.scans),
         control_fraction=args.control_fraction,
         progress=not args.quiet,
+        overwrite=args.overwrite,
     )
-    print(f"manifest: {manifest}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -35,7 +35,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--manifest", required=True, help="cohort CSV (docs/ARCHITECTURE.md)")
     p.add_argument("--out", required=True, help="cache folder (created; resumed if it exists)")
     p.add_argument("--backend", choices=BACKEND_NAMES, default=None, help="default: auto")
-    p.add_argument("--preset", choices=sorted(PREPROCESS_PRESETS), default="paper")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PREPROCESS_PRESETS),
+        default="paper",
+        help="default: paper (the paper's grid: minutes per scan on a CPU; quick for a try)",
+    )
     p.add_argument("--grid", help="override the preset's grid_shape, K,J,I (e.g. 24,32,32)")
     p.add_argument("--shard", help="i/n: process every n-th study from the i-th (many machines)")
     p.add_argument("--workers", type=int, default=1, help="processes on this machine (1 per GPU)")
@@ -48,11 +53,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build_config(args):
     config = preprocess_preset(args.preset)
     if args.grid:
-        grid = tuple(int(v) for v in args.grid.split(","))
+        grid = _grid_shape(args.grid)
         geometry = dataclasses.replace(config.geometry, grid_shape=grid)
         name = f"{config.name}-grid{'x'.join(map(str, grid))}"
         config = dataclasses.replace(config, name=name, geometry=geometry)
     return config
+
+
+def _grid_shape(text: str) -> tuple[int, int, int]:
+    try:
+        grid = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        grid = ()
+    if len(grid) != 3 or min(grid) < 3:
+        raise ValueError(f"--grid takes 3 whole numbers >= 3, K,J,I (e.g. 24,32,32), not {text!r}")
+    return grid
 
 
 def run(args) -> int:
@@ -160,10 +175,9 @@ def _watch(procs, args, manifest, shard) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.verbose:  # our tracebacks, not every library's debug chatter (matplotlib's fonts)
+        logging.getLogger("sapsam_jax").setLevel(logging.DEBUG)
     try:
         return run(args)
     except (ManifestError, CacheError, BackendError, ValueError, OSError) as err:

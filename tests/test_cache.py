@@ -196,7 +196,8 @@ def test_resume_recomputes_only_missing_and_reports_broken(tmp_path, monkeypatch
     shutil.rmtree(out / "studies" / "S1")
     shutil.rmtree(out / "studies" / "S2")
     source = tmp_path / "cohort" / "s2.nii.gz"
-    source.write_bytes(source.read_bytes()[:300])  # truncated: unreadable scan
+    intact = source.read_bytes()
+    source.write_bytes(intact[:300])  # truncated: unreadable scan
     (out / "studies" / ".tmp-S1-999999").mkdir()  # left by a killed run
     (out / "studies" / ".tmp-S1-999999" / "gray_axial.npy").write_bytes(b"partial")
 
@@ -215,8 +216,9 @@ def test_resume_recomputes_only_missing_and_reports_broken(tmp_path, monkeypatch
     for s, mtime in untouched.items():
         assert (out / "studies" / s / "gray_axial.npy").stat().st_mtime_ns == mtime
 
-    # Repaired scan: the rerun retries only the failed study and clears its failure.
-    write_cohort(tmp_path / "cohort")
+    # Repaired scan: the rerun retries only the failed study and clears its failure. (Files
+    # rewritten at their paths would be projected again: a cohort regenerated in place.)
+    source.write_bytes(intact)
     calls.clear()
     result = preprocess_cohort(cohort, out, config=TINY, backend="cpu", progress=False)
     assert (result.done, result.skipped, result.failed) == (1, 3, 0) and len(calls) == 1
@@ -378,6 +380,15 @@ def test_rerun_takes_corrected_labels_and_keeps_projections_of_moved_files(
     assert cache.meta("S1")["ct_path"] == str(studies[1].path)
     np.testing.assert_array_equal(cache.gray("S1", "axial"), before)
     assert "S1: the manifest names other files" in caplog.text
+
+    # A scan rewritten at its path (a cohort regenerated in place) is projected again.
+    ct = load_ct(studies[0].path)
+    flipped = np.ascontiguousarray(ct.hu[:, :, ::-1])
+    os.utime(studies[0].path, ns=(1, 1))  # even a rewrite that keeps the size shows in the time
+    save_nifti(studies[0].path, flipped, ct)
+    calls = count_calls(monkeypatch)
+    result = preprocess_cohort(root / "manifest.csv", out, config=TINY, backend="cpu")
+    assert (result.done, result.skipped, len(calls)) == (1, 1, 1)
 
 
 def test_a_scan_without_lungs_is_a_failure_not_a_blank_study(tmp_path):

@@ -88,6 +88,11 @@ def test_cli_resume_and_config_mismatch(tmp_path, cohort, capsys):
     # Another preset into this cache is refused before any work.
     assert cli.main([*args, "--preset", "quick"]) == 2
     assert "new output folder" in capsys.readouterr().err
+    for grid in ("24,32", "a,b,c"):  # refused, naming the flag, before a cache is made
+        other = ["--manifest", str(cohort), "--out", str(tmp_path / grid), "--preset", "tiny"]
+        assert cli.main([*other, "--grid", grid]) == 2
+        assert "--grid takes 3 whole numbers" in capsys.readouterr().err
+        assert not (tmp_path / grid).exists()
 
 
 def test_cli_workers_pin_gpus_and_subshard(tmp_path, cohort, monkeypatch):

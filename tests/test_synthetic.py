@@ -316,9 +316,12 @@ def test_rerun_removes_the_old_manifest_first_and_files_are_readable(tmp_path, m
         def interrupted(*args):
             raise KeyboardInterrupt  # e.g. Ctrl-C while the new studies are being written
 
+        with pytest.raises(FileExistsError, match="holds a cohort already"):
+            make_cohort(tmp_path, seed=2, **kwargs)  # another cohort over this one: refused
         monkeypatch.setattr(_cohort, "_run", interrupted)
         with pytest.raises(KeyboardInterrupt):
-            make_cohort(tmp_path, seed=2, **kwargs)
+            make_cohort(tmp_path, seed=2, overwrite=True, **kwargs)
         assert not manifest.exists()  # no old labels over new images
+        assert not (tmp_path / "studies").exists()  # nor old files taken for the new cohort
     finally:
         os.umask(old)

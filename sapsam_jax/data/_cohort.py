@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from collections import Counter
@@ -140,6 +141,7 @@ def build_study(
 ) -> Path:
     """Preprocess one manifest ``Study`` and write it into the cache; returns its directory."""
     target = study_dir(out_dir, study.study_id)  # rejects ids that cannot name a directory
+    fingerprint = source_fingerprint(study)  # before reading: a later change shows as a change
     ct = load_ct(study.path, series_uid=study.series_uid, allow_gaps=study.allow_gaps)
     labels = load_lesion_labels(study.lesion_labels, ct.hu.shape) if study.lesion_labels else None
     # Masks come back (to host memory) only when the QC figure needs them.
@@ -149,6 +151,7 @@ def build_study(
     _check_lungs_found(scan.qc)
     arrays = scan_arrays(scan)
     meta = study_meta(study, ct, scan, summarise_qc(scan.qc, config), arrays, config)
+    meta["source_fingerprint"] = fingerprint
     extra = None
     if qc_png:
         masks = {name: np.asarray(m, dtype=bool) for name, m in scan.masks.items()}
@@ -247,19 +250,70 @@ def _is_cached(out: Path, study_id) -> bool:
         return False
 
 
+def source_fingerprint(study) -> dict:
+    """Count, total size and newest modification time of the study's CT and label files.
+
+    Stat calls only (nothing is read): a scan rewritten at the same path (a cohort regenerated
+    in place, a corrected export) changes it; moving or renaming the folder does not.
+    """
+    return {
+        "ct": _stat_fingerprint(study.path),
+        "labels": _stat_fingerprint(study.lesion_labels) if study.lesion_labels else None,
+    }
+
+
+def _stat_fingerprint(path) -> list[int] | None:
+    path = Path(path)
+    try:
+        files = [f for f in path.iterdir() if f.is_file()] if path.is_dir() else [path]
+        stats = [f.stat() for f in files]
+    except OSError:  # missing: loading will say so
+        return None
+    return [
+        len(stats),
+        sum(s.st_size for s in stats),
+        max((s.st_mtime_ns for s in stats), default=0),
+    ]
+
+
+def _changed(recorded: dict, now: dict, meta: dict, study) -> bool:
+    """Rewritten since projected: at the same path, any change of count, size or time; at a new
+    path (moved or copied, which sets new times) a change of file count or size."""
+    same_path = meta.get("ct_path") == str(study.path)
+    for key in ("ct", "labels"):
+        old, new = recorded.get(key), now.get(key)
+        if old is None or new is None:
+            continue  # no labels, or a file missing (loading reports that)
+        if (old != new) if same_path else (old[:2] != new[:2]):
+            return True
+    return False
+
+
 def _reusable(out: Path, study) -> bool:
     """Whether the cached projections of ``study`` still belong to its manifest row.
 
     Labels are copied into meta.json when a study is built; a corrected label in the manifest is
     written into it here (no re-projection). Files that moved keep their projections (a moved
-    cohort is not recomputed), with a warning: a study id that now names another scan needs its
-    folder deleted to be rebuilt.
+    cohort is not recomputed), with a warning. Files rewritten since the study was built (their
+    ``source_fingerprint`` changed, :func:`_changed`: a cohort regenerated in place) are
+    projected again.
     """
     if not _is_cached(out, study.study_id):
         return False
     folder = study_dir(out, study.study_id)
     meta = json.loads((folder / META_JSON).read_text())
+    recorded = meta.get("source_fingerprint")  # absent in caches built before 2026-11-22
+    now = source_fingerprint(study)
+    if recorded is not None and _changed(recorded, now, meta, study):
+        logger.info(
+            "study %s: its CT or label files changed since they were projected; projecting again",
+            study.study_id,
+        )
+        shutil.rmtree(folder)  # write_study keeps a folder that exists (another writer's)
+        return False
     row = _row_meta(study)
+    if recorded is not None:
+        row["source_fingerprint"] = now  # the moved files, from now on
     if any(meta.get(k) != row[k] for k in ("ct_path", "lesion_labels_path")):
         logger.warning(
             "study %s: the manifest names other files than its cached projections were made "

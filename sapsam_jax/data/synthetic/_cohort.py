@@ -13,6 +13,7 @@ import functools
 import hashlib
 import multiprocessing
 import os
+import shutil
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -323,6 +324,26 @@ def _run(work, plan, workers: int, bar) -> list[Study]:
     return studies
 
 
+def _clear_old_cohort(out_dir: Path, overwrite: bool) -> None:
+    old = [
+        p for p in (out_dir / MANIFEST_NAME, out_dir / "studies", out_dir / "labels") if p.exists()
+    ]
+    if not old:
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"{out_dir} holds a cohort already ({', '.join(p.name for p in old)}); choose another "
+            "folder or overwrite it (--overwrite, overwrite=True)"
+        )
+    # The manifest first: an interrupted overwrite must not leave it describing deleted or new
+    # images with old labels. The new one is written when every study is.
+    for path in old:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
 def make_cohort(
     out_dir,
     n_patients: int = 24,
@@ -334,6 +355,7 @@ def make_cohort(
     control_fraction: float = DEFAULT_CONTROL_FRACTION,
     progress: bool = True,
     workers: int | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Generate a synthetic CPA cohort in ``out_dir`` and return its manifest path.
 
@@ -342,7 +364,9 @@ def make_cohort(
     thickening, 4 pre-existing condition) and ``manifest.csv`` (docs/ARCHITECTURE.md).
     ``spacing=None`` keeps the default field of view (about 280 x 346 x 346 mm) at any ``shape``.
     ``workers``: processes generating patients in parallel (None: one for small grids, else by
-    cores and free memory); the output does not depend on it.
+    cores and free memory); the output does not depend on it. A folder that holds a cohort
+    already is refused unless ``overwrite``, which deletes its manifest, studies and labels first
+    (files of the old cohort left beside the new one would be taken for it).
     """
     from tqdm.auto import tqdm
 
@@ -357,10 +381,8 @@ def make_cohort(
     # Absolute, so the studies' paths do not depend on the working directory (the manifest
     # writes them relative to its own folder).
     out_dir = Path(out_dir).expanduser().resolve()
+    _clear_old_cohort(out_dir, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # Studies are rewritten in place: an old manifest must not survive an interrupted rerun and
-    # describe new images with old labels. The new one is written when every study is.
-    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
     plan = _plan_cohort(n_patients, scans_per_patient, control_fraction, seed)
     work = functools.partial(_write_patient, out_dir, fmt, seed, shape, spacing)
     workers = _auto_workers(n_patients, shape) if workers is None else max(1, int(workers))
