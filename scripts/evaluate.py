@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Rebuild the test report of training runs from their checkpoints, and aggregate several.
 
-    python scripts/evaluate.py --workdir runs/signs-axial
-    python scripts/evaluate.py --workdir runs/signs-axial runs/signs-coronal runs/signs-sagittal \
-        --out runs/signs-report
+    python scripts/evaluate.py --workdir runs/signs-axial-all
+    python scripts/evaluate.py --workdir runs/signs-axial-all runs/signs-coronal-all \
+        runs/signs-sagittal-all --out runs/signs-report
 """
 
 import argparse
@@ -37,8 +37,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     runs = find_trained_runs(args.workdir)
     if not runs:
+        missing = [str(p) for p in args.workdir if not Path(p).exists()]
+        where = ", ".join(map(str, args.workdir))
         print(
-            f"error: no training run (config.json + checkpoints/) below {args.workdir}",
+            f"error: {', '.join(missing)} does not exist"
+            if missing
+            else f"error: no training run (config.json + checkpoints/) below {where}",
             file=sys.stderr,
         )
         return 2

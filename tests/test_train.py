@@ -581,3 +581,31 @@ def test_preprocessing_without_a_terminal_logs_progress_lines(monkeypatch):
     progress.update(40)
     _data._LogProgress(82, lines.append, enabled=False).update(50)  # a terminal: the bar shows
     assert lines == ["preprocess: 10/82 studies", "preprocess: 40/82 studies"]
+
+
+def test_a_set_of_one_class_is_reported():
+    from types import SimpleNamespace
+
+    from sapsam_jax.train import TINY
+    from sapsam_jax.train._loop import _warn_one_class_sets
+
+    class Samples:
+        def __init__(self, labels):
+            self.labels = np.asarray(labels)
+
+        def __len__(self):
+            return len(self.labels)
+
+    samples = Samples
+
+    lines = []
+    data = SimpleNamespace(train=samples([0, 1, 1]), val=None, test=samples([0, 0]))
+    _warn_one_class_sets(data, TINY.replace(task="signs", sign="fungus_ball"), lines.append)
+    assert lines == [
+        "warning: the test set holds no positive sample for fungus_ball (2 samples): "
+        "too few patients or annotations for this task"
+    ]
+    lines.clear()
+    multi = samples([[0, 1, 1], [1, 1, 0]])  # every sample shows a fungus ball
+    _warn_one_class_sets(SimpleNamespace(train=multi, val=None, test=multi), TINY, lines.append)
+    assert len(lines) == 2 and all("no negative sample for fungus_ball" in ln for ln in lines)

@@ -11,9 +11,9 @@ from sapsam_jax.data._cache import CacheError, atomic_write_json, nonfinite_to_n
 from sapsam_jax.explain._gradcam import CAM_METHODS
 
 EPILOG = """examples:
-  python scripts/gradcam.py --workdir runs/signs-axial --study S0003
-  python scripts/gradcam.py --workdir runs/signs-axial runs/signs-coronal runs/signs-sagittal \\
-      --all --sign fungus_ball --out runs/gradcam        # 3-D PSAMs need all three axes
+  python scripts/gradcam.py --workdir runs/signs-axial-all --study SYN0003_S01
+  python scripts/gradcam.py --workdir runs/signs-axial-all runs/signs-coronal-all \\
+      runs/signs-sagittal-all --all --sign fungus_ball --out runs/gradcam   # 3-D: all axes
   python scripts/gradcam.py --workdir runs --all --localisation
 """
 

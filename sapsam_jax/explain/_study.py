@@ -61,13 +61,18 @@ class ViewMaps:
 
 def find_workdirs(paths: Iterable[str | os.PathLike]) -> list[Path]:
     """Training workdirs at or up to two levels under ``paths`` (``runs``, ``runs/signs-axial``)."""
+    paths = [Path(p) for p in paths]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"{', '.join(missing)} does not exist")
     found = []
-    for root in map(Path, paths):
+    for root in paths:
         root = root.resolve()  # the same run named twice (relative, absolute) is one run
         candidates = [root, *sorted(root.glob("*")), *sorted(root.glob("*/*"))]
         found += [p for p in candidates if all((p / f).is_file() for f in _WORKDIR_FILES)]
     if not found:
-        raise FileNotFoundError(f"no training workdir (config.json + run.json) under {paths}")
+        where = ", ".join(map(str, paths))
+        raise FileNotFoundError(f"no training workdir (config.json + run.json) under {where}")
     return list(dict.fromkeys(found))
 
 

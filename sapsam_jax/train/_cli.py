@@ -54,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--control-fraction",
         type=float,
-        help="share of control patients in the synthetic cohort (default: the paper's 0.25; "
-        "0.5 for the quick disease task)",
+        help="share of control patients in the synthetic cohort (default 0.25, about the "
+        "paper's share; 0.5 for the quick disease task)",
     )
     hints = typing.get_type_hints(TrainConfig)
     for field in dataclasses.fields(TrainConfig):
@@ -78,7 +78,20 @@ def _add_field_flag(parser, name: str, hint) -> None:
         kwargs["type"] = base
     if name in _CHOICES:
         kwargs["choices"] = _CHOICES[name]
+    kwargs["help"] = _preset_values(name)
     parser.add_argument(flag, **kwargs)
+
+
+def _preset_values(name: str) -> str:
+    """What the presets set a field to (the flag overrides it), for --help."""
+    from sapsam_jax.train._config import PAPER, QUICK
+
+    paper, quick = getattr(PAPER, name), getattr(QUICK, name)
+    if name == "epochs":
+        return "paper: 60 disease / 240 signs / 20 survival; quick: 15 / 8 / 5"
+    if paper == quick:
+        return f"default: {paper}"
+    return f"paper preset: {paper}; quick: {quick}"
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, str]:

@@ -120,6 +120,7 @@ def fit(cfg: TrainConfig, cache: ProjectionCache, *, log=print) -> dict:
     log = primary_log(log)
     _check_or_write_config(cfg, workdir)
     data = load_run_data(cfg, cache, workdir)
+    _warn_one_class_sets(data, cfg, log)
     model, preprocessing = build_model(cfg, num_classes=_num_classes(cfg), seed=cfg.seed)
     spec = _step_spec(cfg, data.train, preprocessing)
     _write_json_atomic(
@@ -221,6 +222,26 @@ def load_run_data(cfg: TrainConfig, cache: ProjectionCache, workdir: Path) -> Ru
                 balance_indices(val_set.labels, mode=cfg.test_balance, seed=cfg.seed)
             )
     return RunData(train_set, val_set, test_set, split)
+
+
+def _warn_one_class_sets(data: RunData, cfg: TrainConfig, log) -> None:
+    """Say so when a set holds one class only: the network then learns nothing of the other, and
+    test precision, recall, F1 and AUC come out undefined (NaN, "n/a" in the report)."""
+    label = cfg.sign if cfg.task == "signs" else cfg.task
+    sets = {"training": data.train, "validation": data.val, "test": data.test}
+    for name, samples in sets.items():
+        if samples is None or not len(samples):
+            continue
+        labels = np.asarray(samples.labels).reshape(len(samples), -1)
+        for k in range(labels.shape[1]):
+            positives = int(labels[:, k].sum())
+            if positives in (0, len(labels)):
+                which = SIGNS[k] if labels.shape[1] > 1 else label
+                kind = "no positive" if positives == 0 else "no negative"
+                log(
+                    f"warning: the {name} set holds {kind} sample for {which} "
+                    f"({len(labels)} samples): too few patients or annotations for this task"
+                )
 
 
 def _studies_of(cache, patients, cfg) -> list[str]:

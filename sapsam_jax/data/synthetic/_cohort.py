@@ -386,8 +386,12 @@ def make_cohort(
     plan = _plan_cohort(n_patients, scans_per_patient, control_fraction, seed)
     work = functools.partial(_write_patient, out_dir, fmt, seed, shape, spacing)
     workers = _auto_workers(n_patients, shape) if workers is None else max(1, int(workers))
+    # disable=None: a bar on a terminal, nothing in a log file (its \r updates would flood it).
     bar = tqdm(
-        total=sum(n for *_, n in plan), desc="synthetic cohort", unit="scan", disable=not progress
+        total=sum(n for *_, n in plan),
+        desc="synthetic cohort",
+        unit="scan",
+        disable=None if progress else True,
     )
     with bar:
         try:
