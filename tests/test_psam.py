@@ -126,6 +126,13 @@ def test_rotation_is_undone():
     np.testing.assert_array_equal(working_volume_to_ct(blob, mapping, rotation=13), plain)
 
 
+def test_a_slice_outside_the_ct_is_refused(mapping):
+    volume = np.ones(tuple(mapping["working_shape"]), np.float32)
+    for k in (-1, CT_SHAPE[0]):
+        with pytest.raises(ValueError, match="not a slice of the CT"):
+            working_volume_to_ct(volume, mapping, ct_k=k)
+
+
 def test_psam_to_ct_composes(mapping, rng):
     map2d = rng.random((8, 8)).astype(np.float32)
     direct = psam_to_ct(map2d, axis="coronal", subregion="right_lower", mapping=mapping)

@@ -145,6 +145,8 @@ def working_volume_to_ct(volume, mapping: Mapping, *, rotation=None, order: int 
         )
     out = np.zeros(tuple(mapping["ct_shape"]), dtype=np.float32)
     if ct_k is not None:
+        if not 0 <= int(ct_k) < out.shape[0]:
+            raise ValueError(f"ct_k {ct_k} is not a slice of the CT's {out.shape[0]}")
         out = out[int(ct_k) : int(ct_k) + 1]
     box = _ct_box_of_support(volume, mapping, rotation, ct_k)
     if box is not None:
