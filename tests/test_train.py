@@ -482,28 +482,30 @@ def test_survival_starts_from_a_torchvision_convention_inception_disease_run(tmp
     )
 
 
-def test_resume_measures_improvement_against_the_best_checkpoint_on_disk(tmp_path):
-    import orbax.checkpoint as ocp
-
+def test_a_kill_between_the_best_and_the_latest_checkpoint_keeps_the_best(tmp_path, monkeypatch):
     from sapsam_jax.train._checkpoint import RunCheckpoints
 
-    cfg = TINY.replace(frozen_blocks=0)
-    model, _ = build_model(cfg, num_classes=2, seed=0)
-    optimizer = make_optimizer(model, cfg, 1)
-    ckpts = RunCheckpoints(tmp_path)
-    ckpts.save(model, optimizer, {"epoch": 1, "best_val_loss": 0.6, "best_epoch": 1}, best=True)
-    # Epoch 2 improved, but the run was killed after `latest` committed it and before `best` did.
-    ckpts.latest.save(
-        2,
-        args=ocp.args.Composite(
-            model=ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(model, nnx.Param))),
-            optimizer=ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(optimizer, nnx.OptState))),
-            meta=ocp.args.JsonSave({"epoch": 2, "best_val_loss": 0.5, "best_epoch": 2}),
-        ),
+    full = _fit(tmp_path / "full", epochs=3)
+    original = RunCheckpoints._save_latest
+    best_epochs = []
+
+    def dies_after_best(self, step, *args):
+        if step == 2 and self.best.latest_step() == 2:  # epoch 2 was a new best: committed
+            best_epochs.append(step)
+            raise KeyboardInterrupt
+        return original(self, step, *args)
+
+    monkeypatch.setattr(RunCheckpoints, "_save_latest", dies_after_best)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(tmp_path / "cut", epochs=3)
+    assert best_epochs == [2], "the tiny run's epoch 2 must improve for this test to mean much"
+    monkeypatch.setattr(RunCheckpoints, "_save_latest", original)
+    assert _fit(tmp_path / "cut", epochs=3) == pytest.approx(full, nan_ok=True)
+    # Same kept weights, so the same test predictions (the metrics alone can coincide).
+    a, b = (
+        np.load(p / "predictions_test.npz")["probs"] for p in (tmp_path / "full", tmp_path / "cut")
     )
-    ckpts.close()
-    meta = RunCheckpoints(tmp_path).restore_latest(model, optimizer)
-    assert meta == {"epoch": 2, "best_val_loss": 0.6, "best_epoch": 1}
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("dies_in", ["_append_metrics", "save"])
@@ -609,3 +611,34 @@ def test_a_set_of_one_class_is_reported():
     multi = samples([[0, 1, 1], [1, 1, 0]])  # every sample shows a fungus ball
     _warn_one_class_sets(SimpleNamespace(train=multi, val=None, test=multi), TINY, lines.append)
     assert len(lines) == 2 and all("no negative sample for fungus_ball" in ln for ln in lines)
+
+
+def test_host_prefetch_raises_the_producers_error_and_stops_with_the_consumer(monkeypatch):
+    import threading
+
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from sapsam_jax.train import _data
+
+    monkeypatch.setattr(_data, "fits_on_device", lambda _n: False)  # the prefetching path
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    images = np.arange(8 * 4 * 4 * 3, dtype=np.float32).reshape(8, 4, 4, 3)
+    batches = _data.Batches(
+        images,
+        np.arange(8, dtype=np.int32),
+        NamedSharding(mesh, P("data")),
+        NamedSharding(mesh, P()),
+    )
+    assert not batches.device_resident
+    got = [np.asarray(y) for _, y in batches.iterate(np.array([3, 1, 0, 2]), 2)]
+    assert [g.tolist() for g in got] == [[3, 1], [0, 2]]
+    # A failing gather (index 99 of 8) is raised in the loop instead of leaving it waiting.
+    with pytest.raises(IndexError):
+        list(batches.iterate(np.array([0, 1, 99, 2]), 2))
+    # A loop that stops early stops the producer too (it held batches and blocked forever).
+    before = threading.active_count()
+    stream = batches.iterate(np.arange(8), 2)
+    next(stream)
+    stream.close()
+    assert threading.active_count() == before

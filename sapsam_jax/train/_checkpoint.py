@@ -24,21 +24,33 @@ class RunCheckpoints:
         self.best = _manager(root / "best", max_to_keep=1)
 
     def save(self, model, optimizer, meta: dict, *, best: bool) -> None:
-        """Save epoch ``meta["epoch"]`` (1-based) as latest, and as best when it improved."""
+        """Save epoch ``meta["epoch"]`` (1-based) as best when it improved, then as latest.
+
+        Best commits first: a kill between the two leaves `latest` an epoch behind, so the rerun
+        repeats that epoch (deterministically) and finds it already saved as best. The other
+        order lost it: the rerun resumed after the epoch and never saved its weights as best.
+        """
         step = int(meta["epoch"])
         model_state = nnx.to_pure_dict(nnx.state(model, MODEL_STATE))
+        if best:
+            self._save_best(step, model_state, meta)
+        self._save_latest(step, model_state, optimizer, meta)
+
+    def _save_best(self, step: int, model_state: dict, meta: dict) -> None:
+        args = ocp.args.Composite(
+            model=ocp.args.StandardSave(model_state), meta=ocp.args.JsonSave(meta)
+        )
+        self.best.save(step, args=args)
+        self.best.wait_until_finished()
+
+    def _save_latest(self, step: int, model_state: dict, optimizer, meta: dict) -> None:
         args = ocp.args.Composite(
             model=ocp.args.StandardSave(model_state),
             optimizer=ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(optimizer, nnx.OptState))),
             meta=ocp.args.JsonSave(meta),
         )
         self.latest.save(step, args=args)
-        if best:
-            best_args = ocp.args.Composite(
-                model=ocp.args.StandardSave(model_state), meta=ocp.args.JsonSave(meta)
-            )
-            self.best.save(step, args=best_args)
-        self.wait()
+        self.latest.wait_until_finished()
 
     def restore_latest(self, model, optimizer) -> dict | None:
         """Restore model and optimizer from the latest epoch; returns its meta, None if none."""
@@ -57,8 +69,8 @@ class RunCheckpoints:
         )
         _assign(model, model_state, restored["model"])
         _assign(optimizer, opt_state, restored["optimizer"])
-        # The two managers commit apart: a kill between them leaves `best` an epoch behind the
-        # record in `latest`. The best weights on disk are what the run must beat.
+        # The two managers commit apart (best first, see save): a kill between them leaves
+        # `best` an epoch ahead of `latest`. The best weights on disk are what the run must beat.
         best = self._best_meta()
         return dict(restored["meta"]) | {
             "best_val_loss": best["best_val_loss"] if best else float("inf"),

@@ -16,7 +16,7 @@ import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from queue import Queue
+from queue import Full, Queue
 
 import jax
 import numpy as np
@@ -238,14 +238,46 @@ class Batches:
             yield from self._prefetched(chunks)
 
     def _prefetched(self, chunks):
+        """Batches from a producer thread. Its error is raised here, in the training loop (a
+        thread that died silently left the loop waiting forever), and a consumer that stops early
+        (an exception, Ctrl-C, a closed generator) stops the producer too."""
         queue: Queue = Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    queue.put(item, timeout=0.1)
+                    return True
+                except Full:
+                    continue
+            return False
 
         def produce():
-            for idx in chunks:
-                batch = (np.take(self.images, idx, axis=0), np.take(self.labels, idx, axis=0))
-                queue.put(to_global(batch, self.sharding))
-            queue.put(None)
+            try:
+                for idx in chunks:
+                    batch = (np.take(self.images, idx, axis=0), np.take(self.labels, idx, axis=0))
+                    if not put(to_global(batch, self.sharding)):
+                        return
+                put(_END)
+            except BaseException as err:  # handed to the consumer, which re-raises it
+                put(_ProducerError(err))
 
-        threading.Thread(target=produce, daemon=True).start()
-        while (item := queue.get()) is not None:
-            yield item
+        thread = threading.Thread(target=produce, daemon=True, name="batch-prefetch")
+        thread.start()
+        try:
+            while (item := queue.get()) is not _END:
+                if isinstance(item, _ProducerError):
+                    raise item.error
+                yield item
+        finally:
+            stop.set()
+            thread.join(timeout=5.0)
+
+
+_END = object()  # the producer's last item
+
+
+class _ProducerError:
+    def __init__(self, error: BaseException):
+        self.error = error
