@@ -642,3 +642,32 @@ def test_host_prefetch_raises_the_producers_error_and_stops_with_the_consumer(mo
     next(stream)
     stream.close()
     assert threading.active_count() == before
+
+
+def test_non_finite_weights_are_not_checkpointed():
+    from sapsam_jax.train._loop import NonFiniteLossError, _check_finite_parameters
+
+    model, _ = build_model(TINY, num_classes=2, seed=0)
+    _check_finite_parameters(model, 1)  # finite: no error
+    kernel = model.head.fc1.kernel
+    kernel.set_value(kernel[...].at[0, 0].set(np.inf))
+    with pytest.raises(NonFiniteLossError, match="non-finite weights after epoch 3"):
+        _check_finite_parameters(model, 3)
+
+
+def test_init_from_must_be_the_same_network():
+    from types import SimpleNamespace
+
+    from sapsam_jax.train._model import _check_same_network
+
+    source = SimpleNamespace(config=TINY.replace(head_units=32))
+    with pytest.raises(ValueError, match="head_units 32 there, 16 here"):
+        _check_same_network(TINY.replace(init_from="runs/disease"), source)
+    _check_same_network(TINY, SimpleNamespace(config=TINY.replace(dropout_rate=0.3)))
+
+
+def test_frozen_random_blocks_are_warned_about(tmp_path):
+    lines = []
+    cfg = TINY.replace(task="disease", epochs=1, frozen_blocks=1, workdir=str(tmp_path))
+    fit(cfg, FakeCache(n_patients=6), log=lines.append)
+    assert any("frozen at their random initialisation" in str(line) for line in lines)

@@ -5,7 +5,9 @@
   is death within two years (paper 3.3), i.e. ``survival_2y == 0``;
 - signs: sub-region RGB band projections (refined mask), one sample per annotated sub-region,
   label the sub-region's flag for the sign (or all three flags, ``sign="multi"``).
-Training uses all 27 rotations of a scan (paper 2.3); evaluation uses the unrotated scan.
+Training uses all 27 rotations of a scan (paper 2.3); evaluation uses all 27 too by default
+(``TrainConfig.eval_rotations="all"``, as the paper's test images are augmented), or only the
+unrotated scan (``"identity"``).
 """
 
 from __future__ import annotations

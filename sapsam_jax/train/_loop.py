@@ -136,6 +136,14 @@ def fit(cfg: TrainConfig, cache: ProjectionCache, *, log=print) -> dict:
     )
     mesh = Mesh(np.array(jax.devices()), ("data",))
     batch_size = _global_batch_size(cfg.batch_size, mesh.size)
+    if batch_size != cfg.batch_size:
+        log(f"batch size {cfg.batch_size} -> {batch_size}: a multiple of the {mesh.size} devices")
+    if cfg.frozen_blocks and not (cfg.weights or cfg.init_from):
+        log(
+            f"warning: the first {cfg.frozen_blocks} blocks are frozen at their random "
+            "initialisation (no --weights): pass converted ImageNet weights as the paper does, "
+            "or --frozen-blocks 0"
+        )
     # An epoch may draw only some of the 27 rotations (rotations_per_epoch): count its own steps,
     # so that warmup_epochs counts epochs.
     epoch_size = len(
@@ -181,6 +189,9 @@ def fit(cfg: TrainConfig, cache: ProjectionCache, *, log=print) -> dict:
         # The line first: a kill between the two leaves a line for an epoch without checkpoint,
         # which the resumed run truncates and redoes (the other order would lose the line).
         _append_metrics(workdir / "metrics.jsonl", record)
+        # The loss is computed before the update: the last step's could still have left
+        # non-finite weights, which every resume would restore and fail on.
+        _check_finite_parameters(model, epoch)
         ckpts.save(model, optimizer, meta, best=improved)  # every process takes part
         if tensorboard is not None:
             _log_tensorboard(tensorboard, record)
@@ -327,6 +338,22 @@ def epoch_order(rotations: np.ndarray, per_epoch: int | None, *, seed: int, epoc
         chosen = rng.choice(np.unique(rotations), size=per_epoch, replace=False)
         index = index[np.isin(rotations, chosen)]
     return rng.permutation(index)
+
+
+def _check_finite_parameters(model, epoch: int) -> None:
+    # Per addressable shard: across processes a replicated array is not fully addressable.
+    shards = [
+        s.data for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)) for s in _shards(leaf)
+    ]
+    if not all(bool(jax.numpy.isfinite(data).all()) for data in shards):
+        raise NonFiniteLossError(
+            f"non-finite weights after epoch {epoch} (not checkpointed); lower the learning rate "
+            "(--learning-rate) or clip gradients (--grad-clip-norm)"
+        )
+
+
+def _shards(leaf):
+    return leaf.addressable_shards if hasattr(leaf, "addressable_shards") else []
 
 
 def _check_finite(losses, epoch, step) -> None:

@@ -1,5 +1,6 @@
 """Binary classification metrics as the paper reports them (precision, recall, F1; 3.1-3.3) plus
-accuracy and ROC AUC, with percentile-bootstrap 95% intervals resampled over test images."""
+accuracy and ROC AUC, with percentile-bootstrap 95% intervals (resampled over test images, or
+over groups of them such as patients: the report resamples patients, ``groups=patient_ids``)."""
 
 from __future__ import annotations
 

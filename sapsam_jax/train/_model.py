@@ -43,6 +43,7 @@ def build_model(cfg: TrainConfig, *, num_classes: int, seed: int):
     preprocessing = DEFAULT_PREPROCESSING
     if cfg.init_from:
         source = load_trained(cfg.init_from)
+        _check_same_network(cfg, source)
         # The source's conventions first (torchvision Inception: BN scale, padded pools), or its
         # parameters do not fit this model's structure.
         conventions = {k: source.model.config[k] for k in CONVENTIONS if k in source.model.config}
@@ -56,6 +57,24 @@ def build_model(cfg: TrainConfig, *, num_classes: int, seed: int):
 
         preprocessing = load_weights(model, cfg.weights)
     return model, preprocessing
+
+
+# What --init-from must share with the run it starts from: nnx.update takes any shapes, so a
+# mismatch would train (and record in config.json) a network other than the one described.
+SAME_NETWORK_FIELDS = ("arch", "width", "head_units")
+
+
+def _check_same_network(cfg: TrainConfig, source) -> None:
+    diff = [
+        f"{name} {getattr(source.config, name)!r} there, {getattr(cfg, name)!r} here"
+        for name in SAME_NETWORK_FIELDS
+        if getattr(source.config, name) != getattr(cfg, name)
+    ]
+    if diff:
+        raise ValueError(
+            f"--init-from {cfg.init_from} is another network ({'; '.join(diff)}); "
+            "train the survival run with the disease run's settings"
+        )
 
 
 @dataclass
