@@ -671,3 +671,20 @@ def test_frozen_random_blocks_are_warned_about(tmp_path):
     cfg = TINY.replace(task="disease", epochs=1, frozen_blocks=1, workdir=str(tmp_path))
     fit(cfg, FakeCache(n_patients=6), log=lines.append)
     assert any("frozen at their random initialisation" in str(line) for line in lines)
+
+
+def test_resume_on_changed_data_is_refused(tmp_path):
+    from sapsam_jax.train._loop import WorkdirError
+
+    cfg = TINY.replace(task="disease", epochs=1, workdir=str(tmp_path), cache="fake")
+    cache = FakeCache(n_patients=6)
+    fit(cfg, cache, log=lambda *_: None)
+    fit(cfg.replace(epochs=2), cache, log=lambda *_: None)  # same data: a resume
+    relabelled = FakeCache(n_patients=6)
+    sid = relabelled.study_ids[0]
+    relabelled._meta[sid] = relabelled._meta[sid] | {"cpa": 1 - relabelled._meta[sid]["cpa"]}
+    with pytest.raises(WorkdirError, match=f"relabelled .* studies {sid}"):
+        fit(cfg.replace(epochs=3), relabelled, log=lambda *_: None)
+    bigger = FakeCache(n_patients=8)  # a new patient's scans would join no set: also refused
+    with pytest.raises(WorkdirError, match="began on other data"):
+        fit(cfg.replace(epochs=3), bigger, log=lambda *_: None)

@@ -5,6 +5,8 @@ Paper 2.3-2.4 and 3.1-3.3. ``train(cfg)`` is what ``scripts/train.py`` calls.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -28,7 +30,7 @@ from sapsam_jax.data import (
     study_label,
     task_samples,
 )
-from sapsam_jax.data._cache import nonfinite_to_null
+from sapsam_jax.data._cache import nonfinite_to_null, to_jsonable
 from sapsam_jax.train._checkpoint import RunCheckpoints
 from sapsam_jax.train._config import MIN_INPUT_SIZE, TrainConfig
 from sapsam_jax.train._data import Batches, prepare_cache, to_global, to_host
@@ -207,6 +209,12 @@ def load_run_data(cfg: TrainConfig, cache: ProjectionCache, workdir: Path) -> Ru
     """Split by patient (saved in split.json, reused on resume) and gather balanced samples."""
     split = _load_or_make_split(cfg, cache, workdir)
     studies = {name: _studies_of(cache, split[name], cfg) for name in ("train", "val", "test")}
+    record = _data_record(cache, studies)
+    # Patients with a label for this task that no set holds (added to the manifest since).
+    assigned = set(split["train"]) | set(split["val"]) | set(split["test"])
+    eligible = _studies_of(cache, {cache.meta(s)["patient_id"] for s in cache.study_ids}, cfg)
+    record["unassigned"] = sorted({cache.meta(s)["patient_id"] for s in eligible} - assigned)
+    _check_or_record_data(workdir / "split.json", split, record)
     sample = dict(task=cfg.task, axis=cfg.axis, sign=cfg.sign)
     train_set = task_samples(cache, studies["train"], rotations="all", **sample)
     test_set = task_samples(cache, studies["test"], rotations=cfg.eval_rotations, **sample)
@@ -263,6 +271,55 @@ def _studies_of(cache, patients, cfg) -> list[str]:
         if cache.meta(sid)["patient_id"] in wanted
         and study_label(cache.meta(sid), cfg.task, cfg.sign) is not None
     ]
+
+
+def _data_record(cache: ProjectionCache, studies: dict[str, list[str]]) -> dict:
+    """What a run trains and is scored on: the cache's preprocessing config and, per set, each
+    study with a digest of its labels (cpa, survival, sub-region flags)."""
+
+    def digest(value) -> str:
+        text = json.dumps(to_jsonable(value), sort_keys=True)
+        return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+    def labels(sid):
+        meta = cache.meta(sid)
+        return {k: meta.get(k) for k in ("patient_id", "cpa", "survival_2y", "annotations")}
+
+    return {
+        "preprocessing": digest(dataclasses.asdict(cache.config)),
+        "studies": {
+            name: {sid: digest(labels(sid)) for sid in ids} for name, ids in studies.items()
+        },
+    }
+
+
+def _check_or_record_data(path: Path, split: dict, record: dict) -> None:
+    """Refuse to resume on other data than the run began with (split.json keeps patients only,
+    so scans added to the manifest, relabelled or re-preprocessed would join silently)."""
+    if "data" not in split:  # a new run (or one from before 2026-11-22): record what it uses
+        split["data"] = record
+        _write_json_atomic(path, split)
+        return
+    old, problems = split["data"], []
+    if old["preprocessing"] != record["preprocessing"]:
+        problems.append("the cache was preprocessed with another configuration")
+    new_patients = sorted(set(record["unassigned"]) - set(old.get("unassigned", [])))
+    if new_patients:
+        problems.append(f"new patients {', '.join(new_patients[:5])} in no set")
+    for name, now in record["studies"].items():
+        before = old["studies"].get(name, {})
+        for what, ids in (
+            ("new", sorted(set(now) - set(before))),
+            ("missing", sorted(set(before) - set(now))),
+            ("relabelled", sorted(s for s in set(now) & set(before) if now[s] != before[s])),
+        ):
+            if ids:
+                problems.append(f"{what} {name} studies {', '.join(ids[:5])}")
+    if problems:
+        raise WorkdirError(
+            f"{path.parent} began on other data: {'; '.join(problems)}; use another --workdir "
+            "for the changed cohort"
+        )
 
 
 def _load_or_make_split(cfg, cache, workdir) -> dict:
@@ -480,9 +537,11 @@ def _replicate(nodes, sharding) -> None:
 # are, how the report is made. Anything else (data, split, model, optimisation) would resume a
 # different run from this one's checkpoint.
 RESUMABLE_CHANGES = frozenset(
-    ("epochs", "workdir", "data_dir", "manifest", "backend", "bootstrap", "cam_method")
+    ("epochs", "workdir", "data_dir", "manifest", "cache", "backend", "bootstrap", "cam_method")
     + ("cam_layer", "tensorboard")
 )
+# The cache may move with its manifest or data folder: what it holds is checked on its own
+# (split.json "data": preprocessing config, studies and labels per set, _check_or_record_data).
 
 
 def _check_or_write_config(cfg: TrainConfig, workdir: Path) -> None:
