@@ -4,7 +4,11 @@ import os
 from pathlib import Path
 
 # Must happen before JAX initialises its backends (equinox tests/conftest.py does the same).
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+# Appended, not set by default: a GPU host often has XLA_FLAGS set already (the sharded tests
+# need the 2 fake devices whatever else it holds).
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+    os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count=2".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("SAPSAM_BACKEND", "cpu")

@@ -1,5 +1,7 @@
 """Backend selection and the CuPy -> JAX hand-off (issue 2, "One source, two backends")."""
 
+import os
+
 import numpy as np
 import pytest
 import scipy.ndimage
@@ -46,23 +48,44 @@ def test_numpy_arrays_stay_on_the_cpu_and_reach_jax():
     np.testing.assert_array_equal(np.asarray(j), a[:, ::2])
 
 
+def _in_a_jax_with_the_gpu(code: str) -> None:
+    """Run ``code`` in a fresh interpreter whose JAX may start CUDA: this session's JAX is
+    pinned to the CPU (conftest), and a CUDA array cannot reach it through DLPack."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 @pytest.mark.gpu
 def test_cupy_to_jax_hand_off_does_not_copy():
-    import cupy as cp
-
-    x = cp.arange(4 * 5, dtype=cp.float32).reshape(4, 5)
-    j = bk.to_jax(x)
-    assert j.unsafe_buffer_pointer() == x.data.ptr  # the same device buffer
-    np.testing.assert_array_equal(np.asarray(j), x.get())
-    assert bk.backend_of(x).is_gpu
+    _in_a_jax_with_the_gpu(
+        """
+import cupy as cp, numpy as np
+from sapsam_jax import backend as bk
+x = cp.arange(4 * 5, dtype=cp.float32).reshape(4, 5)
+j = bk.to_jax(x)
+assert j.unsafe_buffer_pointer() == x.data.ptr, "copied"  # the same device buffer
+np.testing.assert_array_equal(np.asarray(j), x.get())
+assert bk.backend_of(x).is_gpu
+"""
+    )
 
 
 @pytest.mark.gpu
 def test_non_contiguous_cupy_array_is_made_contiguous_on_the_device():
-    import cupy as cp
-
-    x = cp.arange(6 * 8, dtype=cp.float32).reshape(6, 8)[:, 1::2]
-    np.testing.assert_array_equal(np.asarray(bk.to_jax(x)), x.get())
+    _in_a_jax_with_the_gpu(
+        """
+import cupy as cp, numpy as np
+from sapsam_jax import backend as bk
+x = cp.arange(6 * 8, dtype=cp.float32).reshape(6, 8)[:, 1::2]
+np.testing.assert_array_equal(np.asarray(bk.to_jax(x)), x.get())
+"""
+    )
 
 
 def test_missing_cucim_fails_only_where_it_is_used():

@@ -32,7 +32,7 @@ N_STUDIES = 4
 
 
 def phantom_hu(rng: np.random.Generator, shift_mm: float = 0.0) -> np.ndarray:
-    """Air, an elliptic body of soft tissue and two ellipsoid lungs (about 1.6 L in all)."""
+    """Air, an elliptic body of soft tissue and two ellipsoid lungs (about 2 L in all)."""
     k, j, i = np.meshgrid(
         *(np.arange(n) * s for n, s in zip(SHAPE, SPACING, strict=True)), indexing="ij"
     )
@@ -173,7 +173,18 @@ def test_qc_in_meta_and_qc_csv(built):
     out, _ = built
     cache = ProjectionCache(out)
     qc = cache.meta("S0")["qc"]
-    assert 1000 < qc["lung_volume_ml"] < 2500  # two ~0.8 L ellipsoids
+    k, j, i = np.meshgrid(
+        *(np.arange(n) * s for n, s in zip(SHAPE, SPACING, strict=True)), indexing="ij"
+    )
+    ck, cj, ci = (n * s / 2 for n, s in zip(SHAPE, SPACING, strict=True))
+    lungs = sum(  # S0's two ellipsoids (phantom_hu, no shift), counted on the grid
+        int(
+            np.sum(((k - ck) / 75) ** 2 + ((j - cj) / 65) ** 2 + ((i - ci - d * 62) / 48) ** 2 <= 1)
+        )
+        for d in (-1, 1)
+    )
+    truth_ml = lungs * float(np.prod(SPACING)) / 1000.0
+    assert qc["lung_volume_ml"] == pytest.approx(truth_ml, rel=0.05)
     assert qc["lung_volume_implausible"] is False
     assert sum(qc["subregion_fraction"].values()) == pytest.approx(1.0)
     rows = read_csv(out / "qc.csv")

@@ -49,7 +49,12 @@ def _launch(workdir, epochs: int, n_processes: int = 2):
         cmd = [sys.executable, str(TESTS / "_multiprocess_worker.py"), str(workdir), str(epochs)]
         pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         procs.append(subprocess.Popen(cmd, env=env, **pipes))
-    outputs = [p.communicate(timeout=600) for p in procs]
+    try:
+        outputs = [p.communicate(timeout=600) for p in procs]
+    finally:  # a hung process (its peer died at a barrier) must not outlive the test
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
     failed = [pid for pid, p in enumerate(procs) if p.returncode != 0]
     assert not failed, "\n".join(
         f"process {pid} exited with {procs[pid].returncode}:\n{_first_errors(outputs[pid][1])}"

@@ -114,6 +114,13 @@ def test_band_edges_are_half_open_except_the_last():
     np.testing.assert_allclose(got[0], [0.8, 0.0, 0.0], atol=1e-6)  # -1000 only in band 0
     np.testing.assert_allclose(got[1], [0, (-500 + 900) / 740, 0], atol=1e-6)  # -160 in band 2
     np.testing.assert_allclose(got[2], [0, 0, (120 + 160) / 400], atol=1e-6)
+    # Each band's bottom edge counts in it: paired with an inner voxel it pulls the mean down
+    # (alone it would map to 0, the same as not counting at all).
+    ray = np.array([[-1400.0, -1000.0], [-900.0, -500.0], [-160.0, 0.0]], dtype=np.float32)
+    got = band_projection(ray, np.ones_like(ray, bool), axis=1)
+    np.testing.assert_allclose(got[0], [(-1200 + 1400) / 500, 0, 0], atol=1e-6)  # not 0.8
+    np.testing.assert_allclose(got[1], [0, (-700 + 900) / 740, 0], atol=1e-6)
+    np.testing.assert_allclose(got[2], [0, 0, (-80 + 160) / 400], atol=1e-6)
 
 
 def test_empty_rays_give_zero(rng):
@@ -130,6 +137,10 @@ def _smooth_case(rng, shape):
     """Lung-like HU with soft-tissue structure and blob masks: smooth enough to interpolate."""
     hu = ndi_ref.gaussian_filter(rng.normal(size=shape), 1.5)
     hu = (-700.0 + 2500.0 * hu).astype(np.float32)
+    # Voxels exactly on the band edges, so the kernels' edge rules ([lo, hi), last closed) count.
+    edges = np.array([-1400.0, -900.0, -160.0, 240.0], np.float32)
+    spots = rng.choice(hu.size, size=4 * max(1, hu.size // 200), replace=False)
+    hu.flat[spots] = np.resize(edges, spots.size)
     blobs = ndi_ref.gaussian_filter(rng.normal(size=shape), 2.0)
     refined = blobs > np.quantile(blobs, 0.4)
     conservative = refined & (hu < -300)

@@ -174,7 +174,6 @@ def test_lesions_absent_without_labels(stub_masks):
 
 
 def test_real_lung_mask_runs_end_to_end():
-    pytest.importorskip("sapsam_jax.preprocess._mask")
     # Voxels of 4-5 mm make adult-sized lungs (~0.7 L each) that the real mask keeps.
     hu, spacing, _, _ = _phantom(shape=(40, 48, 52), spacing=(5.0, 4.0, 4.0))
     scan = preprocess_scan(hu, spacing, config=TINY, backend="cpu")

@@ -204,6 +204,9 @@ def test_metrics_against_brute_force():
     tp = np.sum(pred & (y == 1))
     assert m["precision"] == pytest.approx(tp / pred.sum())
     assert m["recall"] == pytest.approx(tp / (y == 1).sum())
+    fp, fn = np.sum(pred & (y == 0)), np.sum(~pred & (y == 1))
+    assert m["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    assert m["accuracy"] == pytest.approx(np.mean(pred == (y == 1)))
     ci = bootstrap_intervals(y, s, n_resamples=200)
     assert ci["f1"][0] <= m["f1"] <= ci["f1"][1]
     assert ci["auc"][1] - ci["auc"][0] < 0.2
@@ -402,8 +405,15 @@ def _metrics_lines(path):
     return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypatch):
-    full = _fit(tmp_path / "full", epochs=3)
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """(test metrics, workdir) of the 3-epoch run the interrupted ones must reproduce."""
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    return _fit(workdir, epochs=3), workdir
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypatch, uninterrupted):
+    full, full_dir = uninterrupted
     # Interrupted run: the third epoch dies half way (as a kill -9 would), then we rerun.
     import sapsam_jax.train._loop as loop
 
@@ -421,7 +431,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypat
     monkeypatch.setattr(loop, "_train_epoch", original)
     resumed = _fit(tmp_path / "cut", epochs=3)
     assert resumed == pytest.approx(full)
-    a, b = _metrics_lines(tmp_path / "full"), _metrics_lines(tmp_path / "cut")
+    a, b = _metrics_lines(full_dir), _metrics_lines(tmp_path / "cut")
     assert [r["train_loss"] for r in a] == pytest.approx([r["train_loss"] for r in b], rel=1e-6)
 
 
@@ -482,10 +492,12 @@ def test_survival_starts_from_a_torchvision_convention_inception_disease_run(tmp
     )
 
 
-def test_a_kill_between_the_best_and_the_latest_checkpoint_keeps_the_best(tmp_path, monkeypatch):
+def test_a_kill_between_the_best_and_the_latest_checkpoint_keeps_the_best(
+    tmp_path, monkeypatch, uninterrupted
+):
     from sapsam_jax.train._checkpoint import RunCheckpoints
 
-    full = _fit(tmp_path / "full", epochs=3)
+    full, full_dir = uninterrupted
     original = RunCheckpoints._save_latest
     best_epochs = []
 
@@ -502,17 +514,17 @@ def test_a_kill_between_the_best_and_the_latest_checkpoint_keeps_the_best(tmp_pa
     monkeypatch.setattr(RunCheckpoints, "_save_latest", original)
     assert _fit(tmp_path / "cut", epochs=3) == pytest.approx(full, nan_ok=True)
     # Same kept weights, so the same test predictions (the metrics alone can coincide).
-    a, b = (
-        np.load(p / "predictions_test.npz")["probs"] for p in (tmp_path / "full", tmp_path / "cut")
-    )
+    a, b = (np.load(p / "predictions_test.npz")["probs"] for p in (full_dir, tmp_path / "cut"))
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("dies_in", ["_append_metrics", "save"])
-def test_a_kill_between_metrics_line_and_checkpoint_loses_no_line(tmp_path, monkeypatch, dies_in):
+def test_a_kill_between_metrics_line_and_checkpoint_loses_no_line(
+    tmp_path, monkeypatch, dies_in, uninterrupted
+):
     import sapsam_jax.train._loop as loop
 
-    full = _fit(tmp_path / "full", epochs=3)
+    full, _ = uninterrupted
     owner = loop if dies_in == "_append_metrics" else loop.RunCheckpoints
     original = getattr(owner, dies_in)
 
