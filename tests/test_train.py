@@ -700,3 +700,27 @@ def test_resume_on_changed_data_is_refused(tmp_path):
     bigger = FakeCache(n_patients=8)  # a new patient's scans would join no set: also refused
     with pytest.raises(WorkdirError, match="began on other data"):
         fit(cfg.replace(epochs=3), bigger, log=lambda *_: None)
+
+
+def test_survival_job_trains_disease_first_and_tests_on_its_test_patients(tmp_path, monkeypatch):
+    import sapsam_jax.data
+    import sapsam_jax.train._loop as loop
+    from sapsam_jax.train import train
+
+    cache = FakeCache(n_patients=12)
+    monkeypatch.setattr(loop, "prepare_cache", lambda cfg, log=None: cache)
+    # load_trained opens the disease run's cache by path: the same stand-in.
+    monkeypatch.setattr(sapsam_jax.data, "ProjectionCache", lambda path, **kwargs: cache)
+    cfg = TINY.replace(task="survival", epochs=1, workdir=str(tmp_path), cache="fake")
+    results = train(cfg, log=lambda *_: None)
+    assert set(results) == {"survival"}
+    disease = json.loads((tmp_path / "disease" / "split.json").read_text())
+    survival = json.loads((tmp_path / "split.json").read_text())
+    # Paper 3.3: no validation set; tested only on patients the disease network never saw.
+    assert survival["val"] == [] and survival["test"]
+    assert set(survival["test"]) <= set(disease["test"])
+    assert not set(survival["test"]) & (set(disease["train"]) | set(disease["val"]))
+    # The disease network got the survival test share (a third) as its test share.
+    assert json.loads((tmp_path / "disease" / "config.json").read_text())["split_fractions"] == [
+        pytest.approx(v) for v in (1 - 0.2 - 1 / 3, 0.2, 1 / 3)
+    ]

@@ -97,6 +97,8 @@ class TrainConfig:
     flip: bool = False
     # Paper 2.3: split by patient, balanced after the split; 3.3: survival has no validation set.
     split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    # Survival (paper 3.3): its test share is the test share of the disease network a survival
+    # job trains first, whose test patients the survival network is tested on (_loop).
     survival_split_fractions: tuple[float, float, float] = (2 / 3, 0.0, 1 / 3)
     train_balance: str = "oversample"
     test_balance: str = "undersample"

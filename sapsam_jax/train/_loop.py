@@ -84,7 +84,12 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
     elif cfg.task == "survival" and cfg.init_from is None:
         # Paper 2.4: the survival network starts from the disease network; train that first.
         disease_dir = workdir / "disease"
-        disease_cfg = cfg.replace(task="disease", workdir=str(disease_dir), epochs=None)
+        disease_cfg = cfg.replace(
+            task="disease",
+            workdir=str(disease_dir),
+            epochs=None,
+            split_fractions=disease_fractions_for_survival(cfg),
+        )
         if cfg.preset != "paper":
             disease_cfg = disease_cfg.replace(epochs=_preset_epochs(cfg, "disease"))
         fit(disease_cfg, cache, log=log)
@@ -92,6 +97,19 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
     else:
         results = {cfg.sign if cfg.task == "signs" else cfg.task: fit(cfg, cache, log=log)}
     return results
+
+
+def disease_fractions_for_survival(cfg: TrainConfig) -> tuple[float, float, float]:
+    """Split fractions of the disease network a survival job trains first: its validation share,
+    and the survival test share (paper 3.3: a third) as its test share. The survival network is
+    tested on the disease network's test patients (:func:`_survival_split`), so none of them was
+    trained on, or chose a checkpoint, for the network it starts from."""
+    test, val = cfg.survival_split_fractions[2], cfg.split_fractions[1]
+    if not 0 < test < 1 - val:
+        raise ValueError(
+            f"survival test share {test} and disease validation share {val} leave no training set"
+        )
+    return (1.0 - val - test, val, test)
 
 
 def _preset_epochs(cfg, task: str) -> int:
@@ -327,6 +345,10 @@ def _load_or_make_split(cfg, cache, workdir) -> dict:
     if path.is_file():
         return json.loads(path.read_text())
     studies = _studies_of(cache, {cache.meta(s)["patient_id"] for s in cache.study_ids}, cfg)
+    if cfg.task == "survival" and cfg.init_from:
+        split = _survival_split(cfg, {cache.meta(s)["patient_id"] for s in studies})
+        _write_json_atomic(path, split)
+        return split
     fractions = cfg.survival_split_fractions if cfg.task == "survival" else cfg.split_fractions
     split = split_by_patient(
         [cache.meta(s)["patient_id"] for s in studies],
@@ -337,6 +359,22 @@ def _load_or_make_split(cfg, cache, workdir) -> dict:
     split["seed"] = cfg.seed
     _write_json_atomic(path, split)
     return split
+
+
+def _survival_split(cfg, patients: set[str]) -> dict:
+    """Survival patients split as the disease run of ``--init-from`` split them: its test
+    patients are the survival test set, its training and validation patients (and any it did
+    not see) the survival training set; no validation set (paper 3.3). Split independently,
+    the survival test held patients the disease network had been trained on."""
+    source = json.loads((Path(cfg.init_from) / "split.json").read_text())
+    test = patients & set(source["test"])
+    return {
+        "train": sorted(patients - test),
+        "val": [],
+        "test": sorted(test),
+        "seed": cfg.seed,
+        "from": str(cfg.init_from),
+    }
 
 
 def _train_epoch(cfg, model, optimizer, batches, spec, frozen, epoch, batch_size, mesh) -> dict:
