@@ -428,6 +428,15 @@ def test_gradcam_cli_splits_runs_that_cannot_share_a_figure(study, tmp_path, mon
     twice = ["--workdir", "runs/seed0", str(tmp_path / "runs" / "seed0")]
     assert main([*twice, "--all", "--out", str(tmp_path / "o2")]) == 0
     assert (tmp_path / "o2" / "S1" / "summary.json").is_file()
+    # Two seeds side by side in one folder: their sets share that folder, numbered apart.
+    mixed = []
+    for seed in (0, 1):
+        for run in _runs(study, seed=seed, axes=("axial", "coronal")):
+            run.workdir = f"flat/s{seed}-{run.config.axis}"  # all four in one folder
+            mixed.append(run)
+    _stand_in_workdirs(tmp_path, mixed, monkeypatch)
+    assert main(["--workdir", str(tmp_path / "flat"), "--all", "--out", str(out / "m")]) == 0
+    assert sorted(p.name for p in (out / "m").iterdir()) == ["runs-1", "runs-2"]
 
 
 def _refuse(token):

@@ -97,11 +97,13 @@ def _run(args) -> int:
     sets = [s for s in run_sets(runs) if _wanted_labels(s, args.sign)]
     if not sets:
         raise ValueError(f"no run predicts any of {args.sign}")
-    for members in sets:
+    names = [set_name(members, runs) for members in sets]
+    for n, (members, name) in enumerate(zip(sets, names, strict=True)):
         # Runs that cannot share one figure folder (two seeds, --sign all beside --sign multi)
-        # each get their own.
-        where = out / set_name(members, runs) if len(sets) > 1 else out
-        _explain_set(members, args, where)
+        # each get their own; sets whose workdirs share a folder are told apart by number.
+        if names.count(name) > 1:
+            name = f"{name}-{n + 1}"
+        _explain_set(members, args, out / name if len(sets) > 1 else out)
     return 0
 
 
