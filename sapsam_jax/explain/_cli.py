@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--localisation",
         action="store_true",
         help="also score localisation against lesion truth (synthetic cohort): every study of "
-        "--split and every sign of the runs, whatever --study and --sign say",
+        "--split (whatever --study says), with the runs of --sign",
     )
     return parser
 
@@ -117,7 +117,8 @@ def _load_runs(workdirs) -> list:
         except FileNotFoundError as err:  # a run still in its first epoch: not an error here
             print(f"warning: skipped {workdir}: {err}", file=sys.stderr)
     if not runs:
-        raise FileNotFoundError(f"no trained run (with a checkpoint) under {workdirs}")
+        where = ", ".join(map(str, workdirs))
+        raise FileNotFoundError(f"no trained run (with a checkpoint) under {where}")
     return runs
 
 
@@ -132,6 +133,7 @@ def _explain_set(runs, args, out: Path) -> None:
     from sapsam_jax.explain._study import explain_study, in_split, split_studies
 
     cache = runs[0].cache
+    runs = [r for r in runs if _wanted_labels([r], args.sign)]  # the runs of the asked labels
     if args.study:
         missing = [s for s in args.study if s not in cache]
         if missing:
