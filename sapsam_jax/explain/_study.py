@@ -15,7 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from sapsam_jax.config import AXES, SIGNS, SUBREGIONS, GeometryConfig
+from sapsam_jax.config import AXES, SIGNS, SUBREGIONS
 from sapsam_jax.explain._figures import figure_title, save_fig3, save_psam3d_figure
 from sapsam_jax.explain._gradcam import grad_cam
 from sapsam_jax.explain._psam import (
@@ -28,7 +28,6 @@ from sapsam_jax.explain._psam import (
     working_volume_to_ct,
 )
 
-IDENTITY_ROTATION = GeometryConfig().identity_rotation_index  # paper 2.3: index 13 (default grid)
 MAP_NAMES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "hirescam": "HiResCAM"}
 # A run's workdir holds these (docs/ARCHITECTURE.md, "Training workdir").
 _WORKDIR_FILES = ("config.json", "run.json", "split.json")
