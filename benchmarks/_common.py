@@ -16,7 +16,7 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from sapsam_jax.data._cache import nonfinite_to_null
+from sapsam_jax.data._cache import atomic_write_bytes, nonfinite_to_null
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 _PACKAGES = (
@@ -149,7 +149,6 @@ def write_json(record: dict, name: str, out: str | Path | None = None) -> Path:
             out = out.with_name(f"{out.stem}-{os.getpid()}.json")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")  # never a half-written result
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=False, allow_nan=False) + "\n")
-    os.replace(tmp, out)
+    text = json.dumps(record, indent=2, sort_keys=False, allow_nan=False) + "\n"
+    atomic_write_bytes(out, text.encode())  # never a half-written result
     return out
