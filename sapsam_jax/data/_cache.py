@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from sapsam_jax.config import AXES, PreprocessConfig
+from sapsam_jax.io._volume import atomic_path
 
 CACHE_VERSION = 1
 CACHE_JSON = "cache.json"
@@ -52,27 +53,23 @@ class CacheError(RuntimeError):
 # --------------------------------------------------------------------------- atomic files
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}")
-
-
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary sibling and a rename (never half-written)."""
-    path = Path(path)
-    tmp = _tmp_name(path)
-    try:
+    """Write ``data`` to ``path`` through a temporary sibling and a rename (never half-written;
+    synced first, so a crash after the rename cannot leave an empty file either)."""
+    with atomic_path(path, suffix=Path(path).suffix) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
     text = json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n"
-    atomic_write_bytes(path, text.encode())
+    atomic_write_text(path, text)
 
 
 def atomic_write_csv(path: str | os.PathLike, fields, rows) -> None:

@@ -27,6 +27,7 @@ from sapsam_jax.backend import Backend, get_backend, to_numpy
 from sapsam_jax.config import AXES, PreprocessConfig, preprocess_preset
 from sapsam_jax.data._cache import (
     META_JSON,
+    atomic_write_json,
     clean_stale_tmp,
     init_cache_dir,
     merge_summaries,
@@ -322,9 +323,7 @@ def _reusable(out: Path, study) -> bool:
             folder,
         )
     if any(meta.get(k) != v for k, v in row.items()):
-        tmp = folder / f"{META_JSON}.tmp"
-        tmp.write_text(json.dumps(meta | row, indent=2) + "\n")
-        os.replace(tmp, folder / META_JSON)
+        atomic_write_json(folder / META_JSON, meta | row)
     return True
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import matplotlib
@@ -13,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from sapsam_jax.config import SIGNS  # noqa: E402
+from sapsam_jax.io._volume import atomic_path  # noqa: E402
 from sapsam_jax.train import confusion, roc_auc, roc_curve  # noqa: E402
 
 
@@ -90,8 +90,9 @@ def _confusion_figure(labels, probs):
 
 
 def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(f".tmp-{path.name}")
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
     return path

@@ -9,14 +9,13 @@ values (paper 3.2).
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from sapsam_jax.config import AXES
-from sapsam_jax.data._cache import nonfinite_to_null
+from sapsam_jax.data._cache import atomic_write_text, nonfinite_to_null
 from sapsam_jax.train import METRIC_NAMES, binary_metrics, bootstrap_intervals
 from sapsam_jax.train._config import TrainConfig
 
@@ -81,8 +80,8 @@ def write_report(workdirs, out_dir, *, extra: dict | None = None) -> dict:
         write_run_figures(run_dir)
     report = {"rows": rows, **(extra or {})}
     text = json.dumps(nonfinite_to_null(report), indent=2, default=_json_default, allow_nan=False)
-    _write_atomic(out_dir / "report.json", text)
-    _write_atomic(out_dir / "report.md", render_markdown(report))
+    atomic_write_text(out_dir / "report.json", text)
+    atomic_write_text(out_dir / "report.md", render_markdown(report))
     return report
 
 
@@ -191,12 +190,6 @@ def _json_default(value):
     if isinstance(value, np.ndarray):
         return value.tolist()
     return str(value)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 __all__ = ["METRIC_NAMES", "find_runs", "render_markdown", "run_results", "write_report"]

@@ -17,6 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from sapsam_jax.config import AXES
+from sapsam_jax.io._volume import atomic_path
 
 # Lung window (level -600 HU, width 1500 HU), the usual reading window for lung CT.
 LUNG_WINDOW_HU = (-1350.0, 150.0)
@@ -135,9 +136,7 @@ def _show_map(ax, values, spacing, flip: bool, floor: float = 0.0):
 
 def _save(fig: Figure, path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
     FigureCanvasAgg(fig)
-    fig.savefig(tmp, dpi=110, format="png")
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     return path

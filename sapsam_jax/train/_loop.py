@@ -30,7 +30,8 @@ from sapsam_jax.data import (
     study_label,
     task_samples,
 )
-from sapsam_jax.data._cache import nonfinite_to_null, to_jsonable
+from sapsam_jax.data._cache import atomic_write_text, nonfinite_to_null, to_jsonable
+from sapsam_jax.io._volume import atomic_path
 from sapsam_jax.train._checkpoint import RunCheckpoints
 from sapsam_jax.train._config import MIN_INPUT_SIZE, TrainConfig
 from sapsam_jax.train._data import Batches, prepare_cache, to_global, to_host
@@ -496,17 +497,16 @@ def write_test_predictions(model, spec, test: SampleSet, mesh, workdir: Path) ->
     _, probs = predict(model, spec, test, mesh)
     if not is_primary():
         return binary_metrics(test.labels.ravel(), probs.ravel())
-    tmp = workdir / "predictions_test.tmp.npz"
-    np.savez(
-        tmp,
-        probs=probs,
-        labels=test.labels,
-        study_ids=test.study_ids.astype(str),
-        patient_ids=test.patient_ids.astype(str),
-        subregions=test.subregions,
-        rotations=test.rotations,
-    )
-    os.replace(tmp, workdir / "predictions_test.npz")
+    with atomic_path(workdir / "predictions_test.npz", suffix=".npz") as tmp:
+        np.savez(
+            tmp,
+            probs=probs,
+            labels=test.labels,
+            study_ids=test.study_ids.astype(str),
+            patient_ids=test.patient_ids.astype(str),
+            subregions=test.subregions,
+            rotations=test.rotations,
+        )
     return binary_metrics(test.labels.ravel(), probs.ravel())
 
 
@@ -603,9 +603,7 @@ def _write_json_atomic(path: Path, value) -> None:
     """Write ``value`` as JSON through a temporary file (first process only, see fit)."""
     if not is_primary():
         return
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True, default=str))
 
 
 def _append_metrics(path: Path, record: dict) -> None:
@@ -624,9 +622,7 @@ def _truncate_metrics(path: Path, last_epoch: int) -> None:
         return
     lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
     kept = [ln for ln in lines if json.loads(ln)["epoch"] <= last_epoch]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in kept))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(ln + "\n" for ln in kept))
 
 
 def _tensorboard_writer(workdir: Path):
