@@ -447,9 +447,48 @@ def test_manifest_series_uid_and_allow_gaps_reach_the_loader(tmp_path, monkeypat
     seen = []
 
     def loader(path, **kwargs):
-        seen.append(kwargs)
+        if Path(path) == Path(study.path):  # not the lesion label map
+            seen.append(kwargs)
         return load_ct(path)  # a NIfTI phantom: one series, no gaps
 
     monkeypatch.setattr(_cohort, "load_ct", loader)
-    preprocess_cohort(cohort, tmp_path / "cache", config=TINY, backend="cpu", progress=False)
+    out = tmp_path / "cache"
+    preprocess_cohort(cohort, out, config=TINY, backend="cpu", progress=False)
     assert seen[0] == {"series_uid": "1.2.840.99", "allow_gaps": True}
+    meta = ProjectionCache(out).meta("S0")
+    assert (meta["series_uid"], meta["allow_gaps"]) == ("1.2.840.99", True)
+    _cohort.load_source_ct(meta)  # what explain reloads: the same series, gaps as then
+    assert seen[1] == {"series_uid": "1.2.840.99", "allow_gaps": True}
+
+    preprocess_cohort(cohort, out, config=TINY, backend="cpu", progress=False)
+    assert len(seen) == 2  # the same row: its projections are kept
+    # The row now picks another series of the folder: other voxels, projected again.
+    write_manifest(cohort, [dataclasses.replace(study, series_uid="1.2.840.100")])
+    result = preprocess_cohort(cohort, out, config=TINY, backend="cpu", progress=False)
+    assert (result.done, result.skipped, seen[-1]["series_uid"]) == (1, 0, "1.2.840.100")
+    assert ProjectionCache(out).meta("S0")["series_uid"] == "1.2.840.100"
+
+
+def test_a_damaged_meta_json_is_rebuilt_not_fatal(tmp_path, monkeypatch):
+    cohort = write_cohort(tmp_path / "cohort", n=2)
+    out = tmp_path / "cache"
+    preprocess_cohort(cohort, out, config=TINY, backend="cpu", progress=False)
+    (out / _cache.STUDIES_DIR / "S1" / _cache.META_JSON).write_text('{"patient_id": ')  # cut off
+    calls = count_calls(monkeypatch)
+    result = preprocess_cohort(cohort, out, config=TINY, backend="cpu", progress=False)
+    assert (result.done, result.skipped, result.failed, len(calls)) == (1, 1, 0, 1)
+    assert ProjectionCache(out).meta("S1")["patient_id"] == "P0"
+
+
+def test_a_label_map_off_the_ct_grid_is_refused(tmp_path):
+    import nibabel as nib
+
+    cohort = write_cohort(tmp_path / "cohort", n=1)
+    labels = tmp_path / "cohort" / "s0_labels.nii.gz"
+    data = np.asarray(load_ct(labels).hu)
+    # Same shape, saved the careless way: an identity affine puts it mirrored and scaled.
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(data.transpose(2, 1, 0)), np.eye(4)), labels)
+    result = preprocess_cohort(cohort, tmp_path / "cache", config=TINY, backend="cpu")
+    assert result.failed == 1
+    assert "s0_labels.nii.gz lies" in result.failures["S0"]
+    assert "off the CT's grid" in result.failures["S0"]

@@ -144,7 +144,7 @@ def build_study(
     target = study_dir(out_dir, study.study_id)  # rejects ids that cannot name a directory
     fingerprint = source_fingerprint(study)  # before reading: a later change shows as a change
     ct = load_ct(study.path, series_uid=study.series_uid, allow_gaps=study.allow_gaps)
-    labels = load_lesion_labels(study.lesion_labels, ct.hu.shape) if study.lesion_labels else None
+    labels = load_lesion_labels(study.lesion_labels, ct) if study.lesion_labels else None
     # Masks come back (to host memory) only when the QC figure needs them.
     scan = preprocess_scan(
         ct.hu, ct.spacing, config=config, backend=backend, lesion_labels=labels, keep_masks=qc_png
@@ -162,6 +162,14 @@ def build_study(
     return target
 
 
+def load_source_ct(meta: dict):
+    """The CT a cached study was projected from (``meta.json``): the same series of its folder,
+    its gaps interpolated as then."""
+    return load_ct(
+        meta["ct_path"], series_uid=meta.get("series_uid"), allow_gaps=meta.get("allow_gaps", False)
+    )
+
+
 def _check_lungs_found(qc: dict) -> None:
     """An empty lung mask would cache blank projections as a study the networks learn from."""
     for name in ("conservative", "refined"):
@@ -172,15 +180,26 @@ def _check_lungs_found(qc: dict) -> None:
             )
 
 
-def load_lesion_labels(path, ct_shape) -> np.ndarray:
-    """The lesion label map (0 background, 1-4 per sign) on the CT's grid, as uint8.
+def load_lesion_labels(path, ct) -> np.ndarray:
+    """The lesion label map (0 background, 1-4 per sign) on the grid of ``ct`` (a ``CTVolume``),
+    as uint8.
 
-    Loaded with ``load_ct`` so it gets the same canonical (k, j, i) orientation as the CT.
+    Loaded with ``load_ct`` so it gets the same canonical (k, j, i) orientation as the CT; its
+    own geometry must place its voxels where the CT's are (within a quarter voxel), or a map
+    saved with a wrong affine would put every lesion mirrored or shifted, silently.
     """
-    labels = np.asarray(load_ct(path).hu)
-    if labels.shape != tuple(ct_shape):
+    volume = load_ct(path)
+    labels = np.asarray(volume.hu)
+    if labels.shape != ct.hu.shape:
         raise ValueError(
-            f"lesion label map {Path(path).name} has shape {labels.shape}, the CT has {ct_shape}"
+            f"lesion label map {Path(path).name} has shape {labels.shape}, the CT has {ct.hu.shape}"
+        )
+    offset = _grid_offset_mm(volume.affine, ct.affine, labels.shape)
+    if offset > 0.25 * min(ct.spacing):
+        raise ValueError(
+            f"lesion label map {Path(path).name} lies {offset:.1f} mm off the CT's grid (corner "
+            f"voxels); its affine\n{np.round(volume.affine, 3)}\ndoes not match the CT's\n"
+            f"{np.round(ct.affine, 3)}\n(save it with the CT's geometry, e.g. io.save_nifti)"
         )
     if labels.min() < 0 or labels.max() > 255:
         raise ValueError(
@@ -188,6 +207,21 @@ def load_lesion_labels(path, ct_shape) -> np.ndarray:
             "expected small non-negative labels"
         )
     return labels.astype(np.uint8)
+
+
+def _grid_offset_mm(affine, reference, shape) -> float:
+    """Largest distance (mm) between where two affines put the corner voxels of ``shape``."""
+    corners = np.array(
+        [
+            [k, j, i, 1]
+            for k in (0, shape[0] - 1)
+            for j in (0, shape[1] - 1)
+            for i in (0, shape[2] - 1)
+        ],
+        float,
+    )
+    moved = corners @ np.asarray(affine, float).T - corners @ np.asarray(reference, float).T
+    return float(np.linalg.norm(moved[:, :3], axis=1).max())
 
 
 def scan_arrays(scan) -> dict[str, np.ndarray]:
@@ -296,22 +330,21 @@ def _reusable(out: Path, study) -> bool:
     Labels are copied into meta.json when a study is built; a corrected label in the manifest is
     written into it here (no re-projection). Files that moved keep their projections (a moved
     cohort is not recomputed), with a warning. Files rewritten since the study was built (their
-    ``source_fingerprint`` changed, :func:`_changed`: a cohort regenerated in place) are
-    projected again.
+    ``source_fingerprint`` changed, :func:`_changed`: a cohort regenerated in place), rows that
+    now pick another ``series_uid`` or ``allow_gaps``, and study folders whose meta.json is
+    missing or damaged are projected again.
     """
     if not _is_cached(out, study.study_id):
         return False
     folder = study_dir(out, study.study_id)
-    meta = json.loads((folder / META_JSON).read_text())
-    recorded = meta.get("source_fingerprint")  # absent in caches built before 2026-11-22
+    meta = _read_meta(folder)
     now = source_fingerprint(study)
-    if recorded is not None and _changed(recorded, now, meta, study):
-        logger.info(
-            "study %s: its CT or label files changed since they were projected; projecting again",
-            study.study_id,
-        )
+    stale = _stale_reason(meta, now, study)
+    if stale:
+        logger.warning("study %s: %s; projecting it again", study.study_id, stale)
         shutil.rmtree(folder)  # write_study keeps a folder that exists (another writer's)
         return False
+    recorded = meta.get("source_fingerprint")
     row = _row_meta(study)
     if recorded is not None:
         row["source_fingerprint"] = now  # the moved files, from now on
@@ -327,8 +360,34 @@ def _reusable(out: Path, study) -> bool:
     return True
 
 
+def _read_meta(folder: Path) -> dict | None:
+    """meta.json of a cached study; None when a half-copied or damaged folder has none to read."""
+    try:
+        meta = json.loads((folder / META_JSON).read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _stale_reason(meta: dict | None, now: dict, study) -> str | None:
+    """Why the cached projections no longer belong to the manifest row, or None."""
+    if meta is None:
+        return f"its {META_JSON} is missing or unreadable"
+    recorded = meta.get("source_fingerprint")  # absent in caches built before 2026-11-22
+    if recorded is not None and _changed(recorded, now, meta, study):
+        return "its CT or label files changed since they were projected"
+    # Another series of the DICOM folder, or its gaps now (not) interpolated: other voxels.
+    # (Caches built before 2026-11-22 did not record these; they are taken as they are.)
+    picked = {"series_uid": study.series_uid, "allow_gaps": study.allow_gaps}
+    changed = [key for key, value in picked.items() if key in meta and meta[key] != value]
+    if changed:
+        return f"the manifest row now sets {' and '.join(changed)} otherwise than when projected"
+    return None
+
+
 def _row_meta(study) -> dict:
-    """What meta.json takes from the manifest row (ids, labels, source files)."""
+    """What meta.json takes from the manifest row (ids, labels, source files and which series of
+    them; explain reloads the CT with these)."""
     return to_jsonable(
         {
             "patient_id": study.patient_id,
@@ -337,6 +396,8 @@ def _row_meta(study) -> dict:
             "annotations": {region: dict(flags) for region, flags in study.annotations.items()},
             "ct_path": str(study.path),
             "lesion_labels_path": str(study.lesion_labels) if study.lesion_labels else None,
+            "series_uid": study.series_uid,
+            "allow_gaps": study.allow_gaps,
         }
     )
 

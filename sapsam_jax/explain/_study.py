@@ -278,7 +278,8 @@ def explain_study(
     ``rotation`` None: the identity.
     """
     from sapsam_jax.data._cache import atomic_write_json
-    from sapsam_jax.io import load_ct, save_nifti
+    from sapsam_jax.data._cohort import load_source_ct
+    from sapsam_jax.io import save_nifti
 
     out = Path(out_dir) / study_id
     groups = {k: v for k, v in group_runs(runs).items() if labels is None or k in labels}
@@ -286,7 +287,7 @@ def explain_study(
         raise ValueError(f"no run predicts any of {labels}")
     first = next(iter(next(iter(groups.values())).values()))
     meta = first.cache.meta(study_id)
-    ct = load_ct(meta["ct_path"])
+    ct = load_source_ct(meta)  # the series the cache was built from, not any of the folder's
     summary = {
         "study_id": study_id,
         "method": method,  # None: each run's own, recorded per axis under "maps"
