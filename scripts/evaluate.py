@@ -10,7 +10,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from sapsam_jax.evaluate import find_trained_runs, rebuild_predictions, write_report
+from sapsam_jax.evaluate import (
+    ReportError,
+    find_runs,
+    find_trained_runs,
+    rebuild_predictions,
+    write_report,
+)
+from sapsam_jax.train._loop import WorkdirError
 
 
 def main(argv=None) -> int:
@@ -35,26 +42,45 @@ def main(argv=None) -> int:
         help="add Grad-CAM localisation scores for sign runs with lesion truth",
     )
     args = parser.parse_args(argv)
-    runs = find_trained_runs(args.workdir)
-    if not runs:
-        missing = [str(p) for p in args.workdir if not Path(p).exists()]
-        where = ", ".join(map(str, args.workdir))
-        print(
-            f"error: {', '.join(missing)} does not exist"
-            if missing
-            else f"error: no training run (config.json + checkpoints/) below {where}",
-            file=sys.stderr,
-        )
+    problems = [p for w in args.workdir if (p := workdir_problem(w))]
+    if problems:
+        for problem in problems:  # a mistyped axis must not just drop out of the table
+            print(f"error: {problem}", file=sys.stderr)
         return 2
-    if not args.no_rebuild:
-        for run in runs:
-            print(f"predicting test patients of {run}", flush=True)
-            rebuild_predictions(run)
-    extra = {"localisation": localisation(runs)} if args.localisation else None
-    out = args.out or args.workdir[0]
-    write_report(args.workdir, out, extra=extra)
+    runs = find_trained_runs(args.workdir)
+    warn_skipped(args.workdir, runs, args.no_rebuild)
+    try:
+        if not args.no_rebuild:
+            for run in runs:
+                print(f"predicting test patients of {run}", flush=True)
+                rebuild_predictions(run)
+        extra = {"localisation": localisation(runs)} if args.localisation else None
+        out = args.out or args.workdir[0]
+        write_report(args.workdir, out, extra=extra)
+    except (ReportError, WorkdirError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(f"report: {out / 'report.md'}")
     return 0
+
+
+def workdir_problem(workdir: Path) -> str | None:
+    """Why ``workdir`` adds no run to the report, or None."""
+    if not workdir.exists():
+        return f"{workdir} does not exist"
+    if not find_runs([workdir], marker="run.json"):
+        return f"no training run (config.json + run.json) at or below {workdir}"
+    return None
+
+
+def warn_skipped(workdirs, runs, no_rebuild: bool) -> None:
+    """Name the run folders the report leaves out, so no row vanishes without a word."""
+    kept = set(find_runs(workdirs) if no_rebuild else runs)
+    for run in find_runs(workdirs, marker="run.json"):
+        if run in kept:
+            continue
+        why = "no saved test predictions" if no_rebuild else "no checkpoint yet"
+        print(f"warning: {run} left out of the report: {why}", file=sys.stderr)
 
 
 def localisation(runs) -> list:

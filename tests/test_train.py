@@ -212,6 +212,22 @@ def test_metrics_against_brute_force():
     assert ci["auc"][1] - ci["auc"][0] < 0.2
 
 
+def test_roc_curve_steps_diagonally_over_ties_and_encloses_the_auc():
+    from sapsam_jax.train import roc_curve
+
+    fpr, tpr = roc_curve([1, 0, 1, 0], [0.5] * 4)  # one threshold: one diagonal step
+    np.testing.assert_array_equal(fpr, [0, 1])
+    np.testing.assert_array_equal(tpr, [0, 1])
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 300)
+    s = np.round(rng.random(300) * 0.6 + y * 0.2, 1)  # 9 distinct scores: many mixed ties
+    fpr, tpr = roc_curve(y, s)
+    assert len(fpr) == len(np.unique(s)) + 1
+    pos, neg = s[y == 1], s[y == 0]
+    brute = np.mean((pos[:, None] > neg[None]) + 0.5 * (pos[:, None] == neg[None]))
+    assert np.trapezoid(tpr, fpr) == pytest.approx(brute)
+
+
 def test_undefined_metrics_are_nan_and_bootstraps_skip_them():
     nan = pytest.approx(np.nan, nan_ok=True)
     none_positive = binary_metrics([0, 0, 0, 0], [0.1, 0.2, 0.3, 0.4])

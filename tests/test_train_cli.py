@@ -2,8 +2,11 @@
 report), then `scripts/evaluate.py` rebuilds the same test metrics from the checkpoint."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -93,13 +96,27 @@ def test_evaluate_rebuilds_the_same_metrics_from_checkpoints(tiny_run):
     run, _ = tiny_run
     before = json.loads((run / "report.json").read_text())["rows"][0]["metrics"]
     (run / "predictions_test.npz").unlink()
-    proc = subprocess.run(
-        [sys.executable, "scripts/evaluate.py", "--workdir", str(run), "--no-localisation"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    # A study of a test patient that the manifest dropped since stays in the cache folder: the
+    # rebuild reads the studies the run was trained and tested on, not the whole folder.
+    studies = Path(json.loads((run / "config.json").read_text())["cache"]) / "studies"
+    test_patients = set(json.loads((run / "split.json").read_text())["test"])
+    source = next(
+        d
+        for d in sorted(studies.iterdir())
+        if json.loads((d / "meta.json").read_text())["patient_id"] in test_patients
     )
+    dropped = studies / f"{source.name}-dropped"
+    shutil.copytree(source, dropped)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "scripts/evaluate.py", "--workdir", str(run), "--no-localisation"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    finally:
+        shutil.rmtree(dropped)
     assert proc.returncode == 0, proc.stderr[-3000:]
     after = json.loads((run / "report.json").read_text())["rows"][0]["metrics"]
     assert after == pytest.approx(before)
@@ -131,6 +148,58 @@ def test_report_table_shows_every_run_of_a_sign_and_axis():
     assert "| cavity (all/cavity) | 90.0 [90.0-90.0] | - |" in table
     assert "| cavity (seed1/cavity) | 80.0 [80.0-80.0] | - |" in table
     assert "| cavity | - | 70.0 [70.0-70.0] |" in table  # alone on its axis: one row per sign
+
+    # Experiments under two roots with the same run layout: named apart, none dropped.
+    rows = [row("/exp/lr1e-4/signs-axial-all/cavity", "axial", 0.9)]
+    rows.append(row("/exp/lr1e-3/signs-axial-all/cavity", "axial", 0.5))
+    rows[0] |= {"n_test_patients": 8, "epochs": {"done": 8, "planned": 8, "best": 6}}
+    rows[1] |= {"n_test_patients": 3, "epochs": {"done": 1, "planned": 8, "best": 1}}
+    table = render_markdown({"rows": rows})
+    assert "| cavity (lr1e-4/signs-axial-all/cavity) | 90.0 [90.0-90.0] |" in table
+    incomplete = "cavity (lr1e-3/signs-axial-all/cavity) (*incomplete*: 1/8 epochs)"
+    assert f"| {incomplete} | 50.0 [50.0-50.0] |" in table
+    assert "| axial | 10 | 5 | 8 | 8/8 (6) | 90.0 |" in table  # test patients, epochs (best)
+    assert f"Fewer than 5 test patients ({incomplete})" in table
+
+
+def test_evaluate_names_every_workdir_that_adds_no_run(tiny_run, tmp_path):
+    from sapsam_jax.evaluate import find_runs
+
+    run, _ = tiny_run
+    relative = Path(os.path.relpath(run, REPO_ROOT))
+    assert find_runs([run, relative, run.parent]) == [run]  # one run, however it is named
+    typo = tmp_path / "signs-coronal-typo"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "scripts/evaluate.py", "--workdir", str(run), str(typo), str(empty)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert f"error: {typo} does not exist" in proc.stderr
+    assert f"error: no training run (config.json + run.json) at or below {empty}" in proc.stderr
+
+    # A run killed before its first epoch ended is named, not silently left out; a damaged
+    # one stops the report with its folder named (no traceback).
+    root = tmp_path / "runs"
+    shutil.copytree(run, root / "done", ignore=shutil.ignore_patterns("checkpoints"))
+    (root / "killed").mkdir()
+    for name in ("config.json", "run.json", "split.json"):
+        shutil.copy(run / name, root / "killed" / name)
+    cmd = [sys.executable, "scripts/evaluate.py", "--workdir", str(root), "--no-rebuild"]
+    cmd += ["--no-localisation"]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    killed = root / "killed"
+    assert f"warning: {killed} left out of the report: no saved test predictions" in proc.stderr
+    config = json.loads((root / "done" / "config.json").read_text())
+    (root / "done" / "config.json").write_text(json.dumps(config | {"old_field": 1}))
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"error: run {root / 'done'}: cannot report it" in proc.stderr
 
 
 def test_train_command_mistakes_are_error_lines_before_any_work(tmp_path, capsys):

@@ -22,10 +22,19 @@ from sapsam_jax.train._config import TrainConfig
 TABLE_METRICS = ("precision", "recall", "f1", "auc")
 
 
+# Bootstrap intervals over fewer test patients than this say little; the report says so.
+FEW_TEST_PATIENTS = 5
+
+
+class ReportError(ValueError):
+    """A run folder cannot be reported (damaged config, predictions or metrics); names it."""
+
+
 def find_runs(workdirs, marker: str = "predictions_test.npz") -> list[Path]:
-    """Every run folder (config.json + ``marker``) at or below ``workdirs``."""
+    """Every run folder (config.json + ``marker``) at or below ``workdirs``, each once (a folder
+    given twice, relative and absolute, or inside another given folder, is one run)."""
     runs = set()
-    for root in map(Path, workdirs):
+    for root in (Path(w).resolve() for w in workdirs):
         for config in [root / "config.json", *root.rglob("*/config.json")]:
             if (config.parent / marker).exists():
                 runs.add(config.parent)
@@ -34,11 +43,20 @@ def find_runs(workdirs, marker: str = "predictions_test.npz") -> list[Path]:
 
 def run_results(run_dir: Path) -> dict:
     """Metrics with 95% bootstrap intervals of one run's test predictions."""
+    try:
+        return _run_results(Path(run_dir))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ReportError(f"run {run_dir}: cannot report it ({type(err).__name__}: {err})") from err
+
+
+def _run_results(run_dir: Path) -> dict:
     cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
     pred = np.load(run_dir / "predictions_test.npz", allow_pickle=False)
     labels, probs = pred["labels"], pred["probs"]
     # Patient-level intervals (paper 2.3 splits by patient); older files lack the ids.
     patients = pred["patient_ids"] if "patient_ids" in pred.files else None
+    n_patients = len(set(patients.tolist())) if patients is not None else None
+    epochs = checkpoint_epochs(run_dir, cfg)
     names = _row_names(cfg, labels)
     results = []
     for column, name in enumerate(names):
@@ -55,9 +73,27 @@ def run_results(run_dir: Path) -> dict:
                     y, p, n_resamples=cfg.bootstrap, seed=cfg.seed, groups=patients
                 ),
                 "ci_resamples": "patients" if patients is not None else "images",
+                "n_test_patients": n_patients,
+                "epochs": epochs,
             }
         )
     return {"run": str(run_dir), "rows": results}
+
+
+def checkpoint_epochs(run_dir: Path, cfg: TrainConfig) -> dict:
+    """Epochs the run finished (its latest checkpoint), planned, and the best checkpoint's: a
+    run that was stopped early is reported as what it is."""
+
+    def last(kind: str) -> int | None:
+        steps = [p.name for p in (run_dir / "checkpoints" / kind).glob("*")]
+        return max((int(s) for s in steps if s.isdigit()), default=None)  # not Orbax temp dirs
+
+    return {"done": last("latest"), "planned": cfg.num_epochs, "best": last("best")}
+
+
+def _incomplete(row: dict) -> bool:
+    epochs = row.get("epochs") or {}
+    return epochs.get("done") is not None and epochs["done"] < epochs["planned"]
 
 
 def _row_names(cfg: TrainConfig, labels: np.ndarray) -> list[str]:
@@ -77,7 +113,10 @@ def write_report(workdirs, out_dir, *, extra: dict | None = None) -> dict:
     rows = []
     for run_dir in find_runs(workdirs):
         rows.extend(run_results(run_dir)["rows"])
-        write_run_figures(run_dir)
+        try:
+            write_run_figures(run_dir)
+        except (OSError, ValueError, KeyError) as err:
+            raise ReportError(f"run {run_dir}: cannot draw its figures ({err})") from err
     report = {"rows": rows, **(extra or {})}
     text = json.dumps(nonfinite_to_null(report), indent=2, default=_json_default, allow_nan=False)
     atomic_write_text(out_dir / "report.json", text)
@@ -113,29 +152,71 @@ def render_markdown(report: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        "| Task | Axis | n test | positives | accuracy | workdir |",
-        "|---|---|---|---|---|---|",
+        "| Task | Axis | n test | positives | test patients | epochs (best) | accuracy | workdir |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         m = r["metrics"]
+        patients = r.get("n_test_patients")
         lines.append(
             f"| {r['row']} | {r['axis']} | {m['n']} | {m['n_positive']} | "
+            f"{'?' if patients is None else patients} | {_epochs_cell(r.get('epochs'))} | "
             f"{100 * m['accuracy']:.1f} | `{r['workdir']}` |"
         )
+    few = [
+        r["row"]
+        for r in rows
+        if (r.get("n_test_patients") or FEW_TEST_PATIENTS) < FEW_TEST_PATIENTS
+    ]
+    if few:
+        lines += [
+            "",
+            f"Fewer than {FEW_TEST_PATIENTS} test patients ({', '.join(dict.fromkeys(few))}): "
+            "their intervals resample so few patients that they say little.",
+        ]
+    if any(_incomplete(r) for r in rows):
+        lines += [
+            "",
+            "Rows marked *incomplete* come from runs stopped before their last epoch (rerun the "
+            "same command to finish them).",
+        ]
     lines += _localisation_lines(report.get("localisation"))
     return "\n".join(lines) + "\n"
 
 
 def _distinct_rows(rows: list[dict]) -> list[dict]:
     """Rows with the run's folder added to the name where runs share a name and axis (two seeds,
-    ``--sign all`` next to ``--sign multi``), so the table shows every run, not the first."""
-    shared = Counter((r["row"], r["axis"]) for r in rows)
-    return [
-        r | {"row": f"{r['row']} ({_short_path(r['workdir'])})"}
-        if shared[(r["row"], r["axis"])] > 1
-        else r
-        for r in rows
-    ]
+    ``--sign all`` next to ``--sign multi``), so the table shows every run, not the first; rows
+    of runs stopped early say so."""
+    named = [dict(r) for r in rows]
+    groups: dict[tuple, list[int]] = {}
+    for index, r in enumerate(rows):
+        groups.setdefault((r["row"], r["axis"]), []).append(index)
+    for indices in groups.values():
+        if len(indices) > 1:
+            labels = distinguishing_suffixes([rows[i]["workdir"] for i in indices])
+            for i, label in zip(indices, labels, strict=True):
+                named[i]["row"] = f"{rows[i]['row']} ({label})"
+    for r in named:
+        if _incomplete(r):
+            r["row"] += f" (*incomplete*: {r['epochs']['done']}/{r['epochs']['planned']} epochs)"
+    return named
+
+
+def distinguishing_suffixes(paths) -> list[str]:
+    """The shortest trailing parts (two at least) that tell the paths apart, one per path."""
+    parts = [Path(p).parts for p in paths]
+    for k in range(2, max(map(len, parts)) + 1):
+        labels = ["/".join(p[-k:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(p) for p in paths]
+
+
+def _epochs_cell(epochs: dict | None) -> str:
+    if not epochs or epochs.get("done") is None:
+        return "?"
+    return f"{epochs['done']}/{epochs['planned']} ({epochs['best'] if epochs['best'] else '-'})"
 
 
 def _short_path(workdir: str) -> str:
@@ -192,4 +273,12 @@ def _json_default(value):
     return str(value)
 
 
-__all__ = ["METRIC_NAMES", "find_runs", "render_markdown", "run_results", "write_report"]
+__all__ = [
+    "METRIC_NAMES",
+    "ReportError",
+    "checkpoint_epochs",
+    "find_runs",
+    "render_markdown",
+    "run_results",
+    "write_report",
+]

@@ -37,11 +37,18 @@ def roc_auc(y_true, scores) -> float:
 
 
 def roc_curve(y_true, scores) -> tuple[np.ndarray, np.ndarray]:
-    """False and true positive rates at every threshold, from (0, 0) to (1, 1)."""
+    """False and true positive rates at every distinct threshold, from (0, 0) to (1, 1).
+
+    Tied scores are one threshold: one diagonal step, so the area under the drawn curve is
+    :func:`roc_auc` (ties count 1/2), as in scikit-learn.
+    """
     y_true = np.asarray(y_true).astype(bool)
-    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="mergesort")
-    tps = np.concatenate([[0], np.cumsum(y_true[order])])
-    fps = np.concatenate([[0], np.cumsum(~y_true[order])])
+    scores = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(-scores, kind="mergesort")
+    ranked = scores[order]
+    last_of_each_score = np.r_[ranked[1:] != ranked[:-1], True] if len(ranked) else []
+    tps = np.concatenate([[0], np.cumsum(y_true[order])[last_of_each_score]])
+    fps = np.concatenate([[0], np.cumsum(~y_true[order])[last_of_each_score]])
     return fps / max(fps[-1], 1), tps / max(tps[-1], 1)
 
 

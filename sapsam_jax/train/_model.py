@@ -117,6 +117,7 @@ def load_trained(workdir, which: str = "best") -> TrainedRun:
     if meta is None:
         raise FileNotFoundError(f"{workdir} holds no checkpoint yet")
     model.eval()
+    split = json.loads((workdir / "split.json").read_text())
     return TrainedRun(
         workdir=workdir,
         config=cfg,
@@ -124,9 +125,19 @@ def load_trained(workdir, which: str = "best") -> TrainedRun:
         preprocessing=run["preprocessing"],
         image_size=tuple(run["image_size"]),
         multi_label=run["multi_label"],
-        split=json.loads((workdir / "split.json").read_text()),
-        cache=ProjectionCache(cfg.cache),
+        split=split,
+        cache=ProjectionCache(cfg.cache, studies=trained_studies(split)),
     )
+
+
+def trained_studies(split: dict) -> list[str] | None:
+    """The studies a run was trained, validated and tested on (split.json's data record), so a
+    cache folder that also holds studies its manifest dropped since is read as the run read it;
+    None (every study in the folder) for runs recorded before 2026-11-22."""
+    data = split.get("data")
+    if not data:
+        return None
+    return sorted({sid for ids in data["studies"].values() for sid in ids})
 
 
 def _restore_latest_model(ckpts, model):
