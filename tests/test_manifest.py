@@ -152,6 +152,41 @@ def test_every_problem_is_reported_with_row_and_column(cohort):
     assert isinstance(err.value, ValueError)
 
 
+def test_ids_the_cache_cannot_use_and_unbalanced_quotes_are_named(cohort):
+    def line(study_id, path="ct/s1.nii.gz"):
+        return ",".join([study_id, "p1", path, "1"] + [""] * (len(manifest_columns) - 4))
+
+    rows = [line("s1"), line("../s2"), line("S1"), line("p1 s3"), line(".hidden")]
+    path = cohort / "ids.csv"
+    path.write_text("\n".join([",".join(manifest_columns), *rows]) + "\n")
+    with pytest.raises(ManifestError) as err:
+        read_manifest(path)
+    unusable = "cannot name a cache directory (use letters, digits, '_', '-', '.'; not starting"
+    assert err.value.problems == [
+        f"row 3, column 'study_id': '../s2' {unusable} with '.')",
+        "row 4, column 'study_id': duplicate study_id 'S1' (first on row 2 as 's1'; ids must "
+        "differ in more than case)",
+        f"row 5, column 'study_id': 'p1 s3' {unusable} with '.')",
+        f"row 6, column 'study_id': '.hidden' {unusable} with '.')",
+    ]
+
+    # A stray opening quote swallows the rows after it: named, with the row it starts on.
+    rows = [line("s1"), line("s2", path='"ct/s2.nii.gz'), line("s3")]
+    path.write_text("\n".join([",".join(manifest_columns), *rows]) + "\n")
+    with pytest.raises(ManifestError, match=r"row 3: 3 fields, .*runs over several lines"):
+        read_manifest(path)
+    big = [line(f"s{n}") for n in range(4, 4000)]  # past csv's field size limit
+    path.write_text("\n".join([",".join(manifest_columns), *rows, *big]) + "\n")
+    with pytest.raises(ManifestError, match=r"row 3: unreadable CSV \(field larger than"):
+        read_manifest(path)
+
+
+def test_relative_study_paths_are_taken_from_the_current_directory(cohort, monkeypatch):
+    monkeypatch.chdir(cohort)
+    write_manifest(cohort / "sub" / "m.csv", [Study("s1", "p1", "ct/s1.nii.gz", cpa=1)])
+    assert read_manifest(cohort / "sub" / "m.csv")[0].path == (cohort / "ct" / "s1.nii.gz")
+
+
 def test_missing_files_can_be_left_unchecked(cohort):
     write_manifest(cohort / "m.csv", studies(cohort))
     (cohort / "ct" / "s2.nii.gz").unlink()

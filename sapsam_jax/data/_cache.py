@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from sapsam_jax.config import AXES, PreprocessConfig
+from sapsam_jax.io._manifest import STUDY_ID_PATTERN, STUDY_ID_RULE
 from sapsam_jax.io._volume import atomic_path
 
 CACHE_VERSION = 1
@@ -41,8 +42,6 @@ FAILURES_CSV = "failures.csv"
 QC_CSV = "qc.csv"
 TMP_PREFIX = ".tmp-"
 FAILURE_FIELDS = ("study_id", "reason")
-# A study id names a directory: keep it to one safe path component.
-_STUDY_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _SHARD_FAILURES_RE = re.compile(r"^failures-(\d+)-of-(\d+)\.csv$")
 
 
@@ -54,13 +53,10 @@ class CacheError(RuntimeError):
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary sibling and a rename (never half-written;
-    synced first, so a crash after the rename cannot leave an empty file either)."""
+    """Write ``data`` to ``path`` through a temporary sibling, synced, and a rename (never
+    half-written; ``io.atomic_path``)."""
     with atomic_path(path, suffix=Path(path).suffix) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        Path(tmp).write_bytes(data)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -218,10 +214,9 @@ def _dict_diff(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
 
 def check_study_id(study_id: str) -> str:
     """``study_id`` if it can name a directory, else ValueError (no '/', no leading '.')."""
-    if not isinstance(study_id, str) or not _STUDY_ID_RE.match(study_id):
+    if not isinstance(study_id, str) or not STUDY_ID_PATTERN.match(study_id):
         raise ValueError(
-            f"study id {study_id!r} cannot name a cache directory "
-            "(use letters, digits, '_', '-', '.'; not starting with '.')"
+            f"study id {study_id!r} cannot name a cache directory (use {STUDY_ID_RULE})"
         )
     return study_id
 

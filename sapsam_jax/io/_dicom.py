@@ -84,14 +84,15 @@ def read_dicom(path: Path, series_uid: str | None, allow_gaps: bool) -> CTVolume
         normal = _slice_normal(frames[0])
         frames.sort(key=lambda fr: float(fr.position @ normal))
         positions = np.array([fr.position @ normal for fr in frames])
-        _check_stacked(frames, normal, path)
+        stack = _stack_direction(frames, normal)
+        _check_stacked(frames, normal, stack, path)
         targets = _check_spacing(positions, frames, path, allow_gaps)
         hu = decode(frames, pool)
     interpolated = 0
     if targets is not None:
         interpolated = _count_new(positions, targets)
         hu, positions = _interpolate_slices(hu, positions, targets), targets
-    hu, affine = to_canonical(hu, _native_affine(frames[0], normal, positions), path)
+    hu, affine = to_canonical(hu, _native_affine(frames[0], normal, stack, positions), path)
     meta = _metadata(items[0][1], path, hu, affine, len(frames))
     meta["interpolated_slices"] = interpolated
     return CTVolume(hu=hu, spacing=spacing_of(affine), affine=affine, meta=meta)
@@ -111,18 +112,23 @@ def _read_one(path: Path):
             f"{path}: cannot parse DICOM, file truncated or corrupt ({err})"
         ) from None
     if "PixelData" not in ds:
-        if _is_image_sop_class(ds):
+        if _is_image(ds):
             raise CTLoadError(f"{path}: DICOM image without pixel data, file truncated or corrupt")
-        return None  # e.g. DICOMDIR, dose reports, presentation states
+        return None  # e.g. DICOMDIR, dose reports, presentation states, private reports
     return ds
 
 
-def _is_image_sop_class(ds) -> bool:
-    """True unless the SOP class is known and is not an image (truncated files lose it too)."""
+def _is_image(ds) -> bool:
+    """Whether a file without pixel data should have had some (truncated), by its SOP class.
+
+    A private or unknown SOP class (Siemens CSA reports, Philips private series data) is an
+    image only if it has the image attributes Rows and Columns: these precede PixelData, so a
+    truncated image keeps them, while a non-image object never has them.
+    """
     uid = ds.get("SOPClassUID") or getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID")
-    if uid is None or not getattr(uid, "is_valid", True) or uid.name == uid:
-        return True
-    return "Image" in uid.name
+    if uid is not None and getattr(uid, "is_valid", True) and uid.name != uid:
+        return "Image" in uid.name
+    return "Rows" in ds and "Columns" in ds
 
 
 def _read_folder(folder: Path, pool: ThreadPoolExecutor) -> list[tuple[Path, pydicom.Dataset]]:
@@ -223,23 +229,40 @@ def _check_consistent(frames: list[_Frame], items, source: Path) -> None:
         raise CTLoadError(f"{source}: slices have different sizes (rows, columns) {sorted(shapes)}")
 
 
-def _check_stacked(frames: list[_Frame], normal: np.ndarray, source: Path) -> None:
-    """Every slice origin on the line through the first one along the slice normal.
+def _stack_direction(frames: list[_Frame], normal: np.ndarray) -> np.ndarray:
+    """The step from slice origin to slice origin per mm along the slice normal (sorted frames).
 
-    The affine stacks the slices along the normal; a stack sheared in ImagePositionPatient alone
-    (gantry tilt the orientation does not record) or slices shifted in-plane would load with the
-    wrong geometry and no error.
+    The normal itself for an orthogonal stack. With a gantry tilt the slice planes lean while
+    the table moves along the patient's axis, so the origins step off the normal: the grid is
+    sheared, and the affine must be too, or every slice but the first is misplaced (by 2 mm at
+    the end of a 25 cm scan tilted 0.5 degrees). ``to_canonical`` refuses a shear over 1 degree.
+    """
+    step = frames[-1].position - frames[0].position
+    along = float(step @ normal)
+    if len(frames) < 2 or along < 1e-6:
+        return normal  # one slice, or duplicates (_check_spacing names them)
+    return step / along
+
+
+def _check_stacked(
+    frames: list[_Frame], normal: np.ndarray, stack: np.ndarray, source: Path
+) -> None:
+    """Every slice origin on the line from the first one along ``stack``.
+
+    The affine steps from slice to slice along ``stack`` (first to last origin); slices shifted
+    off that line (another acquisition mixed in, a stack bent in ImagePositionPatient) would
+    load with the wrong geometry and no error.
     """
     origins = np.array([fr.position for fr in frames])
-    in_plane = origins - np.outer(origins @ normal, normal)
-    shift = np.linalg.norm(in_plane - in_plane[0], axis=1)
+    expected = origins[0] + np.outer((origins - origins[0]) @ normal, stack)
+    shift = np.linalg.norm(origins - expected, axis=1)
     worst = int(np.argmax(shift))
     if shift[worst] > 0.5 * min(frames[0].pixel_spacing):
         raise CTLoadError(
-            f"{source}: {frames[worst].label()} lies {shift[worst]:.1f} mm off the stack of the "
-            f"first slice ({frames[0].label()}) across the slice plane: a gantry tilt recorded "
-            "only in ImagePositionPatient, or slices of another acquisition; resample the series "
-            "onto a regular grid first"
+            f"{source}: {frames[worst].label()} lies {shift[worst]:.1f} mm off the line of slice "
+            f"origins from {frames[0].label()} to {frames[-1].label()}: slices of another "
+            "acquisition, or a stack whose ImagePositionPatient does not run straight; resample "
+            "the series onto a regular grid first"
         )
 
 
@@ -324,6 +347,15 @@ def _number(value, what: str, where, default: float) -> float:
         raise CTLoadError(f"{where}: malformed {what} ({value!r})") from None
 
 
+def _optional_number(value) -> float | None:
+    """A descriptive number (not used for geometry or HU); None when absent or malformed (some
+    converters write decimal commas), rather than failing the scan over it."""
+    try:
+        return float(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
 def _size(ds, where) -> tuple[int, int]:
     """(Rows, Columns) of an image, or a clear error naming the file."""
     if "Rows" not in ds or "Columns" not in ds:
@@ -389,18 +421,21 @@ def _slice_normal(frame: _Frame) -> np.ndarray:
     return normal / norm
 
 
-def _native_affine(first: _Frame, normal: np.ndarray, positions: np.ndarray) -> np.ndarray:
+def _native_affine(
+    first: _Frame, normal: np.ndarray, stack: np.ndarray, positions: np.ndarray
+) -> np.ndarray:
     """4x4 from (slice, row, column) indices of the sorted stack to LPS mm.
 
     A row index steps along the column direction cosine (IOP[3:]) by PixelSpacing[0]; a column
-    index along the row direction cosine (IOP[:3]) by PixelSpacing[1] (DICOM PS3.3 C.7.6.2.1.1).
+    index along the row direction cosine (IOP[:3]) by PixelSpacing[1] (DICOM PS3.3 C.7.6.2.1.1);
+    a slice index along ``stack`` (per mm of ``positions``, along the normal; sheared by a tilt).
     """
     affine = np.eye(4)
-    affine[:3, 0] = normal * (positions[-1] - positions[0]) / (len(positions) - 1)
+    affine[:3, 0] = stack * (positions[-1] - positions[0]) / (len(positions) - 1)
     affine[:3, 1] = first.orientation[3:] * first.pixel_spacing[0]
     affine[:3, 2] = first.orientation[:3] * first.pixel_spacing[1]
-    # The first slice's in-plane origin, moved onto the first (possibly interpolated) position.
-    affine[:3, 3] = first.position + normal * (positions[0] - first.position @ normal)
+    # The first slice's origin, moved onto the first (possibly interpolated) position.
+    affine[:3, 3] = first.position + stack * (positions[0] - first.position @ normal)
     return affine
 
 
@@ -549,7 +584,7 @@ def _metadata(ds, source: Path, hu, affine, frame_count: int) -> dict:
         "manufacturer": _text(ds, "Manufacturer"),
         "scanner_model": _text(ds, "ManufacturerModelName"),
         "convolution_kernel": _text(ds, "ConvolutionKernel"),
-        "slice_thickness_mm": float(ds.SliceThickness) if ds.get("SliceThickness") else None,
+        "slice_thickness_mm": _optional_number(ds.get("SliceThickness")),
         "spacing": spacing_of(affine),
         "shape": tuple(hu.shape),
         "slice_count": frame_count,

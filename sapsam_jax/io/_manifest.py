@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,9 @@ manifest_columns: tuple[str, ...] = REQUIRED_COLUMNS + ANNOTATION_COLUMNS + OPTI
 _MAY_BE_ABSENT = frozenset(OPTIONAL_COLUMNS)
 # Spreadsheets and pandas write a 0/1 column holding blanks as floats; accept those spellings.
 _BINARY = {"0": 0, "1": 1, "0.0": 0, "1.0": 1}
+# A study id names its cache directory (data.ProjectionCache): one safe path component.
+STUDY_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+STUDY_ID_RULE = "letters, digits, '_', '-', '.'; not starting with '.'"
 
 
 class ManifestError(ValueError):
@@ -168,30 +172,46 @@ def _row_of(problem: str) -> int:
 
 
 def _duplicate_ids(header: list[str], rows) -> list[str]:
-    """Every repeat of a study_id, pointing at its first row (checked even on faulty rows)."""
+    """Every repeat of a study_id, pointing at its first row (checked even on faulty rows).
+
+    Ids that differ only in case are repeats too: they would share one cache directory on a
+    case-insensitive file system (macOS, Windows).
+    """
     if "study_id" not in header:
         return []
     column, first, problems = header.index("study_id"), {}, []
     for row_number, cells in rows:
         study_id = cells[column].strip() if column < len(cells) else ""
-        if study_id and study_id in first:
+        key = study_id.casefold()
+        if study_id and key in first:
+            row, seen = first[key]
+            also = "" if seen == study_id else f" as {seen!r}; ids must differ in more than case"
             problems.append(
                 f"row {row_number}, column 'study_id': duplicate study_id {study_id!r} "
-                f"(first on row {first[study_id]})"
+                f"(first on row {row}{also})"
             )
-        first.setdefault(study_id, row_number)
+        first.setdefault(key, (row_number, study_id))
     return problems
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """Header and (row number, cells) of the non-blank rows; utf-8-sig drops an Excel BOM."""
+    start, rows = 1, []  # rows are numbered by the line they start on (header = row 1)
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
             header = [name.strip() for name in next(reader, [])]
-            rows = [(reader.line_num, row) for row in reader if any(c.strip() for c in row)]
+            start = reader.line_num + 1
+            for row in reader:
+                if any(c.strip() for c in row):
+                    rows.append((start, row))
+                start = reader.line_num + 1
     except UnicodeDecodeError:
         raise ManifestError(path, [_not_utf8(Path(path).read_bytes())]) from None
+    except csv.Error as err:  # e.g. an unbalanced quote swallowing the rest of the file
+        raise ManifestError(
+            path, [f"row {start}: unreadable CSV ({err}): an unbalanced '\"' in this row?"]
+        ) from None
     if not header:
         raise ManifestError(path, ["empty file: no header row"])
     return header, rows
@@ -224,7 +244,11 @@ def _header_problems(header: list[str]) -> list[str]:
 def _parse_row(row_number, header, cells, root: Path, check_files, problems) -> Study | None:
     """One Study from a data row, or None after appending this row's problems."""
     if len(cells) != len(header):
-        problems.append(f"row {row_number}: {len(cells)} fields, the header has {len(header)}")
+        spans = any("\n" in cell or "\r" in cell for cell in cells)
+        hint = ": a quoted field runs over several lines (an unbalanced '\"'?)" if spans else ""
+        problems.append(
+            f"row {row_number}: {len(cells)} fields, the header has {len(header)}{hint}"
+        )
         return None
     values = {name: cell.strip() for name, cell in zip(header, cells, strict=True)}
     before = len(problems)
@@ -235,6 +259,9 @@ def _parse_row(row_number, header, cells, root: Path, check_files, problems) -> 
     for column in ("study_id", "patient_id"):
         if column in values and not values[column]:
             bad(column, "empty")
+    study_id = values.get("study_id", "")
+    if study_id and not STUDY_ID_PATTERN.match(study_id):
+        bad("study_id", f"{study_id!r} cannot name a cache directory (use {STUDY_ID_RULE})")
     fields = {
         "cpa": _binary(values, "cpa", bad, optional=False),
         "survival_2y": _binary(values, "survival_2y", bad, optional=True),
@@ -285,10 +312,11 @@ def _cell(value) -> str:
 
 
 def _relative(path: Path | None, root: Path) -> str:
-    """Path relative to the manifest's folder when inside it (a cohort folder can be moved)."""
+    """Path relative to the manifest's folder when inside it (a cohort folder can be moved).
+    A relative ``path`` is taken from the current directory, as Python takes it."""
     if path is None:
         return ""
-    absolute = (root / path).resolve()
+    absolute = Path(path).expanduser().resolve()
     try:
         return absolute.relative_to(root).as_posix()
     except ValueError:
@@ -315,7 +343,8 @@ def _row(study: Study, root: Path) -> list[str]:
 def write_manifest(path: str | os.PathLike, studies: Iterable[Study]) -> Path:
     """Write ``studies`` as a manifest CSV with :data:`manifest_columns` (atomically).
 
-    Paths inside the manifest's folder are written relative to it, others absolute.
+    Paths (relative ones are taken from the current directory) inside the manifest's folder are
+    written relative to it, others absolute.
     """
     path = Path(path).expanduser()
     root = path.parent.resolve()

@@ -37,7 +37,7 @@ def read_nifti(path: Path) -> CTVolume:
     """Read a 3-D NIfTI CT, refusing files without orientation, NaNs or truncated data."""
     image = _open(path)
     data = _data(image, path)
-    ras = image.affine
+    ras = _affine_in_mm(image)
     hu, affine = to_canonical(to_hu_int16(data), LPS_FROM_RAS @ ras, path)
     meta = {
         "format": "nifti",
@@ -78,6 +78,19 @@ def _open(path: Path):
             "cannot be told apart; fix the header (e.g. re-export it from DICOM)"
         )
     return image
+
+
+# NIfTI spatial units (xyzt_units) in mm; "unknown" is taken as mm, as every viewer does.
+_MM_PER_UNIT = {"mm": 1.0, "unknown": 1.0, "meter": 1000.0, "micron": 0.001}
+
+
+def _affine_in_mm(image) -> np.ndarray:
+    """The image's affine in mm: a header in meters (some converters) would give a lung a few
+    millimetres wide, which segmentation and resampling take at its word."""
+    unit = image.header.get_xyzt_units()[0]
+    affine = np.array(image.affine, dtype=np.float64)
+    affine[:3] *= _MM_PER_UNIT.get(unit, 1.0)
+    return affine
 
 
 def _data(image, path: Path) -> np.ndarray:

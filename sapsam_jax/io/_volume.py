@@ -146,7 +146,8 @@ def default_mode(directory: bool = False) -> int:
 def atomic_path(path, suffix: str = ""):
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
 
-    Readers therefore see either the old file or the complete new one, never a half-written one.
+    Readers therefore see either the old file or the complete new one, never a half-written one;
+    the file is synced before the rename, so a power cut after it cannot leave it empty either.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -155,6 +156,8 @@ def atomic_path(path, suffix: str = ""):
     try:
         yield Path(tmp)
         os.chmod(tmp, default_mode())
+        with open(tmp, "rb") as written:
+            os.fsync(written.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
