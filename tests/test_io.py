@@ -375,6 +375,24 @@ def test_private_non_image_objects_beside_the_series_are_skipped(series, cip):
         load_ct(series)
 
 
+def test_localizer_images_in_the_folder_are_skipped(series, cip):
+    first = pydicom.dcmread(series / "IMG0001.dcm")
+    for name, series_uid in (
+        ("SCOUT_SAME.dcm", first.SeriesInstanceUID),
+        ("SCOUT_OWN.dcm", "1.2.9"),
+    ):
+        scout = pydicom.dcmread(series / "IMG0001.dcm")  # a coronal projection in its series
+        scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+        scout.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+        scout.SeriesInstanceUID, scout.SOPInstanceUID = series_uid, generate_uid()
+        scout.save_as(series / name)
+    np.testing.assert_array_equal(load_ct(series).hu, cip.hu)
+    for path in series.glob("IMG*.dcm"):
+        path.unlink()
+    with pytest.raises(CTLoadError, match=r"no DICOM image files .*\(2 localizer image\(s\) only"):
+        load_ct(series)
+
+
 def test_truncated_nifti(tmp_path, real_ct_dir):
     data = (real_ct_dir / "cip_ct64" / "ct.nii.gz").read_bytes()
     (tmp_path / "cut.nii.gz").write_bytes(data[: len(data) // 2])

@@ -140,13 +140,23 @@ def _read_folder(folder: Path, pool: ThreadPoolExecutor) -> list[tuple[Path, pyd
         hint = f" (it has {subfolders} subfolder(s); pass a series folder)" if subfolders else ""
         raise CTLoadError(f"{folder}: empty folder, no files to read{hint}")
     datasets = list(pool.map(_read_one, files))
-    items = [(p, ds) for p, ds in zip(files, datasets, strict=True) if ds is not None]
+    images = [(p, ds) for p, ds in zip(files, datasets, strict=True) if ds is not None]
+    # Scout images (ImageType LOCALIZER) share the folder, often the series, of the CT they plan:
+    # a projection at another orientation, never a slice of the volume.
+    items = [(p, ds) for p, ds in images if not _is_localizer(ds)]
     if not items:
+        scouts = f" ({len(images)} localizer image(s) only)" if images else ""
         raise CTLoadError(
-            f"{folder}: no DICOM image files among its {len(files)} file(s) "
+            f"{folder}: no DICOM image files among its {len(files)} file(s){scouts} "
             f"(files need the DICOM 'DICM' marker; NIfTI must be passed as a file)"
         )
     return items
+
+
+def _is_localizer(ds) -> bool:
+    image_type = ds.get("ImageType") or []
+    values = [image_type] if isinstance(image_type, str) else list(image_type)
+    return any(str(v).strip().upper() == "LOCALIZER" for v in values)
 
 
 def _read_single_file(path: Path) -> list[tuple[Path, pydicom.Dataset]]:
