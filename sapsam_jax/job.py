@@ -12,6 +12,8 @@ one::
 
 from __future__ import annotations
 
+import sys
+
 from sapsam_jax.evaluate import find_trained_runs, write_report
 from sapsam_jax.explain import localisation_report
 from sapsam_jax.train import TrainConfig, train
@@ -37,4 +39,32 @@ def train_and_report(cfg: TrainConfig, *, log=print) -> dict:
     return results
 
 
-__all__ = ["train_and_report"]
+def main(argv=None) -> int:
+    """``scripts/train.py`` (and the ``sapsam-train`` command): flags -> config -> train and
+    report. Problems a user can fix are one ``error:`` line and exit status 2."""
+    from sapsam_jax.data import SplitError
+    from sapsam_jax.data._cache import CacheError
+    from sapsam_jax.io import ManifestError
+    from sapsam_jax.train._cli import parse_config
+    from sapsam_jax.train._loop import WorkdirError
+
+    parsed = parse_config(argv)
+    if isinstance(parsed, int):
+        return parsed
+    cfg, reason = parsed
+    print(reason, flush=True)  # the first line says which preset runs, and why
+    user_errors = (FileNotFoundError, FileExistsError, CacheError, ManifestError, WorkdirError)
+    try:
+        results = train_and_report(cfg)
+    except (*user_errors, SplitError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for name, metrics in results.items():
+        print(
+            f"{name}: test precision {metrics['precision']:.3f} recall {metrics['recall']:.3f} "
+            f"F1 {metrics['f1']:.3f} AUC {metrics['auc']:.3f} (n={metrics['n']})"
+        )
+    return 0
+
+
+__all__ = ["main", "train_and_report"]

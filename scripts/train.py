@@ -3,7 +3,7 @@
 
 import sys
 
-from sapsam_jax.train import main
+from sapsam_jax.job import main
 
 if __name__ == "__main__":
     sys.exit(main())

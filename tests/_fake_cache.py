@@ -13,6 +13,7 @@ class FakeCache:
     def __init__(self, n_patients=8, shape=(32, 32), seed=0, path="fake-cache"):
         self.path = path
         self.config = preprocess_preset("tiny")
+        self.preset = self.config.name
         rng = np.random.default_rng(seed)
         self._meta, self._gray, self._bands = {}, {}, {}
         for p in range(n_patients):

@@ -694,6 +694,36 @@ def test_init_from_must_be_the_same_network():
     _check_same_network(TINY, SimpleNamespace(config=TINY.replace(dropout_rate=0.3)))
 
 
+def test_init_from_is_checked_before_any_work(tmp_path):
+    from sapsam_jax.train._loop import WorkdirError, check_init_from
+
+    source = tmp_path / "disease"
+    cfg = TINY.replace(task="survival", init_from=str(source))
+    with pytest.raises(WorkdirError, match="not a training workdir: config.json is missing"):
+        check_init_from(cfg)
+    source.mkdir()
+    (source / "config.json").write_text(TINY.replace(task="disease", head_units=32).to_json())
+    for name in ("run.json", "split.json"):
+        (source / name).write_text("{}")
+    (source / "checkpoints" / "latest" / "1.orbax-checkpoint-tmp-3").mkdir(parents=True)
+    with pytest.raises(WorkdirError, match="holds no checkpoint yet"):
+        check_init_from(cfg)  # a save still in progress is no checkpoint
+    (source / "checkpoints" / "latest" / "1").mkdir()
+    with pytest.raises(WorkdirError, match="another network .head_units 32 there, 16 here"):
+        check_init_from(cfg)
+    check_init_from(cfg.replace(head_units=32))
+
+
+def test_a_cohort_too_small_for_the_split_is_refused_and_leaves_no_run(tmp_path):
+    from sapsam_jax.data import SplitError
+
+    workdir = tmp_path / "run"
+    cfg = TINY.replace(task="disease", epochs=1, workdir=str(workdir), cache="fake")
+    with pytest.raises(SplitError, match=r"2 patient\(s\) leave no patient for the val and test"):
+        fit(cfg, FakeCache(n_patients=2), log=lambda *_: None)
+    assert not workdir.exists()  # no config.json to refuse the corrected rerun with
+
+
 def test_frozen_random_blocks_are_warned_about(tmp_path):
     lines = []
     cfg = TINY.replace(task="disease", epochs=1, frozen_blocks=1, workdir=str(tmp_path))

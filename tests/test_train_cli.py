@@ -202,9 +202,18 @@ def test_evaluate_names_every_workdir_that_adds_no_run(tiny_run, tmp_path):
     assert f"error: run {root / 'done'}: cannot report it" in proc.stderr
 
 
+def test_help_shows_each_task_s_preset_values():
+    from sapsam_jax.train._cli import build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    assert "paper preset: 60 disease / 240 signs / 20 survival; quick: 15 disease / 8 signs" in text
+    assert "paper preset: 0.0; quick: 1.0 disease / 3.0 signs / 1.0 survival" in text  # warm-up
+    assert "paper preset: None; quick: None disease / 9 signs / None survival" in text
+
+
 def test_train_command_mistakes_are_error_lines_before_any_work(tmp_path, capsys):
+    from sapsam_jax.job import main
     from sapsam_jax.models import build_model, save_weights
-    from sapsam_jax.train import main
 
     base = ["--preset", "tiny", "--data-dir", str(tmp_path / "data")]
     bad = {
@@ -236,7 +245,7 @@ def test_train_command_mistakes_are_error_lines_before_any_work(tmp_path, capsys
 
 
 def test_a_workdir_of_another_run_is_an_error_line(tiny_run, capsys):
-    from sapsam_jax.train import main
+    from sapsam_jax.job import main
 
     run, _ = tiny_run
     argv = ["--preset", "tiny", "--task", "signs", "--sign", "cavity", "--seed", "7"]

@@ -7,7 +7,13 @@ import importlib
 
 from sapsam_jax.data._augment import augment_batch, rotate_zoom
 from sapsam_jax.data._samples import SampleSet, study_label, task_samples
-from sapsam_jax.data._splits import SPLIT_NAMES, balance_indices, split_by_patient
+from sapsam_jax.data._splits import (
+    SPLIT_NAMES,
+    SplitError,
+    balance_indices,
+    check_split,
+    split_by_patient,
+)
 
 # Names whose modules pull in the io/preprocess stages are loaded on first use, so that
 # `import sapsam_jax.data.synthetic` stays light.
@@ -25,8 +31,10 @@ _LAZY = {
 __all__ = [
     "SPLIT_NAMES",
     "SampleSet",
+    "SplitError",
     "augment_batch",
     "balance_indices",
+    "check_split",
     "rotate_zoom",
     "split_by_patient",
     "study_label",

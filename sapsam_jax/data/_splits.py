@@ -14,6 +14,27 @@ import numpy as np
 SPLIT_NAMES = ("train", "val", "test")
 
 
+class SplitError(ValueError):
+    """The cohort is too small for the asked split: a set that should hold patients holds none."""
+
+
+def check_split(split: dict, fractions: Sequence[float]) -> None:
+    """Raise :class:`SplitError` when a set with a share above 0 got no patient (a cohort of a
+    few patients), naming the sets and what to change, before any training starts."""
+    empty = [
+        n for n, share in zip(SPLIT_NAMES, fractions, strict=True) if share > 0 and not split[n]
+    ]
+    if empty:
+        patients = sum(len(split[n]) for n in SPLIT_NAMES)
+        shares = " / ".join(
+            f"{n} {share:g}" for n, share in zip(SPLIT_NAMES, fractions, strict=True)
+        )
+        raise SplitError(
+            f"{patients} patient(s) leave no patient for the {' and '.join(empty)} set(s) "
+            f"(split {shares}, stratified by label); add patients or change --split-fractions"
+        )
+
+
 def split_by_patient(
     patient_ids: Sequence[str],
     patient_labels: Sequence[int],

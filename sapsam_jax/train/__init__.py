@@ -38,7 +38,6 @@ __all__ = [
     "build_model",
     "confusion",
     "load_trained",
-    "main",
     "model_inputs",
     "preset_config",
     "resolve_preset",
@@ -53,10 +52,3 @@ def train(config, **kwargs):
     from sapsam_jax.train._loop import train as _train
 
     return _train(config, **kwargs)
-
-
-def main(argv=None):
-    """Command-line entry point (scripts/train.py)."""
-    from sapsam_jax.train._cli import main as _main
-
-    return _main(argv)

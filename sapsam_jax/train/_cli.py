@@ -83,15 +83,22 @@ def _add_field_flag(parser, name: str, hint) -> None:
 
 
 def _preset_values(name: str) -> str:
-    """What the presets set a field to (the flag overrides it), for --help."""
-    from sapsam_jax.train._config import PAPER, QUICK
-
-    paper, quick = getattr(PAPER, name), getattr(QUICK, name)
-    if name == "epochs":
-        return "paper: 60 disease / 240 signs / 20 survival; quick: 15 / 8 / 5"
+    """What the presets set a field to for each task (the flag overrides it), for --help."""
+    paper, quick = _per_task("paper", name), _per_task("quick", name)
     if paper == quick:
         return f"default: {paper}"
     return f"paper preset: {paper}; quick: {quick}"
+
+
+def _per_task(preset: str, name: str) -> str:
+    """``name``'s value under ``preset``, one per task where the tasks differ (preset_config)."""
+    from sapsam_jax.train._config import TASKS
+
+    field = "num_epochs" if name == "epochs" else name  # epochs None: the task's own count
+    values = {task: getattr(preset_config(preset, task), field) for task in TASKS}
+    if len(set(map(repr, values.values()))) == 1:
+        return str(values[TASKS[0]])
+    return " / ".join(f"{value} {task}" for task, value in values.items())
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, str]:
@@ -130,31 +137,15 @@ def _weights_width(directory) -> float:
     return float(read_weights_info(directory)["config"]["width"])
 
 
-def main(argv=None) -> int:
+def parse_config(argv=None) -> tuple[TrainConfig, str] | int:
+    """The run's config and the line saying which preset, or 2 after an error line: what a user
+    can fix (a path, a manifest, a flag) is one error line and exit status 2, not a traceback."""
     from sapsam_jax.data._cache import CacheError
     from sapsam_jax.io import ManifestError
-    from sapsam_jax.train._loop import WorkdirError
 
     args = build_parser().parse_args(argv)
-    # What a user can fix (a path, a manifest, a flag, a workdir of another run) is one error
-    # line and exit status 2, not a traceback.
-    user_errors = (ValueError, FileNotFoundError, FileExistsError, CacheError, ManifestError)
     try:
-        cfg, reason = config_from_args(args)
-    except user_errors as err:
+        return config_from_args(args)
+    except (ValueError, FileNotFoundError, FileExistsError, CacheError, ManifestError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(reason, flush=True)  # the first line says which preset runs, and why
-    from sapsam_jax.job import train_and_report
-
-    try:
-        results = train_and_report(cfg)
-    except (FileNotFoundError, FileExistsError, CacheError, ManifestError, WorkdirError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    for name, metrics in results.items():
-        print(
-            f"{name}: test precision {metrics['precision']:.3f} recall {metrics['recall']:.3f} "
-            f"F1 {metrics['f1']:.3f} AUC {metrics['auc']:.3f} (n={metrics['n']})"
-        )
-    return 0

@@ -5,6 +5,7 @@ Paper 2.3-2.4 and 3.1-3.3. ``train(cfg)`` is what ``scripts/train.py`` calls.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -25,7 +26,9 @@ from sapsam_jax.config import SIGNS
 from sapsam_jax.data import (
     ProjectionCache,
     SampleSet,
+    SplitError,
     balance_indices,
+    check_split,
     split_by_patient,
     study_label,
     task_samples,
@@ -41,7 +44,7 @@ from sapsam_jax.train._distributed import (
     primary_log,
 )
 from sapsam_jax.train._metrics import binary_metrics
-from sapsam_jax.train._model import CONVENTIONS, build_model, new_model
+from sapsam_jax.train._model import CONVENTIONS, SAME_NETWORK_FIELDS, build_model, new_model
 from sapsam_jax.train._step import (
     StepSpec,
     frozen_block_names,
@@ -74,9 +77,17 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
     maybe_initialize_distributed()
     log = primary_log(log)
     check_cam_layer(cfg)
+    check_init_from(cfg)
     workdir = cfg.workdir_path
     cache = prepare_cache(cfg, log=log)
     cfg = cfg.replace(cache=str(Path(cache.path).absolute()), workdir=str(workdir))
+    if cache.preset and cache.preset != cfg.preprocess_preset:
+        # --cache of another preset: config.json records what the images really are.
+        log(
+            f"the cache {cache.path} holds preprocessing preset {cache.preset!r}, not "
+            f"{cfg.preprocess_preset!r}; training on it as it is"
+        )
+        cfg = cfg.replace(preprocess_preset=cache.preset)
     if cfg.task == "signs" and cfg.sign == "all":
         # Paper 2.4: one binary network per sign, trained in turn.
         results = {
@@ -131,16 +142,49 @@ def check_cam_layer(cfg: TrainConfig) -> None:
         )
 
 
+def check_init_from(cfg: TrainConfig) -> None:
+    """Fail before any work when ``--init-from`` names no trained run, or a run of another
+    network (architecture, width, head size: its weights would not describe this one)."""
+    if not cfg.init_from:
+        return
+    source = Path(cfg.init_from)
+    for name in ("config.json", "run.json", "split.json"):
+        if not (source / name).is_file():
+            raise WorkdirError(f"--init-from {source} is not a training workdir: {name} is missing")
+    saved = [p for kind in ("best", "latest") for p in (source / "checkpoints" / kind).glob("*")]
+    if not any(p.name.isdigit() for p in saved):  # Orbax's temporary folders are not saves
+        raise WorkdirError(f"--init-from {source} holds no checkpoint yet (killed in epoch 1?)")
+    there = TrainConfig.from_dict(json.loads((source / "config.json").read_text()))
+    diff = [
+        f"{name} {getattr(there, name)!r} there, {getattr(cfg, name)!r} here"
+        for name in SAME_NETWORK_FIELDS
+        if getattr(there, name) != getattr(cfg, name)
+    ]
+    if diff:
+        raise WorkdirError(
+            f"--init-from {source} is another network ({'; '.join(diff)}); "
+            "train the survival run with the disease run's settings"
+        )
+
+
 def fit(cfg: TrainConfig, cache: ProjectionCache, *, log=print) -> dict:
     """Train one network in ``cfg.workdir`` (resuming its checkpoint); return test metrics.
 
     In a multi-process job every process calls it; the first one writes the files and logs.
     """
     workdir = Path(cfg.workdir)
+    new_run = not (workdir / "config.json").exists()
     workdir.mkdir(parents=True, exist_ok=True)
     log = primary_log(log)
     _check_or_write_config(cfg, workdir)
-    data = load_run_data(cfg, cache, workdir)
+    try:
+        data = load_run_data(cfg, cache, workdir)
+    except SplitError:
+        if new_run and is_primary():  # refused before it began: leave no run behind
+            (workdir / "config.json").unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                workdir.rmdir()  # only if nothing else is in it
+        raise
     _warn_one_class_sets(data, cfg, log)
     model, preprocessing = build_model(cfg, num_classes=_num_classes(cfg), seed=cfg.seed)
     spec = _step_spec(cfg, data.train, preprocessing)
@@ -348,6 +392,7 @@ def _load_or_make_split(cfg, cache, workdir) -> dict:
     studies = _studies_of(cache, {cache.meta(s)["patient_id"] for s in cache.study_ids}, cfg)
     if cfg.task == "survival" and cfg.init_from:
         split = _survival_split(cfg, {cache.meta(s)["patient_id"] for s in studies})
+        check_split(split, cfg.survival_split_fractions)
         _write_json_atomic(path, split)
         return split
     fractions = cfg.survival_split_fractions if cfg.task == "survival" else cfg.split_fractions
@@ -357,6 +402,7 @@ def _load_or_make_split(cfg, cache, workdir) -> dict:
         fractions=fractions,
         seed=cfg.seed,
     )
+    check_split(split, fractions)  # before split.json: a refused split leaves nothing behind
     split["seed"] = cfg.seed
     _write_json_atomic(path, split)
     return split
