@@ -493,7 +493,7 @@ def test_survival_starts_from_a_torchvision_convention_inception_disease_run(tmp
     ckpts = RunCheckpoints(workdir)
     ckpts.save(source, make_optimizer(source, disease, 1), {"epoch": 1}, best=True)
     ckpts.close()
-    monkeypatch.setattr(sapsam_jax.data, "ProjectionCache", lambda path: None)
+    monkeypatch.setattr(sapsam_jax.data, "ProjectionCache", lambda path, **kwargs: None)
     assert load_trained(workdir).model.config["bn_scale"]
 
     model, _ = build_model(
