@@ -9,6 +9,11 @@ images (refined mask: the sign task). The lesion-free gray image's texture insid
 
     python benchmarks/bench_lesion_contrast.py                    # 12 patients, quick grid
     python benchmarks/bench_lesion_contrast.py --patients 4 --axis coronal
+    python benchmarks/bench_lesion_contrast.py --per-study        # the quick disease cohort
+
+``--per-study`` measures what the disease task has to see: every scan of every CPA patient of the
+quick disease cohort (the same draw as ``scripts/train.py --task disease``), with all its lesions
+against its lesion-free twin, in the whole-scan gray image.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_json  # noqa: E402
 
 from sapsam_jax.config import AXES, PREPROCESS_PRESETS  # noqa: E402
-from sapsam_jax.data.synthetic import lesion_twins  # noqa: E402
+from sapsam_jax.data.synthetic import cohort_plan, lesion_twins, scan_twins  # noqa: E402
 from sapsam_jax.preprocess import (  # noqa: E402
     average_projection,
     lung_bbox,
@@ -91,6 +96,69 @@ def measure_patient(index, args, preset, shape, spacing) -> tuple[list[dict], di
     return rows, reference
 
 
+def study_row(index: int, n_scans: int, scan: int, args, preset, shape, spacing) -> dict:
+    """One CPA scan with all its lesions against its lesion-free twin, in the gray image."""
+    hu0, hu1, shown = scan_twins(
+        index, n_scans=n_scans, scan=scan, shape=shape, spacing=spacing, seed=args.seed
+    )
+    bbox, gray0, _ = project(hu0, spacing, preset, args.axis)
+    _, gray1, _ = project(hu1, spacing, preset, args.axis, bbox)
+    change = np.abs(gray1 - gray0)
+    lungs = gray0 > 0
+    return {
+        "patient": index,
+        "scan": scan + 1,
+        "lesions": sorted(lesion.kind for lesion in shown),
+        "gray_max_abs": float(change.max()),
+        "gray_pixels_over_0.05": int((change > VISIBLE).sum()),
+        "gray_pixels_over_0.10": int((change > 2 * VISIBLE).sum()),
+        "gray_texture_std": float(gray0[lungs].std()),
+        "lung_pixels": int(lungs.sum()),
+    }
+
+
+def per_study(args) -> int:
+    """Every CPA scan of the quick disease cohort: how much of it the gray image shows."""
+    train_cfg = preset_config(args.preset, "disease")
+    preset = PREPROCESS_PRESETS[train_cfg.preprocess_preset]
+    syn = train_cfg.synthetic
+    plan = cohort_plan(syn.n_patients, control_fraction=syn.control_fraction, seed=args.seed)
+    rows = []
+    for index, cpa, n_scans in plan:
+        if not cpa:
+            continue
+        for scan in range(n_scans):
+            row = study_row(index, n_scans, scan, args, preset, syn.shape, syn.spacing)
+            rows.append(row)
+            print(
+                f"patient {index} scan {row['scan']}: max change {row['gray_max_abs']:.2f}, "
+                f"{row['gray_pixels_over_0.10']} pixels > 0.10 (texture std "
+                f"{row['gray_texture_std']:.3f}; {', '.join(row['lesions'])})",
+                flush=True,
+            )
+    # A scan whose lesions move no pixel by more than the lungs' own texture std looks like a
+    # control scan to anything that reads single pixels (or their neighbourhood) of this image.
+    faint = [r for r in rows if r["gray_max_abs"] <= r["gray_texture_std"]]
+    print(
+        f"{len(faint)} of {len(rows)} CPA scans ({len(faint) / max(len(rows), 1):.0%}) change no "
+        "gray pixel by more than the lungs' texture std"
+    )
+    record = {
+        "benchmark": "lesion_contrast_per_study",
+        "preset": args.preset,
+        "axis": args.axis,
+        "seed": args.seed,
+        "cohort": {"n_patients": syn.n_patients, "control_fraction": syn.control_fraction},
+        "cpa_scans": len(rows),
+        "faint_scans": len(faint),
+        "faint_patients": sorted({r["patient"] for r in faint}),
+        "studies": rows,
+    }
+    path = write_json(record, f"lesion_contrast_per_study_{args.preset}_{args.axis}", args.out)
+    print(f"wrote {path}")
+    return 0
+
+
 def summarize(rows: list[dict]) -> dict:
     keys = [k for k in rows[0] if k.endswith(("_max_abs", "_seen"))] if rows else []
     by_kind = defaultdict(list)
@@ -110,9 +178,16 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", default="quick", choices=("quick", "tiny", "paper"))
     parser.add_argument("--axis", default="axial", choices=tuple(AXES))
     parser.add_argument("--out", help="JSON path (default: benchmarks/results/)")
+    parser.add_argument(
+        "--per-study",
+        action="store_true",
+        help="every CPA scan of the preset's disease cohort, all lesions at once (disease task)",
+    )
     args = parser.parse_args(argv)
     if args.patients < 1 or args.scans < 1:
         parser.error("--patients and --scans must be at least 1")
+    if args.per_study:
+        return per_study(args)
 
     train_cfg = preset_config(args.preset, "signs")
     preset = PREPROCESS_PRESETS[train_cfg.preprocess_preset]

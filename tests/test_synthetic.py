@@ -14,10 +14,12 @@ from sapsam_jax.config import ANNOTATION_FLAGS, SUBREGIONS
 from sapsam_jax.data.synthetic import (
     LABELS,
     Grid,
+    cohort_plan,
     default_spacing,
     generate_patient,
     lesion_twins,
     make_cohort,
+    scan_twins,
     table1_rates,
 )
 from sapsam_jax.data.synthetic._anatomy import BONE, FAT, LUNG, MUSCLE, OUTSIDE
@@ -174,6 +176,21 @@ def test_lesion_twins_add_one_lesion_each_to_the_patients_scan():
         assert len(changed) > 0, lesion.kind
         distance = np.linalg.norm(grid.to_mm(changed) - lesion.center, axis=1)
         assert distance.max() < 1.3 * lesion.size + 10.0, (lesion.kind, distance.max())
+
+
+def test_scan_twins_show_all_the_scan_s_lesions_and_nothing_else():
+    index, n_scans = 1, 2
+    hu0, hu1, shown = scan_twins(index, n_scans=n_scans, scan=1, shape=SHAPE, seed=SEED)
+    assert np.array_equal(hu0, lesion_twins(index, n_scans=n_scans, shape=SHAPE, seed=SEED)[0])
+    changed = hu1 != hu0
+    for lesion, hu in lesion_twins(index, n_scans=n_scans, shape=SHAPE, seed=SEED)[1]:
+        alone = hu != hu0
+        assert (alone & changed).sum() >= 0.9 * alone.sum(), lesion.kind  # painted in both
+    assert shown and changed.any()
+    # The patient cohort_plan says make_cohort draws (the disease cohort: half controls).
+    plan = cohort_plan(6, control_fraction=0.5, seed=SEED)
+    assert sum(not cpa for _, cpa, _ in plan) == 3 and [i for i, _, _ in plan] == list(range(6))
+    assert all(1 <= n <= 3 for _, _, n in plan)
 
 
 def test_fungus_balls_sit_in_cavities_behind_an_air_crescent(cohort, volumes):

@@ -16,9 +16,11 @@ from ._cohort import (
     GENERATOR_VERSION,
     MANIFEST_NAME,
     SyntheticScan,
+    cohort_plan,
     generate_patient,
     lesion_twins,
     make_cohort,
+    scan_twins,
     write_scan,
 )
 from ._grid import DEFAULT_SHAPE, DEFAULT_SPACING, Grid, default_spacing
@@ -34,10 +36,12 @@ __all__ = [
     "Grid",
     "LungBox",
     "SyntheticScan",
+    "cohort_plan",
     "default_spacing",
     "generate_patient",
     "lesion_twins",
     "make_cohort",
+    "scan_twins",
     "table1_rates",
     "write_scan",
 ]

@@ -164,6 +164,22 @@ def lesion_twins(
     return render([]), [(lesion, render([lesion])) for lesion in visible]
 
 
+def scan_twins(
+    index: int, *, n_scans: int, scan: int, shape=DEFAULT_SHAPE, spacing=None, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, list[Lesion]]:
+    """Scan ``scan`` of CPA patient ``index`` without its lesions and with all of them, and the
+    lesions it shows. Same anatomy, same noise (not repositioned: the two overlay voxel for
+    voxel); drawn like :func:`generate_patient` (``cpa=True``, same seed, index and scan count).
+    """
+    _, _, anatomy, lesions = _plan_patient(index, True, n_scans, shape, spacing, seed)
+
+    def render(painted):
+        return _render_scan(anatomy, painted, scan, n_scans, _rng(seed, index, scan, 1))[0]
+
+    shown = [lesion for lesion in lesions if lesion.scale(scan, n_scans) > 0]
+    return render([]), render(lesions), shown
+
+
 def _render_scan(anatomy: Anatomy, lesions: list[Lesion], scan: int, n_scans: int, rng):
     """Anatomy + the lesions visible at ``scan`` + correlated noise inside the body, as int16."""
     canvas = Canvas(anatomy, anatomy.hu.copy(), np.zeros(anatomy.grid.shape, np.uint8))
@@ -272,6 +288,16 @@ def write_scan(scan: SyntheticScan, out_dir, fmt: str = "dicom", seed: int = 0) 
     ``seed`` seeds the DICOM UIDs (use the cohort's seed for reproducible files).
     """
     return Study(**_write_files(scan, Path(out_dir), fmt, seed))
+
+
+def cohort_plan(
+    n_patients: int,
+    scans_per_patient=(1, 3),
+    control_fraction: float = DEFAULT_CONTROL_FRACTION,
+    seed: int = 0,
+) -> list[tuple[int, bool, int]]:
+    """(index, cpa, n_scans) of every patient :func:`make_cohort` draws with these arguments."""
+    return _plan_cohort(n_patients, tuple(scans_per_patient), control_fraction, seed)
 
 
 def _plan_cohort(n_patients: int, scans_per_patient, control_fraction: float, seed: int):
