@@ -122,6 +122,7 @@ def per_study(args) -> int:
     train_cfg = preset_config(args.preset, "disease")
     preset = PREPROCESS_PRESETS[train_cfg.preprocess_preset]
     syn = train_cfg.synthetic
+    args.seed = syn.seed  # the cohort training draws (its own seed, not --seed)
     plan = cohort_plan(syn.n_patients, control_fraction=syn.control_fraction, seed=args.seed)
     rows = []
     for index, cpa, n_scans in plan:

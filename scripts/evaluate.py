@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from sapsam_jax.data._cache import CacheError
 from sapsam_jax.evaluate import (
     ReportError,
     find_runs,
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
         extra = {"localisation": localisation(runs)} if args.localisation else None
         out = args.out or args.workdir[0]
         write_report(args.workdir, out, extra=extra)
-    except (ReportError, WorkdirError, FileNotFoundError) as err:
+    except (ReportError, WorkdirError, CacheError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"report: {out / 'report.md'}")

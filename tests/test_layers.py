@@ -26,9 +26,13 @@ def imported_modules(path: Path, package: str) -> list[tuple[int, str]]:
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                found.append((node.lineno, ".".join(base + ([node.module] if node.module else []))))
+                module = ".".join(base + ([node.module] if node.module else []))
             else:
-                found.append((node.lineno, node.module))
+                module = node.module
+            if module == "sapsam_jax":  # from sapsam_jax import train: the names are stages
+                found += [(node.lineno, f"sapsam_jax.{alias.name}") for alias in node.names]
+            else:
+                found.append((node.lineno, module))
     return found
 
 

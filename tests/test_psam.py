@@ -351,6 +351,14 @@ def test_localisation_report_keeps_run_sets_apart(study):
     table = "\n".join(_localisation_lines(rows))
     assert "fungus_ball (seed0/axial)" in table and "fungus_ball (seed1/axial)" in table
 
+    # The same layout under two experiment roots: told apart by the part that differs.
+    entry = {"sign": "cavity", "axis": "axial", "n": 3, "pointing_game": 1.0}
+    entry |= {"energy_inside": 0.5, "energy_chance": 0.1}
+    rows = [entry | {"workdirs": [f"/exp/{lr}/signs-axial-all/cavity"]} for lr in ("a", "b")]
+    table = "\n".join(_localisation_lines(rows))
+    assert "| cavity (a/signs-axial-all/cavity) |" in table
+    assert "| cavity (b/signs-axial-all/cavity) |" in table
+
 
 def test_explain_study_writes_fig3_and_3d_psam(study, tmp_path):
     import nibabel as nib

@@ -225,7 +225,8 @@ def test_roc_curve_steps_diagonally_over_ties_and_encloses_the_auc():
     assert len(fpr) == len(np.unique(s)) + 1
     pos, neg = s[y == 1], s[y == 0]
     brute = np.mean((pos[:, None] > neg[None]) + 0.5 * (pos[:, None] == neg[None]))
-    assert np.trapezoid(tpr, fpr) == pytest.approx(brute)
+    area = np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2)  # trapezoids (NumPy 1.26 has no
+    assert area == pytest.approx(brute)  # np.trapezoid)
 
 
 def test_undefined_metrics_are_nan_and_bootstraps_skip_them():
@@ -717,11 +718,46 @@ def test_init_from_is_checked_before_any_work(tmp_path):
 def test_a_cohort_too_small_for_the_split_is_refused_and_leaves_no_run(tmp_path):
     from sapsam_jax.data import SplitError
 
-    workdir = tmp_path / "run"
+    workdir = tmp_path / "run" / "cavity"  # --sign all: fit makes both folders
     cfg = TINY.replace(task="disease", epochs=1, workdir=str(workdir), cache="fake")
     with pytest.raises(SplitError, match=r"2 patient\(s\) leave no patient for the val and test"):
         fit(cfg, FakeCache(n_patients=2), log=lambda *_: None)
-    assert not workdir.exists()  # no config.json to refuse the corrected rerun with
+    assert not (tmp_path / "run").exists()  # no config.json to refuse the corrected rerun with
+
+
+def test_survival_split_has_no_validation_set_whatever_its_share(tmp_path):
+    from sapsam_jax.train._loop import _load_or_make_split
+
+    cache = FakeCache(n_patients=12)
+    disease = tmp_path / "disease"
+    disease.mkdir()
+    patients = sorted({cache.meta(s)["patient_id"] for s in cache.study_ids})
+    (disease / "split.json").write_text(json.dumps({"train": patients[:8], "test": patients[8:]}))
+    cfg = TINY.replace(task="survival", init_from=str(disease))
+    split = _load_or_make_split(
+        cfg.replace(survival_split_fractions=(0.6, 0.2, 0.2)), cache, tmp_path / "run"
+    )
+    assert split["val"] == [] and split["test"] and split["train"]  # paper 3.3, not refused
+
+
+def test_a_cache_run_records_the_cache_s_preset_and_still_resumes(tmp_path):
+    from sapsam_jax.train._loop import _check_or_write_config
+
+    old = TINY.replace(preprocess_preset="paper", cache="c", workdir=str(tmp_path))
+    _check_or_write_config(old, tmp_path)  # a run recorded before the cache's preset was
+    _check_or_write_config(old.replace(preprocess_preset="tiny"), tmp_path)  # resumes
+
+
+def test_a_trained_run_reads_its_manifest_s_studies(tmp_path):
+    from sapsam_jax.io import Study, write_manifest
+    from sapsam_jax.train._model import manifest_study_ids
+
+    manifest = write_manifest(
+        tmp_path / "m.csv", [Study(f"S{i}", "P", tmp_path / f"s{i}.nii.gz", cpa=1) for i in (1, 2)]
+    )
+    assert manifest_study_ids(TINY.replace(manifest=str(manifest))) == ["S1", "S2"]
+    assert manifest_study_ids(TINY.replace(manifest=str(tmp_path / "gone.csv"))) is None
+    assert manifest_study_ids(TINY) is None  # the synthetic cohort: its whole folder
 
 
 def test_frozen_random_blocks_are_warned_about(tmp_path):

@@ -18,9 +18,9 @@ class SplitError(ValueError):
     """The cohort is too small for the asked split: a set that should hold patients holds none."""
 
 
-def check_split(split: dict, fractions: Sequence[float]) -> None:
+def check_split(split: dict, fractions: Sequence[float], flag: str = "--split-fractions") -> None:
     """Raise :class:`SplitError` when a set with a share above 0 got no patient (a cohort of a
-    few patients), naming the sets and what to change, before any training starts."""
+    few patients), naming the sets and what to change (``flag``), before any training starts."""
     empty = [
         n for n, share in zip(SPLIT_NAMES, fractions, strict=True) if share > 0 and not split[n]
     ]
@@ -31,7 +31,7 @@ def check_split(split: dict, fractions: Sequence[float]) -> None:
         )
         raise SplitError(
             f"{patients} patient(s) leave no patient for the {' and '.join(empty)} set(s) "
-            f"(split {shares}, stratified by label); add patients or change --split-fractions"
+            f"(split {shares}); add patients or change {flag}"
         )
 
 

@@ -24,10 +24,14 @@ def find_trained_runs(workdirs) -> list[Path]:
 
 def rebuild_predictions(run_dir: Path) -> dict:
     """Predict the run's held-out test patients again with its best checkpoint."""
+    from sapsam_jax.data import ProjectionCache
     from sapsam_jax.train._loop import _replicate, load_run_data, write_test_predictions
+    from sapsam_jax.train._model import trained_studies
 
     run = load_trained(run_dir)
-    data = load_run_data(run.config, run.cache, Path(run_dir))
+    # The studies the run was tested on, not whatever the folder or manifest holds since.
+    cache = ProjectionCache(run.config.cache, studies=trained_studies(run.split))
+    data = load_run_data(run.config, cache, Path(run_dir))
     mesh = Mesh(np.array(jax.devices()), ("data",))
     _replicate(run.model, NamedSharding(mesh, P()))  # batches are sharded over every device
     return write_test_predictions(run.model, run.step_spec, data.test, mesh, Path(run_dir))

@@ -247,12 +247,15 @@ def _localisation_lines(scores) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     repeated = Counter((e["sign"], e["axis"]) for e in scores)
+    shared = [e for e in scores if repeated[(e["sign"], e["axis"])] > 1]
+    workdirs = sorted({w for e in shared for w in e.get("workdirs") or []})
+    label = dict(zip(workdirs, distinguishing_suffixes(workdirs), strict=True)) if workdirs else {}
     for entry in scores:
         how = f"{entry.get('method', '?')} ({entry.get('layer', '?')})"
         sign = entry["sign"]
         if repeated[(sign, entry["axis"])] > 1 and entry.get("workdirs"):
             # Several run sets (seeds, --sign all beside multi): name each row's runs.
-            sign += " (" + ", ".join(_short_path(w) for w in entry["workdirs"]) + ")"
+            sign += " (" + ", ".join(label[w] for w in entry["workdirs"]) + ")"
         chance = entry.get("pointing_chance")
         chance = f" ({chance:.2f})" if chance is not None else ""
         detected = entry.get("pointing_game_detected", float("nan"))

@@ -174,6 +174,7 @@ def fit(cfg: TrainConfig, cache: ProjectionCache, *, log=print) -> dict:
     """
     workdir = Path(cfg.workdir)
     new_run = not (workdir / "config.json").exists()
+    created = [d for d in (workdir, *workdir.parents) if not d.exists()]  # innermost first
     workdir.mkdir(parents=True, exist_ok=True)
     log = primary_log(log)
     _check_or_write_config(cfg, workdir)
@@ -183,7 +184,8 @@ def fit(cfg: TrainConfig, cache: ProjectionCache, *, log=print) -> dict:
         if new_run and is_primary():  # refused before it began: leave no run behind
             (workdir / "config.json").unlink(missing_ok=True)
             with contextlib.suppress(OSError):
-                workdir.rmdir()  # only if nothing else is in it
+                for folder in created:
+                    folder.rmdir()  # only folders this call made, and only while empty
         raise
     _warn_one_class_sets(data, cfg, log)
     model, preprocessing = build_model(cfg, num_classes=_num_classes(cfg), seed=cfg.seed)
@@ -392,7 +394,9 @@ def _load_or_make_split(cfg, cache, workdir) -> dict:
     studies = _studies_of(cache, {cache.meta(s)["patient_id"] for s in cache.study_ids}, cfg)
     if cfg.task == "survival" and cfg.init_from:
         split = _survival_split(cfg, {cache.meta(s)["patient_id"] for s in studies})
-        check_split(split, cfg.survival_split_fractions)
+        # Paper 3.3: no validation set, whatever the share; training and test must hold patients.
+        train_share, _, test_share = cfg.survival_split_fractions
+        check_split(split, (train_share, 0.0, test_share), "--survival-split-fractions")
         _write_json_atomic(path, split)
         return split
     fractions = cfg.survival_split_fractions if cfg.task == "survival" else cfg.split_fractions
@@ -402,7 +406,8 @@ def _load_or_make_split(cfg, cache, workdir) -> dict:
         fractions=fractions,
         seed=cfg.seed,
     )
-    check_split(split, fractions)  # before split.json: a refused split leaves nothing behind
+    flag = "--survival-split-fractions" if cfg.task == "survival" else "--split-fractions"
+    check_split(split, fractions, flag)  # before split.json: a refused split leaves nothing
     split["seed"] = cfg.seed
     _write_json_atomic(path, split)
     return split
@@ -622,10 +627,11 @@ def _replicate(nodes, sharding) -> None:
 # different run from this one's checkpoint.
 RESUMABLE_CHANGES = frozenset(
     ("epochs", "workdir", "data_dir", "manifest", "cache", "backend", "bootstrap", "cam_method")
-    + ("cam_layer", "tensorboard")
+    + ("cam_layer", "tensorboard", "preprocess_preset")
 )
-# The cache may move with its manifest or data folder: what it holds is checked on its own
-# (split.json "data": preprocessing config, studies and labels per set, _check_or_record_data).
+# The cache may move with its manifest or data folder, and a --cache run records the cache's own
+# preprocessing preset (train): what the cache holds is checked on its own (split.json "data":
+# preprocessing config, studies and labels per set, _check_or_record_data).
 
 
 def _check_or_write_config(cfg: TrainConfig, workdir: Path) -> None:

@@ -126,14 +126,25 @@ def load_trained(workdir, which: str = "best") -> TrainedRun:
         image_size=tuple(run["image_size"]),
         multi_label=run["multi_label"],
         split=split,
-        cache=ProjectionCache(cfg.cache, studies=trained_studies(split)),
+        cache=ProjectionCache(cfg.cache, studies=manifest_study_ids(cfg)),
     )
 
 
+def manifest_study_ids(cfg: TrainConfig) -> list[str] | None:
+    """The studies of the run's manifest, as training opened its cache (studies an edited
+    manifest dropped stay in the cache folder); None (the whole folder) for the synthetic cohort,
+    ``--cache`` runs, or a manifest no longer there."""
+    if not cfg.manifest or not Path(cfg.manifest).is_file():
+        return None
+    from sapsam_jax.io import read_manifest
+
+    return [study.study_id for study in read_manifest(cfg.manifest, check_files=False)]
+
+
 def trained_studies(split: dict) -> list[str] | None:
-    """The studies a run was trained, validated and tested on (split.json's data record), so a
-    cache folder that also holds studies its manifest dropped since is read as the run read it;
-    None (every study in the folder) for runs recorded before 2026-11-22."""
+    """The studies a run was trained, validated and tested on (split.json's data record): what a
+    rebuild of its test predictions reads, whatever the cache folder or manifest holds now; None
+    (every study) for runs recorded before 2026-11-22."""
     data = split.get("data")
     if not data:
         return None
