@@ -19,6 +19,7 @@ from sapsam_jax.data import (
     rotate_zoom,
     split_by_patient,
     study_label,
+    task_samples,
 )
 from sapsam_jax.train import TINY, binary_metrics, bootstrap_intervals, roc_auc
 from sapsam_jax.train._loop import (
@@ -32,6 +33,7 @@ from sapsam_jax.train._loop import (
 from sapsam_jax.train._model import build_model
 from sapsam_jax.train._step import (
     StepSpec,
+    frozen_block_names,
     make_optimizer,
     make_train_step,
     per_sample_loss,
@@ -299,6 +301,43 @@ def test_frozen_blocks_do_not_change_and_the_rest_does():
             assert not any(changed), f"{block} is frozen but changed"
         else:
             assert all(changed), f"{block} should train"
+
+
+def test_frozen_inception_blocks_keep_their_batchnorm_statistics():
+    # Paper 3.1 freezes the first two blocks; a frozen block's BatchNorm must not keep learning
+    # running statistics either (train mode elsewhere updates them).
+    cfg = TINY.replace(arch="inception_v3", cam_layer=None, frozen_blocks=2)
+    cfg = cfg.replace(warmup_epochs=0.0, learning_rate=0.05)
+    model, optimizer, _, mesh = _tiny_setup(cfg)
+    spec = StepSpec(image_size=(75, 75), preprocessing="tf")
+    frozen = frozen_block_names(model, 2)
+
+    def snapshot(kind):
+        return jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(model, kind)))
+
+    params, stats = snapshot(nnx.Param), snapshot(nnx.BatchStat)
+    set_train_mode(model, frozen)
+    rng = np.random.default_rng(0)
+    images = rng.random((8, 75, 75, 3)).astype(np.float32)
+    batch = jax.device_put((images, np.arange(8) % 2), NamedSharding(mesh, P("data")))
+    make_train_step(spec)(model, optimizer, *batch, jax.random.key(0))
+    params_after, stats_after = snapshot(nnx.Param), snapshot(nnx.BatchStat)
+
+    def changed(a, b):
+        return any(jax.tree.leaves(jax.tree.map(lambda x, y: bool(np.any(x != y)), a, b)))
+
+    for block in stats:
+        if block in frozen:
+            assert not changed(stats[block], stats_after[block]), f"{block} statistics moved"
+            assert not changed(params[block], params_after[block]), f"{block} weights moved"
+        elif block.startswith("mixed"):
+            assert changed(stats[block], stats_after[block]), f"{block} statistics frozen"
+    assert set(frozen) <= set(stats)
+
+
+def test_sign_all_is_not_a_sample_set():
+    with pytest.raises(ValueError, match="one network per sign"):
+        task_samples(FakeCache(n_patients=2), ["P00-S0"], task="signs", axis="axial", sign="all")
 
 
 def _one_step_update(cfg):

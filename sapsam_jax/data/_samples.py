@@ -68,7 +68,14 @@ def task_samples(
     """Gather the samples of ``study_ids`` for one task and axis from a ProjectionCache.
 
     ``rotations="all"`` takes the 27 augmented rotations, ``"identity"`` only the unrotated scan.
+    Signs take one sign (a binary label) or ``"multi"`` (all three); ``"all"`` is one network per
+    sign (paper 2.4, ``sapsam_jax.train.train`` runs them in turn), not a sample set.
     """
+    if task == "signs" and sign == "all":
+        raise ValueError(
+            "sign='all' means one network per sign: gather the samples of one sign at a time, "
+            "or sign='multi' for one label per sign"
+        )
     rot_index = _rotation_indices(cache, rotations)
     parts = [
         _study_samples(cache, sid, task=task, axis=axis, sign=sign, rot_index=rot_index)
