@@ -721,6 +721,15 @@ def test_non_finite_weights_are_not_checkpointed():
     kernel.set_value(kernel[...].at[0, 0].set(np.inf))
     with pytest.raises(NonFiniteLossError, match="non-finite weights after epoch 3"):
         _check_finite_parameters(model, 3)
+    # A BatchNorm running variance gone NaN is caught too.
+    model, _ = build_model(TINY.replace(arch="inception_v3", cam_layer=None), num_classes=2, seed=0)
+    _check_finite_parameters(model, 1)
+    stats = nnx.state(model, nnx.BatchStat)
+    nan = jax.tree.map(lambda x: np.full_like(x, np.nan), nnx.to_pure_dict(stats))
+    nnx.replace_by_pure_dict(stats, nan)
+    nnx.update(model, stats)
+    with pytest.raises(NonFiniteLossError, match="after epoch 2"):
+        _check_finite_parameters(model, 2)
 
 
 def test_init_from_must_be_the_same_network():

@@ -488,10 +488,11 @@ def epoch_order(rotations: np.ndarray, per_epoch: int | None, *, seed: int, epoc
 
 
 def _check_finite_parameters(model, epoch: int) -> None:
-    # Per addressable shard: across processes a replicated array is not fully addressable.
-    shards = [
-        s.data for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)) for s in _shards(leaf)
-    ]
+    # Weights and BatchNorm running statistics (a NaN variance would be checkpointed and only
+    # show as NaN validation losses). Per addressable shard: across processes a replicated array
+    # is not fully addressable.
+    state = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))
+    shards = [data for leaf in jax.tree.leaves(state) for data in _local_values(leaf)]
     if not all(bool(jax.numpy.isfinite(data).all()) for data in shards):
         raise NonFiniteLossError(
             f"non-finite weights after epoch {epoch} (not checkpointed); lower the learning rate "
@@ -499,8 +500,11 @@ def _check_finite_parameters(model, epoch: int) -> None:
         )
 
 
-def _shards(leaf):
-    return leaf.addressable_shards if hasattr(leaf, "addressable_shards") else []
+def _local_values(leaf) -> list:
+    """This process's pieces of a (possibly sharded) array; a host array is one piece."""
+    if hasattr(leaf, "addressable_shards"):
+        return [shard.data for shard in leaf.addressable_shards]
+    return [leaf]
 
 
 def _check_finite(losses, epoch, step) -> None:
