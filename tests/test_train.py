@@ -788,8 +788,18 @@ def test_survival_split_has_no_validation_set_whatever_its_share(tmp_path):
     assert split["val"] == [] and split["test"] and split["train"]  # paper 3.3, not refused
 
 
-def test_a_cache_run_records_the_cache_s_preset_and_still_resumes(tmp_path):
+def test_a_cache_run_records_the_cache_s_preset_and_still_resumes(tmp_path, monkeypatch):
+    import sapsam_jax.train._loop as loop
     from sapsam_jax.train._loop import _check_or_write_config
+
+    cache = FakeCache(n_patients=6)  # a "tiny" cache, given to a quick-preset run
+    monkeypatch.setattr(loop, "prepare_cache", lambda cfg, log=None: cache)
+    lines = []
+    cfg = TINY.replace(task="disease", epochs=1, preprocess_preset="quick", cache="fake")
+    loop.train(cfg.replace(workdir=str(tmp_path / "run")), log=lines.append)
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert recorded["preprocess_preset"] == "tiny"
+    assert any("holds preprocessing preset 'tiny', not 'quick'" in str(x) for x in lines)
 
     old = TINY.replace(preprocess_preset="paper", cache="c", workdir=str(tmp_path))
     _check_or_write_config(old, tmp_path)  # a run recorded before the cache's preset was
