@@ -243,6 +243,22 @@ def test_train_command_mistakes_are_error_lines_before_any_work(tmp_path, capsys
     args = build_parser().parse_args([*base, "--weights", str(weights), "--width", "0.5"])
     assert config_from_args(args)[0].width == 0.5  # asked for explicitly: the load will say
 
+    # The architecture too: InceptionV3 weights build an InceptionV3, before any preprocessing;
+    # weights training cannot use, or that contradict --arch, are error lines.
+    inception = save_weights(
+        build_model("inception_v3", rngs=nnx.Rngs(0), width=0.125, head_units=8), tmp_path / "i"
+    )
+    cfg, reason = config_from_args(build_parser().parse_args([*base, "--weights", str(inception)]))
+    assert (cfg.arch, cfg.cam_layer) == ("inception_v3", None) and "arch inception_v3" in reason
+    vgg16 = save_weights(
+        build_model("vgg16", rngs=nnx.Rngs(0), width=0.125, head_units=8), tmp_path / "v16"
+    )
+    assert main([*base, "--weights", str(vgg16)]) == 2
+    assert "holds vgg16 weights; training builds vgg19 or inception_v3" in capsys.readouterr().err
+    assert main([*base, "--weights", str(inception), "--arch", "vgg19"]) == 2
+    assert "holds inception_v3 weights, not --arch vgg19" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()
+
 
 def test_a_workdir_of_another_run_is_an_error_line(tiny_run, capsys):
     from sapsam_jax.job import main

@@ -122,19 +122,37 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, str]:
         raise ValueError("give --manifest (preprocessed into a cache) or --cache, not both")
     if overrides.get("arch", cfg.arch) != cfg.arch and "cam_layer" not in overrides:
         overrides["cam_layer"] = None  # the preset's map layer belongs to its own architecture
-    if args.weights and "width" not in overrides:
-        # Converted ImageNet weights are full width; the quick preset's network is 1/8 wide.
-        width = _weights_width(args.weights)
-        if width != cfg.width:
-            overrides["width"] = width
-            reason += f"; width {width:g} from --weights (the preset's is {cfg.width:g})"
+    if args.weights:
+        reason += _adopt_weights_network(args.weights, cfg, overrides)
     return cfg.replace(**overrides), reason
 
 
-def _weights_width(directory) -> float:
+def _adopt_weights_network(directory, cfg: TrainConfig, overrides: dict) -> str:
+    """Take the architecture and width of converted ImageNet weights (full width; the quick
+    preset's network is 1/8 wide) unless the flags set them; refuse what training cannot use,
+    before any preprocessing. Returns what it adds to the preset line."""
     from sapsam_jax.models import read_weights_info
+    from sapsam_jax.train._config import ARCHS
 
-    return float(read_weights_info(directory)["config"]["width"])
+    info = read_weights_info(directory)
+    arch, width = info["arch"], float(info["config"]["width"])
+    if arch not in ARCHS:
+        raise ValueError(
+            f"--weights {directory} holds {arch} weights; training builds {' or '.join(ARCHS)}"
+        )
+    said = ""
+    if "arch" in overrides and overrides["arch"] != arch:
+        raise ValueError(
+            f"--weights {directory} holds {arch} weights, not --arch {overrides['arch']}"
+        )
+    if arch != cfg.arch and "arch" not in overrides:
+        overrides["arch"] = arch
+        overrides.setdefault("cam_layer", None)  # the preset's map layer is its own arch's
+        said += f"; arch {arch} from --weights (the preset's is {cfg.arch})"
+    if width != cfg.width and "width" not in overrides:
+        overrides["width"] = width
+        said += f"; width {width:g} from --weights (the preset's is {cfg.width:g})"
+    return said
 
 
 def parse_config(argv=None) -> tuple[TrainConfig, str] | int:
