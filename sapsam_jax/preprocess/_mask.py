@@ -128,13 +128,14 @@ def lung_air(hu, spacing, *, config: SegmentationConfig = PAPER_SEGMENTATION, ba
     trachea and extra-pulmonary bronchi that were removed.
     """
     bk = backend_of(hu) if backend is None else get_backend(backend)
-    body = _inside_body(hu >= config.threshold_hu, spacing, config, bk)
-    air = (hu < config.threshold_hu) & body
-    labels, count = bk.ndi.label(air)
+    below = hu < config.threshold_hu
+    body = _inside_body(~below, spacing, config, bk)
+    labels, count = bk.ndi.label(below & body)
     keep = _lung_components(labels, count, hu, spacing, config, bk)
     lung = keep[labels]
     if not bool(lung.any()):
         return lung, lung
+    lung = _out_to_the_field_of_view(lung, below & ~body, hu, config, bk)
     airway = _airway(lung, hu, spacing, config, bk)
     return lung & ~airway, airway
 
@@ -147,13 +148,48 @@ def _inside_body(tissue, spacing, config, bk: Backend):
     look enclosed).
     """
     steps = max(1, round(config.body_erosion_mm / min(spacing[1:])))
-    core = bk.ndi.binary_erosion(tissue, structure=bk.asarray(_SLICE_FACES), iterations=steps)
+    # border_value=1: a body cut by the image edge (a small field of view) is not eaten from it.
+    core = bk.ndi.binary_erosion(
+        tissue, structure=bk.asarray(_SLICE_FACES), iterations=steps, border_value=1
+    )
     labels, count = bk.ndi.label(core)
     if count == 0:
         return bk.xp.zeros(tissue.shape, dtype=bool)
     sizes = bk.xp.bincount(labels.ravel())
     sizes[0] = 0
     return _enclosed(labels != sizes.argmax(), bk, in_slice=True)
+
+
+def _out_to_the_field_of_view(lung, open_air, hu, config, bk: Backend):
+    """``lung`` with its cross-sections that reach the image edge (a field of view that cuts
+    the lungs, common at small pixel sizes): in those slices the body does not enclose the lung,
+    so :func:`_inside_body` took it for outside air and the slice lost its whole lung.
+
+    ``open_air``: below-threshold voxels the body does not enclose in their slice. Their in-slice
+    components that touch the lung in the slice above or below, and are not mostly pure air
+    (outside air, and the scanner's padding, are below ``pure_air_hu``; parenchyma is not), join
+    the lung, slice by slice, without their pure-air voxels (no outside air comes along).
+    """
+    xp = bk.xp
+    labels, count = bk.ndi.label(open_air, structure=_SLICE_FACES)
+    if count == 0:
+        return lung
+    _, gas_fraction = _component_stats(labels, count, hu, config.pure_air_hu, bk)
+    lung_like = gas_fraction <= 0.5
+    lung_like[0] = False
+    joined = xp.zeros(count + 1, dtype=bool)
+    for _ in range(lung.shape[0]):
+        next_to = xp.zeros_like(lung)
+        next_to[1:] |= lung[:-1]
+        next_to[:-1] |= lung[1:]
+        touching = xp.zeros(count + 1, dtype=bool)
+        touching[labels[next_to]] = True
+        new = touching & lung_like & ~joined
+        if not bool(new.any()):
+            break
+        joined |= new
+        lung = lung | (new[labels] & (hu >= config.pure_air_hu))
+    return lung
 
 
 def _enclosed(binary, bk: Backend, in_slice: bool):
