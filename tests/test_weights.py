@@ -9,6 +9,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import shutil
 from pathlib import Path
 
 import h5py
@@ -239,6 +240,36 @@ def _published_inception_layers(model, arrays, rng):
 def inception_template():
     """Shapes of the tiny InceptionV3 (abstract; read only)."""
     return nnx.eval_shape(lambda: build_model("inception_v3", rngs=nnx.Rngs(0), **TINY))
+
+
+def test_damaged_or_wrapped_weight_files_are_named(tmp_path):
+    from safetensors.numpy import save_file
+
+    model = nnx.eval_shape(lambda: build_model("vgg19", rngs=nnx.Rngs(0), **TINY))
+    save_file({"features.0.weight": np.zeros((8, 3, 3, 3), np.float32)}, tmp_path / "t.safetensors")
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes((tmp_path / "t.safetensors").read_bytes()[:40])
+    with pytest.raises(ValueError, match=r"cut.safetensors: unreadable safetensors file"):
+        load_torchvision_weights(model, cut)
+    _write_legacy_h5(tmp_path / "k.h5", [("block1_conv1", [])])
+    (tmp_path / "cut.h5").write_bytes((tmp_path / "k.h5").read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"cut.h5: unreadable HDF5 file"):
+        load_keras_weights(model, tmp_path / "cut.h5")
+    torch = pytest.importorskip("torch")  # .pth files need torch (an optional dependency)
+    state = {"features.0.weight": torch.zeros(8, 3, 3, 3)}
+    torch.save({"model": state, "epoch": 3}, tmp_path / "ckpt.pth")  # a training checkpoint
+    from sapsam_jax.models._weights import read_torch_state_dict
+
+    assert list(read_torch_state_dict(tmp_path / "ckpt.pth")) == ["features.0.weight"]
+    torch.save([state], tmp_path / "list.pth")
+    with pytest.raises(ValueError, match=r"list.pth: holds a list, not a state dict"):
+        read_torch_state_dict(tmp_path / "list.pth")
+    torch.save(state | {"epoch": 3}, tmp_path / "mixed.pth")
+    with pytest.raises(ValueError, match=r"mixed.pth: entries that are not tensors: epoch"):
+        read_torch_state_dict(tmp_path / "mixed.pth")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "ckpt.pth").read_bytes()[:200])
+    with pytest.raises(ValueError, match=r"cut.pth: unreadable torch file"):
+        read_torch_state_dict(tmp_path / "cut.pth")
 
 
 def test_published_inception_layout_maps_unnamed_layers_by_number(tmp_path, inception_template):
@@ -624,6 +655,15 @@ def test_save_load_roundtrip(tmp_path):
     vgg16 = nnx.eval_shape(lambda: build_model("vgg16", rngs=nnx.Rngs(0), **TINY))
     with pytest.raises(ValueError, match="vgg19"):
         load_weights(vgg16, target)
+    # A hand-edited or half-written weights folder is named before Orbax or the step fails.
+    info = json.loads((target / "weights.json").read_text())
+    (target / "weights.json").write_text(json.dumps(info | {"preprocessing": "bgr"}))
+    with pytest.raises(ValueError, match="preprocessing 'bgr' is none of caffe, tf, torch, none"):
+        load_weights(other, target)
+    (target / "weights.json").write_text(json.dumps(info))
+    shutil.rmtree(target / "state")
+    with pytest.raises(FileNotFoundError, match="has no state/ folder: an incomplete conversion"):
+        load_weights(other, target)
 
 
 def test_require_weights_file_says_what_to_download(tmp_path):

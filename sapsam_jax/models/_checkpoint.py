@@ -125,6 +125,15 @@ def load_weights(model, directory, *, head: bool = True) -> str:
     """
     info = read_weights_info(directory)
     config = info["config"]
+    if info.get("preprocessing") not in PREPROCESSING:
+        raise ValueError(
+            f"{directory}/{WEIGHTS_JSON}: preprocessing {info.get('preprocessing')!r} is none of "
+            f"{', '.join(PREPROCESSING)}"
+        )
+    if not (Path(directory) / STATE_DIR).is_dir():
+        raise FileNotFoundError(
+            f"{directory} has no {STATE_DIR}/ folder: an incomplete conversion; convert again"
+        )
     if info["arch"] != model.arch or config.get("width") != model.width:
         raise ValueError(
             f"{directory} holds {info['arch']} width {config.get('width')}, "

@@ -115,7 +115,11 @@ def read_keras_h5(path) -> dict[str, list[tuple[str, np.ndarray]]]:
             f"{path}: not an HDF5 file, so not Keras weights (a torchvision .pth or "
             ".safetensors file is read with --from torchvision)"
         )
-    with h5py.File(path, "r") as f:
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as err:  # h5py's message (a truncated file, ...) does not name the file
+        raise ValueError(f"{path}: unreadable HDF5 file, truncated or corrupt ({err})") from None
+    with handle as f:
         root = f["model_weights"] if "model_weights" in f else f  # full-model saves nest it
         names = _h5_strings(root, "layer_names")
         if not names:
@@ -143,25 +147,50 @@ def read_torch_state_dict(path) -> dict[str, np.ndarray]:
     if path.suffix == ".safetensors":
         from safetensors.numpy import load_file
 
-        state = load_file(str(path))
-    else:
-        import torch  # optional dependency, only needed for .pth files
-
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            # Not a plain state dict of tensors. torch's message suggests weights_only=False,
-            # which would run arbitrary code from a downloaded file: never do that here.
-            raise ValueError(
-                f"{path}: not a torchvision state dict of tensors (torch.load with "
-                f"weights_only=True refused it: {str(err).splitlines()[0]})"
-            ) from err
-        state = state.get("state_dict", state)
-        state = {
-            k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
-            for k, v in state.items()
-        }
+            state = load_file(str(path))
+        except Exception as err:  # safetensors' own error types; a truncated header, ...
+            raise ValueError(f"{path}: unreadable safetensors file ({err})") from None
+    else:
+        state = _torch_tensors(path, _torch_load(path))
     return {k.removeprefix("module."): np.asarray(v) for k, v in state.items()}
+
+
+def _torch_load(path: Path):
+    import torch  # optional dependency, only needed for .pth files
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # Not a plain state dict of tensors. torch's message suggests weights_only=False,
+        # which would run arbitrary code from a downloaded file: never do that here.
+        raise ValueError(
+            f"{path}: not a torchvision state dict of tensors (torch.load with "
+            f"weights_only=True refused it: {str(err).splitlines()[0]})"
+        ) from err
+    except (RuntimeError, EOFError, OSError) as err:  # truncated or not a torch file at all
+        raise ValueError(f"{path}: unreadable torch file, truncated or corrupt ({err})") from None
+
+
+def _torch_tensors(path: Path, state) -> dict[str, np.ndarray]:
+    """The tensors of a loaded state dict, unwrapped from a training checkpoint's
+    ``{"state_dict": ...}`` or ``{"model": ...}``; anything else is named."""
+    import torch
+
+    if isinstance(state, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
+    other = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor))
+    if other:
+        raise ValueError(f"{path}: entries that are not tensors: {', '.join(map(str, other[:5]))}")
+    return {
+        k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
+        for k, v in state.items()
+    }
 
 
 # ----------------------------------------------------------------------------- Keras layout
