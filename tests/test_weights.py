@@ -255,6 +255,13 @@ def test_damaged_or_wrapped_weight_files_are_named(tmp_path):
     (tmp_path / "cut.h5").write_bytes((tmp_path / "k.h5").read_bytes()[:1000])
     with pytest.raises(ValueError, match=r"cut.h5: unreadable HDF5 file"):
         load_keras_weights(model, tmp_path / "cut.h5")
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "vgg19.keras", "w") as archive:  # Keras 3's layout
+        for name in ("metadata.json", "config.json", "model.weights.h5"):
+            archive.writestr(name, "{}")
+    with pytest.raises(ValueError, match=r"vgg19.keras: a Keras 3 '.keras' archive.*model.h5"):
+        build_model("vgg19", rngs=nnx.Rngs(0), weights=tmp_path / "vgg19.keras", **TINY)
     torch = pytest.importorskip("torch")  # .pth files need torch (an optional dependency)
     state = {"features.0.weight": torch.zeros(8, 3, 3, 3)}
     torch.save({"model": state, "epoch": 3}, tmp_path / "ckpt.pth")  # a training checkpoint

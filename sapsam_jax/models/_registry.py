@@ -46,7 +46,7 @@ def _load_any(model, weights) -> str:
     weights = require_weights_file(weights, model.arch)  # missing: say what to download
     if weights.is_dir():
         return load_weights(model, weights)
-    if weights.suffix in (".h5", ".hdf5"):
+    if weights.suffix in (".h5", ".hdf5", ".keras"):  # .keras: refused with what to do
         return load_keras_weights(model, weights)
     if weights.suffix in (".pth", ".pt", ".safetensors"):
         return load_torchvision_weights(model, weights)

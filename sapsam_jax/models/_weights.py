@@ -9,6 +9,7 @@ convention (see `preprocess_input`) that the weights expect, also set as ``model
 
 import pickle
 import re
+import zipfile
 from pathlib import Path
 
 import h5py
@@ -110,6 +111,12 @@ def _h5_strings(group, name: str) -> list[str]:
 
 def read_keras_h5(path) -> dict[str, list[tuple[str, np.ndarray]]]:
     """Layer name -> [(weight name without ':0', array)] from a legacy Keras HDF5 weights file."""
+    if _is_keras_archive(path):
+        raise ValueError(
+            f"{path}: a Keras 3 '.keras' archive, which is not read here; load it in Keras and "
+            "save the legacy HDF5 format: model.save('model.h5') (or model.save_weights with "
+            "an '.h5' name in Keras 2)"
+        )
     if not h5py.is_hdf5(path):
         raise ValueError(
             f"{path}: not an HDF5 file, so not Keras weights (a torchvision .pth or "
@@ -135,6 +142,14 @@ def read_keras_h5(path) -> dict[str, list[tuple[str, np.ndarray]]]:
                 for w in _h5_strings(group, "weight_names")
             ]
     return layers
+
+
+def _is_keras_archive(path) -> bool:
+    """A Keras 3 '.keras' file: a zip holding model.weights.h5 (a torch .pth is a zip too)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return "model.weights.h5" in archive.namelist()
 
 
 def read_torch_state_dict(path) -> dict[str, np.ndarray]:
