@@ -255,6 +255,10 @@ def test_damaged_or_wrapped_weight_files_are_named(tmp_path):
     (tmp_path / "cut.h5").write_bytes((tmp_path / "k.h5").read_bytes()[:1000])
     with pytest.raises(ValueError, match=r"cut.h5: unreadable HDF5 file"):
         load_keras_weights(model, tmp_path / "cut.h5")
+    kernel_only = [("block1_conv1/kernel:0", np.zeros((3, 3, 3, 8), np.float32))]
+    _write_legacy_h5(tmp_path / "nobias.h5", [("block1_conv1", kernel_only)])
+    with pytest.raises(ValueError, match=r"nobias.h5: layer 'block1_conv1': VGG convolutions need"):
+        load_keras_weights(model, tmp_path / "nobias.h5")
     import zipfile
 
     with zipfile.ZipFile(tmp_path / "vgg19.keras", "w") as archive:  # Keras 3's layout

@@ -321,13 +321,24 @@ def load_keras_weights(model, path) -> str:
     """
     layers = read_keras_h5(path)
     if isinstance(model, VGG):
-        assign_backbone(model, _keras_vgg(model, layers, path), {}, path)
-        return _loaded(model, "caffe")
-    if isinstance(model, InceptionV3):
-        new, conventions = _keras_inception(model, layers, path)
-        assign_backbone(model, new, conventions, path)
-        return _loaded(model, "tf")
-    raise TypeError(f"no Keras weight mapping for {type(model).__name__}")
+        new, conventions, preprocessing = _named(path, _keras_vgg, model, layers), {}, "caffe"
+    elif isinstance(model, InceptionV3):
+        new, conventions = _named(path, _keras_inception, model, layers)
+        preprocessing = "tf"
+    else:
+        raise TypeError(f"no Keras weight mapping for {type(model).__name__}")
+    assign_backbone(model, new, conventions, path)
+    return _loaded(model, preprocessing)
+
+
+def _named(path, convert, model, layers):
+    """``convert(model, layers, path)``, its errors about one layer naming the file too."""
+    try:
+        return convert(model, layers, path)
+    except ValueError as err:
+        if str(path) in str(err):
+            raise
+        raise ValueError(f"{path}: {err}") from err
 
 
 # ----------------------------------------------------------------------------- torchvision layout
