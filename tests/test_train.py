@@ -733,14 +733,11 @@ def test_non_finite_weights_are_not_checkpointed():
 
 
 def test_init_from_must_be_the_same_network():
-    from types import SimpleNamespace
+    from sapsam_jax.train._model import check_same_network
 
-    from sapsam_jax.train._model import _check_same_network
-
-    source = SimpleNamespace(config=TINY.replace(head_units=32))
     with pytest.raises(ValueError, match="head_units 32 there, 16 here"):
-        _check_same_network(TINY.replace(init_from="runs/disease"), source)
-    _check_same_network(TINY, SimpleNamespace(config=TINY.replace(dropout_rate=0.3)))
+        check_same_network(TINY.replace(init_from="runs/disease"), TINY.replace(head_units=32))
+    check_same_network(TINY, TINY.replace(dropout_rate=0.3))
 
 
 def test_init_from_is_checked_before_any_work(tmp_path):
@@ -757,7 +754,11 @@ def test_init_from_is_checked_before_any_work(tmp_path):
     (source / "checkpoints" / "latest" / "1.orbax-checkpoint-tmp-3").mkdir(parents=True)
     with pytest.raises(WorkdirError, match="holds no checkpoint yet"):
         check_init_from(cfg)  # a save still in progress is no checkpoint
+    from sapsam_jax.evaluate import find_trained_runs
+
+    assert find_trained_runs([tmp_path]) == []  # nor a run for evaluate.py to rebuild
     (source / "checkpoints" / "latest" / "1").mkdir()
+    assert find_trained_runs([tmp_path]) == [source.resolve()]
     with pytest.raises(WorkdirError, match="another network .head_units 32 there, 16 here"):
         check_init_from(cfg)
     check_init_from(cfg.replace(head_units=32))

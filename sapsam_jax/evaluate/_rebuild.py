@@ -11,6 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from sapsam_jax.evaluate._report import find_runs
 from sapsam_jax.train import load_trained
+from sapsam_jax.train._checkpoint import saved_epochs
 
 
 def find_trained_runs(workdirs) -> list[Path]:
@@ -18,7 +19,7 @@ def find_trained_runs(workdirs) -> list[Path]:
     return [
         run
         for run in find_runs(workdirs, marker="run.json")
-        if any((run / "checkpoints" / "latest").glob("[0-9]*"))
+        if saved_epochs(run)  # not a save still in progress
     ]
 
 

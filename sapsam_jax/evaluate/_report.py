@@ -17,6 +17,7 @@ import numpy as np
 from sapsam_jax.config import AXES
 from sapsam_jax.data._cache import atomic_write_text, nonfinite_to_null
 from sapsam_jax.train import METRIC_NAMES, binary_metrics, bootstrap_intervals
+from sapsam_jax.train._checkpoint import saved_epochs
 from sapsam_jax.train._config import TrainConfig
 
 TABLE_METRICS = ("precision", "recall", "f1", "auc")
@@ -85,8 +86,7 @@ def checkpoint_epochs(run_dir: Path, cfg: TrainConfig) -> dict:
     run that was stopped early is reported as what it is."""
 
     def last(kind: str) -> int | None:
-        steps = [p.name for p in (run_dir / "checkpoints" / kind).glob("*")]
-        return max((int(s) for s in steps if s.isdigit()), default=None)  # not Orbax temp dirs
+        return max(saved_epochs(run_dir, kind), default=None)
 
     return {"done": last("latest"), "planned": cfg.num_epochs, "best": last("best")}
 
@@ -217,10 +217,6 @@ def _epochs_cell(epochs: dict | None) -> str:
     if not epochs or epochs.get("done") is None:
         return "?"
     return f"{epochs['done']}/{epochs['planned']} ({epochs['best'] if epochs['best'] else '-'})"
-
-
-def _short_path(workdir: str) -> str:
-    return "/".join(Path(workdir).parts[-2:])
 
 
 def _cell(row: dict, metric: str) -> str:

@@ -15,6 +15,14 @@ from flax import nnx
 MODEL_STATE = nnx.Any(nnx.Param, nnx.BatchStat)
 
 
+def saved_epochs(workdir, kind: str = "latest") -> list[int]:
+    """Epochs with a complete ``kind`` ("latest" or "best") checkpoint in ``workdir``, read
+    from the folder names only (no Orbax manager): Orbax saves into a temporary folder
+    (``<step>.orbax-checkpoint-tmp-...``) and renames it to the bare step when complete."""
+    folder = Path(workdir) / "checkpoints" / kind
+    return sorted(int(p.name) for p in folder.glob("*") if p.name.isdigit())
+
+
 class RunCheckpoints:
     """Two Orbax managers under ``WORKDIR/checkpoints``: ``latest`` (resume) and ``best``."""
 

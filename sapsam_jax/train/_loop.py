@@ -35,7 +35,7 @@ from sapsam_jax.data import (
 )
 from sapsam_jax.data._cache import atomic_write_text, nonfinite_to_null, to_jsonable
 from sapsam_jax.io._volume import atomic_path
-from sapsam_jax.train._checkpoint import RunCheckpoints
+from sapsam_jax.train._checkpoint import RunCheckpoints, saved_epochs
 from sapsam_jax.train._config import MIN_INPUT_SIZE, TrainConfig
 from sapsam_jax.train._data import Batches, prepare_cache, to_global, to_host
 from sapsam_jax.train._distributed import (
@@ -44,7 +44,7 @@ from sapsam_jax.train._distributed import (
     primary_log,
 )
 from sapsam_jax.train._metrics import binary_metrics
-from sapsam_jax.train._model import CONVENTIONS, SAME_NETWORK_FIELDS, build_model, new_model
+from sapsam_jax.train._model import CONVENTIONS, build_model, check_same_network, new_model
 from sapsam_jax.train._step import (
     StepSpec,
     frozen_block_names,
@@ -151,20 +151,10 @@ def check_init_from(cfg: TrainConfig) -> None:
     for name in ("config.json", "run.json", "split.json"):
         if not (source / name).is_file():
             raise WorkdirError(f"--init-from {source} is not a training workdir: {name} is missing")
-    saved = [p for kind in ("best", "latest") for p in (source / "checkpoints" / kind).glob("*")]
-    if not any(p.name.isdigit() for p in saved):  # Orbax's temporary folders are not saves
+    if not (saved_epochs(source, "best") or saved_epochs(source, "latest")):
         raise WorkdirError(f"--init-from {source} holds no checkpoint yet (killed in epoch 1?)")
     there = TrainConfig.from_dict(json.loads((source / "config.json").read_text()))
-    diff = [
-        f"{name} {getattr(there, name)!r} there, {getattr(cfg, name)!r} here"
-        for name in SAME_NETWORK_FIELDS
-        if getattr(there, name) != getattr(cfg, name)
-    ]
-    if diff:
-        raise WorkdirError(
-            f"--init-from {source} is another network ({'; '.join(diff)}); "
-            "train the survival run with the disease run's settings"
-        )
+    check_same_network(cfg, there, error=WorkdirError)
 
 
 def fit(cfg: TrainConfig, cache: ProjectionCache, *, log=print) -> dict:

@@ -43,7 +43,7 @@ def build_model(cfg: TrainConfig, *, num_classes: int, seed: int):
     preprocessing = DEFAULT_PREPROCESSING
     if cfg.init_from:
         source = load_trained(cfg.init_from)
-        _check_same_network(cfg, source)
+        check_same_network(cfg, source.config)
         # The source's conventions first (torchvision Inception: BN scale, padded pools), or its
         # parameters do not fit this model's structure.
         conventions = {k: source.model.config[k] for k in CONVENTIONS if k in source.model.config}
@@ -64,14 +64,15 @@ def build_model(cfg: TrainConfig, *, num_classes: int, seed: int):
 SAME_NETWORK_FIELDS = ("arch", "width", "head_units")
 
 
-def _check_same_network(cfg: TrainConfig, source) -> None:
+def check_same_network(cfg: TrainConfig, there: TrainConfig, error=ValueError) -> None:
+    """Raise ``error`` when the ``--init-from`` run's config ``there`` describes another network."""
     diff = [
-        f"{name} {getattr(source.config, name)!r} there, {getattr(cfg, name)!r} here"
+        f"{name} {getattr(there, name)!r} there, {getattr(cfg, name)!r} here"
         for name in SAME_NETWORK_FIELDS
-        if getattr(source.config, name) != getattr(cfg, name)
+        if getattr(there, name) != getattr(cfg, name)
     ]
     if diff:
-        raise ValueError(
+        raise error(
             f"--init-from {cfg.init_from} is another network ({'; '.join(diff)}); "
             "train the survival run with the disease run's settings"
         )
