@@ -74,6 +74,13 @@ class SegmentationConfig:
     # paper's air-like band (< -900 HU, paper 2.2), and rise above the lung apices.
     airway_hu: float = -900.0
     airway_max_area_mm2: float = 700.0
+    # Below the first slice where the trachea touches a lung (a thin wall, partial volume), its
+    # lumen (< airway_hu) is followed down slice by slice while the tissue around it, from one
+    # voxel to this many mm beyond the lumen, is mostly not lung: the trachea and main bronchi
+    # run through the mediastinum, bronchi inside the lung are ringed by parenchyma (not in the
+    # paper; measured on cip_ct64, README "Lung segmentation").
+    airway_shell_mm: float = 6.0
+    airway_shell_lung_max: float = 0.5
     # The refined mask closes each lung on its own. Lungs touching at the junction lines (or
     # joined by bronchial stubs) are told apart by an erosion of this radius, in mm: junctions
     # are a few mm thick, lungs several cm (not in the paper).

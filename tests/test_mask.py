@@ -228,6 +228,21 @@ def test_masks_on_synthetic_cpa_phantoms(patient):
     assert masks["refined"][pleura].mean() >= masks["conservative"][pleura].mean() + 0.2
 
 
+def test_a_trachea_touching_a_lung_is_followed_down(spacing=(2.5, 2.0, 2.0)):
+    # A thin, partial-volume bridge (-800 HU) joins the trachea to the right lung over 10 mm;
+    # the chain of small cross-sections ends there and the trachea below stayed in the masks.
+    hu, lungs, _ = chest_phantom(spacing)
+    axes = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(hu.shape, spacing, strict=True)]
+    k, j, i = np.meshgrid(*axes, indexing="ij")  # mm, as in chest_phantom
+    trachea = (np.abs(i) <= 7) & (np.abs(j + 20) <= 7) & (k > 20)
+    bridge = (k > 40) & (k <= 50) & (np.abs(j + 20) <= 2) & (i < -7) & (i > -30) & ~lungs
+    hu[bridge] = -800
+    masks = lung_masks(hu, spacing)
+    for name, mask in masks.items():
+        assert not (mask & trachea).any(), name
+        assert dice(mask & ~bridge, lungs & ~trachea) >= 0.97, name
+
+
 def test_lung_mask_api():
     hu, lung, _ = chest_phantom((5.0, 4.0, 4.0))
     mask = lung_mask(hu, (5.0, 4.0, 4.0))
@@ -268,6 +283,20 @@ def test_masks_match_cip_reference(cip):
     assert scores["refined"] >= 0.97
     for mask in masks.values():
         _assert_no_leak(ct.hu, ct.spacing, mask)
+
+
+def test_masks_leave_out_the_cip_airway(cip, real_ct_dir):
+    # lung_LR_ref labels the trachea and main bronchi 3. Here the trachea touches the right lung
+    # through partial volume 60 mm above the carina, where the chain of small cross-sections
+    # ended: 0.40 of the trachea and 0.55 of the labelled airway stayed in both masks.
+    ct, _ = cip
+    airway = load_ct(real_ct_dir / "cip_ct64" / "lung_LR_ref.nii.gz").hu == 3
+    carina = max(k for k in range(airway.shape[0]) if ndi.label(airway[k])[1] > 1)
+    trachea = airway.copy()
+    trachea[: carina + 1] = False
+    for name, mask in lung_masks(ct.hu, ct.spacing).items():
+        assert (mask & trachea).sum() <= 0.01 * trachea.sum(), name
+        assert (mask & airway).sum() <= 0.15 * airway.sum(), name
 
 
 def _tumour_scan(real_ct_dir, source, boxes_file):

@@ -269,7 +269,45 @@ def _airway(lung, hu, spacing, config, bk: Backend):
     tube[0] = False
     at_top = xp.zeros(n_chains + 1, dtype=bool)
     at_top[chains[top]] = True
-    return (tube & at_top)[chains]
+    return _follow_airway((tube & at_top)[chains], lung, hu, spacing, config, bk)
+
+
+def _follow_airway(airway, lung, hu, spacing, config, bk: Backend):
+    """``airway`` continued below the slices where its cross-section joins a lung.
+
+    There the chain of small cross-sections ends, though the trachea goes on: a thin wall and
+    partial volume join it to the lung beside it. Slice by slice downward, the lumen components
+    (< ``airway_hu``) that overlap the airway of the slice above join it, with the voxels next
+    to them (the partial-volume wall), while they are small and the shell around them is
+    mostly not lung (mediastinum; a bronchus inside the lung is ringed by parenchyma).
+    """
+    xp = bk.xp
+    below_top = np.flatnonzero(to_numpy(airway.any(axis=(1, 2))))
+    if below_top.size == 0:
+        return airway
+    airway = airway.copy()
+    square = bk.asarray(np.ones((3, 3), bool))
+    max_voxels = config.airway_max_area_mm2 / (spacing[1] * spacing[2])
+    shell_steps = max(1, round(config.airway_shell_mm / min(spacing[1:])))
+    for k in range(int(below_top[0]) - 1, -1, -1):
+        labels, count = bk.ndi.label(lung[k] & (hu[k] < config.airway_hu) & ~airway[k])
+        overlapping = xp.zeros(count + 1, dtype=bool)
+        overlapping[labels[airway[k + 1]]] = True
+        overlapping[0] = False
+        added = False
+        for label in to_numpy(xp.flatnonzero(overlapping)).tolist():
+            lumen = labels == label
+            if float(lumen.sum()) > max_voxels:
+                continue
+            wall = bk.ndi.binary_dilation(lumen, structure=square)
+            shell = bk.ndi.binary_dilation(wall, structure=square, iterations=shell_steps) & ~wall
+            if float((shell & lung[k]).sum()) > config.airway_shell_lung_max * float(shell.sum()):
+                continue
+            airway[k] |= wall & lung[k]
+            added = True
+        if not added and not bool(airway[k].any()):
+            break
+    return airway
 
 
 # --- morphology with Euclidean balls in mm ----------------------------------------------------
