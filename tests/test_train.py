@@ -110,6 +110,8 @@ def test_study_labels_per_task():
     assert study_label(meta, "survival") == 0  # alive at two years: negative (paper 3.3)
     assert study_label({"cpa": 1, "survival_2y": 0}, "survival") == 1
     assert study_label({"cpa": 0, "survival_2y": None}, "survival") is None
+    # A control's follow-up takes no part: survival of CPA patients (paper 3.3).
+    assert study_label({"cpa": 0, "survival_2y": 1}, "survival") is None
     annotated = {"cpa": 1, "annotations": {"left_upper": {"cavity": 1, "fungus_ball": None}}}
     assert study_label(annotated, "signs", "cavity") == 1
     assert study_label(annotated, "signs", "fungus_ball") is None  # not annotated: no part
@@ -443,6 +445,37 @@ def test_run_data_splits_by_patient_and_balances(tmp_path):
     assert set(np.unique(unrotated.test.rotations)) == {13}
     assert set(unrotated.test.study_ids) <= set(data.test.study_ids)
     assert json.loads((tmp_path / "split.json").read_text())["train"] == sorted(patients["train"])
+
+
+def test_survival_data_holds_only_cpa_scans(tmp_path):
+    # A manifest that records follow-up for controls too: they were "survived" negatives.
+    cache = FakeCache(n_patients=8)
+    for study in cache.study_ids:
+        if cache.meta(study)["cpa"] == 0:
+            cache.meta(study)["survival_2y"] = 1
+    data = load_run_data(TINY.replace(task="survival", workdir=str(tmp_path)), cache, tmp_path)
+    for samples in (data.train, data.test):
+        assert len(samples) > 0
+        assert all(cache.meta(study)["cpa"] == 1 for study in samples.study_ids)
+
+
+def test_sign_multi_does_not_unbalance_other_tasks(tmp_path):
+    # --sign multi means one output per sign for the sign task only; a disease run given it was
+    # trained and scored on unbalanced sets.
+    cfg = TINY.replace(task="disease", sign="multi", workdir=str(tmp_path))
+    assert not cfg.multi_label
+    data = load_run_data(cfg, FakeCache(n_patients=7), tmp_path)
+    for samples in (data.train, data.val, data.test):
+        counts = np.bincount(samples.labels)
+        assert counts[0] == counts[1] > 0
+
+
+def test_evaluation_sets_are_not_oversampled():
+    # Validation and test images are not augmented: copies would count one prediction twice.
+    with pytest.raises(ValueError, match="undersampling only"):
+        TINY.replace(test_balance="oversample")
+    with pytest.raises(ValueError, match="unknown train_balance"):
+        TINY.replace(train_balance="smote")
 
 
 def _fit(tmp_path, epochs, **changes):

@@ -47,10 +47,12 @@ def study_label(meta: dict, task: str, sign: str = "all") -> int | None:
     if task == "disease":
         return int(meta["cpa"])
     if task == "survival":
-        # Paper 3.3: scans of patients who died within two years are the positive class;
-        # survival_2y = 1 means the patient was alive two years after the scan.
+        # Paper 3.3: survival of CPA patients; scans of patients who died within two years are
+        # the positive class (survival_2y = 1: alive two years after the scan). A control's
+        # follow-up takes no part: the network starts from the disease one and would score it
+        # "survived" for having no CPA.
         value = meta.get("survival_2y")
-        return None if value is None else 1 - int(value)
+        return None if value is None or int(meta["cpa"]) != 1 else 1 - int(value)
     if len(_annotated_subregions(meta, sign)[0]) == 0:
         return None
     return int(meta["cpa"])

@@ -131,6 +131,15 @@ class TrainConfig:
         _check_choice("dtype", self.dtype, ("float32", "bfloat16"))
         _check_choice("optimizer", self.optimizer, ("sgd", "adam"))
         _check_choice("eval_rotations", self.eval_rotations, ("all", "identity"))
+        _check_choice("train_balance", self.train_balance, TRAIN_BALANCE)
+        if self.test_balance not in TEST_BALANCE:
+            # Validation and test images are not augmented: an oversampled copy is the same image
+            # with the same prediction, counted again in the metrics and the kept epoch's loss.
+            raise ValueError(
+                f"test_balance {self.test_balance!r}: validation and test sets are balanced by "
+                "undersampling only (their images are not augmented, so oversampled copies would "
+                "count the same prediction twice)"
+            )
         _check_choice("cam_method", self.cam_method, ("gradcam", "gradcam++", "hirescam"))
         if self.rotations_per_epoch is not None and not 1 <= self.rotations_per_epoch <= 27:
             raise ValueError(
@@ -156,6 +165,11 @@ class TrainConfig:
                     f"{name} takes 3 values >= 0 (train, validation, test) summing to 1, "
                     f"not {fractions}"
                 )
+
+    @property
+    def multi_label(self) -> bool:
+        """One network with an output per sign (``--sign multi``); other tasks ignore ``sign``."""
+        return self.task == "signs" and self.sign == "multi"
 
     @property
     def num_epochs(self) -> int:
@@ -188,6 +202,10 @@ class TrainConfig:
             if values.get(key) is not None:
                 values[key] = tuple(values[key])
         return cls(**values)
+
+
+TRAIN_BALANCE = ("oversample", "undersample")
+TEST_BALANCE = ("undersample",)
 
 
 def _check_choice(name: str, value, choices) -> None:

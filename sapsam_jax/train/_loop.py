@@ -278,7 +278,7 @@ def load_run_data(cfg: TrainConfig, cache: ProjectionCache, workdir: Path) -> Ru
         if studies["val"]
         else None
     )
-    if cfg.sign != "multi":
+    if not cfg.multi_label:
         # Paper 2.3: "train and test subsets were balanced after the split".
         groups = train_set.subregions if cfg.balance_by_subregion else None
         train_set = train_set.subset(
@@ -556,14 +556,14 @@ def write_test_predictions(model, spec, test: SampleSet, mesh, workdir: Path) ->
 
 
 def _num_classes(cfg) -> int:
-    return len(SIGNS) if cfg.sign == "multi" and cfg.task == "signs" else 2
+    return len(SIGNS) if cfg.multi_label else 2
 
 
 def _step_spec(cfg, train_set: SampleSet, preprocessing: str) -> StepSpec:
     native = train_set.images.shape[1:3]
     minimum = MIN_INPUT_SIZE[cfg.arch]
     size = cfg.image_size or tuple(max(int(n), minimum) for n in native)
-    multi_label = cfg.sign == "multi" and cfg.task == "signs"
+    multi_label = cfg.multi_label
     return StepSpec(
         image_size=tuple(int(n) for n in size),
         preprocessing=preprocessing,
