@@ -8,6 +8,7 @@ band images -> NumPy. On the GPU everything stays on the device until the single
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from ..backend import backend_of, get_backend, to_numpy
 from ..config import AXES, PAPER, SIGNS, PreprocessConfig
-from ._geometry import lung_bbox, resample_to_grid
+from ._geometry import geometry_config, grid_mapping, lung_bbox, resample_to_grid
 from ._projection import rotate_project
 from ._subregions import axis_index, subregion_fractions, subregion_slices
 
@@ -84,7 +85,11 @@ def lesion_projections(labels, spacing, bbox, geometry, axes=tuple(AXES)) -> dic
     """
     xp = backend_of(labels).xp
     sharp = dataclasses.replace(geometry, anti_alias=False)
-    signs = [resample_to_grid(labels == c + 1, spacing, bbox, sharp)[0] for c in range(len(SIGNS))]
+    footprint = _working_voxel_footprint(labels.shape, spacing, bbox, geometry)
+    signs = [
+        resample_to_grid(_any_within(labels == c + 1, footprint), spacing, bbox, sharp)[0]
+        for c in range(len(SIGNS))
+    ]
     slices = subregion_slices(signs[0].shape)
     out = {}
     for name in axes:
@@ -92,6 +97,21 @@ def lesion_projections(labels, spacing, bbox, geometry, axes=tuple(AXES)) -> dic
         per_sub = [xp.stack([s[sl].any(axis=a) for s in signs], axis=-1) for sl in slices.values()]
         out[name] = xp.stack(per_sub).astype(xp.uint8)
     return out
+
+
+def _working_voxel_footprint(shape, spacing, bbox, geometry) -> tuple[int, ...]:
+    """CT voxels per working voxel along each axis, rounded up."""
+    mapping = grid_mapping(shape, spacing, bbox, geometry_config(geometry).working_shape)
+    return tuple(max(1, math.ceil(s - 1e-6)) for s in mapping["scale"])
+
+
+def _any_within(sign, footprint):
+    """``sign`` grown to ``footprint``: a working voxel then shows a lesion that any CT voxel
+    under it holds. Point sampling alone missed lesions thinner than a working voxel (a one-voxel
+    pleural sheet at 2.3 CT slices per working slice was seen at 12 of 28 positions)."""
+    if max(footprint) == 1 or not bool(sign.any()):
+        return sign
+    return backend_of(sign).ndi.maximum_filter(sign, size=footprint, mode="constant")
 
 
 def _both_masks(hu, spacing, config: PreprocessConfig, bk, progress) -> dict:
