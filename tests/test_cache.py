@@ -480,6 +480,18 @@ def test_a_damaged_meta_json_is_rebuilt_not_fatal(tmp_path, monkeypatch):
     assert ProjectionCache(out).meta("S1")["patient_id"] == "P0"
 
 
+def test_a_folder_without_meta_json_outside_the_run_does_not_stop_it(tmp_path, caplog):
+    # A half-copied study no longer in the manifest (or another shard's study being rebuilt):
+    # rebuilding qc.csv read every folder's meta.json and stopped the run at the first failure.
+    cohort = write_cohort(tmp_path / "cohort", n=2)
+    out = tmp_path / "cache"
+    (out / _cache.STUDIES_DIR / "OLD_S9").mkdir(parents=True)
+    result = preprocess_cohort(cohort, out, config=TINY, backend="cpu", progress=False)
+    assert (result.done, result.failed) == (2, 0)
+    assert [row["study_id"] for row in read_csv(out / "qc.csv")] == ["S0", "S1"]
+    assert "qc.csv leaves out study OLD_S9" in caplog.text
+
+
 def test_a_label_map_off_the_ct_grid_is_refused(tmp_path):
     import nibabel as nib
 

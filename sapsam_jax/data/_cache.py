@@ -21,6 +21,7 @@ import csv
 import dataclasses
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -33,6 +34,8 @@ import numpy as np
 from sapsam_jax.config import AXES, PreprocessConfig
 from sapsam_jax.io._manifest import STUDY_ID_PATTERN, STUDY_ID_RULE
 from sapsam_jax.io._volume import atomic_path
+
+logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
 CACHE_JSON = "cache.json"
@@ -325,8 +328,20 @@ def merge_summaries(out_dir: str | os.PathLike, qc_fields, qc_row) -> None:
         failures = read_failures(out)
         rows = [{"study_id": sid, "reason": reason} for sid, reason in failures.items()]
         atomic_write_csv(out / FAILURES_CSV, FAILURE_FIELDS, rows)
-        cache = ProjectionCache(out)
-        atomic_write_csv(out / QC_CSV, qc_fields, [qc_row(cache.meta(s)) for s in cache.study_ids])
+        atomic_write_csv(out / QC_CSV, qc_fields, _readable_qc_rows(ProjectionCache(out), qc_row))
+
+
+def _readable_qc_rows(cache, qc_row) -> list[dict]:
+    """qc.csv rows of the studies whose meta.json can be read. A folder without one (half
+    copied, or being rebuilt by another shard) is the business of the run that owns its study,
+    which projects it again; here it must not stop the summary, nor the run."""
+    rows = []
+    for study_id in cache.study_ids:
+        try:
+            rows.append(qc_row(cache.meta(study_id)))
+        except CacheError as err:
+            logger.warning("qc.csv leaves out study %s: %s", study_id, err)
+    return rows
 
 
 # --------------------------------------------------------------------------- reader
