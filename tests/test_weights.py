@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import h5py
@@ -218,6 +219,36 @@ def test_weights_of_the_other_source_or_missing_get_clear_errors(tmp_path):
     pytest.importorskip("torch")  # .pth files need torch (an optional dependency)
     with pytest.raises(ValueError, match="not a torchvision state dict"):
         load_torchvision_weights(model, tmp_path / "junk.pth")
+
+
+class PickledObject:
+    pass
+
+
+def test_a_pth_holding_objects_is_named_without_advice_to_run_its_code(tmp_path):
+    torch = pytest.importorskip("torch")
+    from sapsam_jax.models._weights import read_torch_state_dict
+
+    torch.save({"features.0.weight": PickledObject()}, tmp_path / "obj.pth")
+    with pytest.raises(ValueError, match="holds a .*PickledObject object") as refused:
+        read_torch_state_dict(tmp_path / "obj.pth")
+    # torch's own message advises weights_only=False, i.e. running code from the file.
+    assert "weights_only set to False" not in str(refused.value)
+    assert "Re-running" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "name, hidden", [("w.pth", ("torch",)), ("w.safetensors", ("safetensors", "safetensors.numpy"))]
+)
+def test_an_optional_reader_that_is_not_installed_is_named(tmp_path, monkeypatch, name, hidden):
+    # Neither torch nor safetensors is a dependency: a traceback was all a user got.
+    from sapsam_jax.models._weights import read_torch_state_dict
+
+    for module in hidden:
+        monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+    (tmp_path / name).write_bytes(b"\0" * 64)
+    with pytest.raises(ValueError, match=rf"{name}: reading it needs the '{hidden[0]}' package"):
+        read_torch_state_dict(tmp_path / name)
 
 
 def _published_inception_layers(model, arrays, rng):
@@ -692,7 +723,7 @@ def test_require_weights_file_says_what_to_download(tmp_path):
     assert require_weights_file(existing, "vgg19") == existing
 
 
-def test_convert_weights_script(keras_vgg19, tmp_path, capsys):
+def test_convert_weights_script(keras_vgg19, tmp_path, capsys, monkeypatch):
     _, h5_path, reference = keras_vgg19
     spec = importlib.util.spec_from_file_location(
         "convert_weights", REPO_ROOT / "scripts" / "convert_weights.py"
@@ -702,7 +733,11 @@ def test_convert_weights_script(keras_vgg19, tmp_path, capsys):
     out = tmp_path / "vgg19_keras"
     argv = ["--arch", "vgg19", "--from", "keras", "--input", str(h5_path), "--output", str(out)]
     assert script.main(argv) == 0
-    assert script.main(argv) == 2  # exists: an error line naming --overwrite, not a traceback
+    from sapsam_jax.models import _registry
+
+    with monkeypatch.context() as patch:  # refused before the whole conversion, not after it
+        patch.setitem(_registry.LOADERS, "keras", lambda *_: pytest.fail("converted first"))
+        assert script.main(argv) == 2  # exists: an error line naming --overwrite, no traceback
     assert "--overwrite" in capsys.readouterr().err
     missing = ["--arch", "vgg19", "--from", "keras", "--input", str(tmp_path / "no.h5")]
     assert script.main([*missing, "--output", str(tmp_path / "x")]) == 2

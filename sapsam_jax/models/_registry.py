@@ -76,6 +76,8 @@ def convert_weights(arch: str, source: str, input_path, output_dir, *, overwrite
     if source not in LOADERS:
         raise ValueError(f"source must be one of {sorted(LOADERS)}, got {source!r}")
     input_path = require_weights_file(input_path, arch)
+    if not overwrite and Path(output_dir).exists():  # before the conversion, not after it
+        raise FileExistsError(f"{output_dir} exists (overwrite=True replaces it)")
     model = _abstract_backbone(arch, 2, nnx.Rngs(0))
     preprocessing = LOADERS[source](model, input_path)
     return save_weights(

@@ -160,7 +160,7 @@ def read_torch_state_dict(path) -> dict[str, np.ndarray]:
             f"{path}: an HDF5 file, i.e. Keras weights; read it with --from keras (a .h5 name)"
         )
     if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file
+        load_file = _optional_import("safetensors.numpy", path, "safetensors").load_file
 
         try:
             state = load_file(str(path))
@@ -171,17 +171,32 @@ def read_torch_state_dict(path) -> dict[str, np.ndarray]:
     return {k.removeprefix("module."): np.asarray(v) for k, v in state.items()}
 
 
-def _torch_load(path: Path):
-    import torch  # optional dependency, only needed for .pth files
+def _optional_import(module: str, path: Path, package: str):
+    """``module``, which only reading ``path`` needs (not a dependency of sapsam-jax)."""
+    import importlib
 
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ValueError(
+            f"{path}: reading it needs the {package!r} package (pip install {package}); "
+            "or convert a torchvision .pth to .safetensors where torch is installed"
+        ) from None
+
+
+def _torch_load(path: Path):
+    torch = _optional_import("torch", path, "torch")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         # Not a plain state dict of tensors. torch's message suggests weights_only=False,
-        # which would run arbitrary code from a downloaded file: never do that here.
+        # which would run arbitrary code from a downloaded file: never do that here, nor pass
+        # that advice on; name what the file holds instead.
+        held = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        what = f"it holds a {held.group(1)} object" if held else "it holds other Python objects"
         raise ValueError(
-            f"{path}: not a torchvision state dict of tensors (torch.load with "
-            f"weights_only=True refused it: {str(err).splitlines()[0]})"
+            f"{path}: not a torchvision state dict of tensors ({what}; torch.load with "
+            "weights_only=True refuses to run code from a file)"
         ) from err
     except (RuntimeError, EOFError, OSError) as err:  # truncated or not a torch file at all
         raise ValueError(f"{path}: unreadable torch file, truncated or corrupt ({err})") from None
