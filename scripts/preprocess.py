@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 
-from sapsam_jax.backend import BACKEND_NAMES, BackendError, gpu_available
+from sapsam_jax.backend import BACKEND_NAMES, BackendError, get_backend, gpu_available
 from sapsam_jax.config import PREPROCESS_PRESETS, preprocess_preset
 from sapsam_jax.data._cache import STUDIES_DIR, CacheError, init_cache_dir, merge_summaries
 from sapsam_jax.data._cohort import (
@@ -74,7 +74,10 @@ def run(args) -> int:
     config = build_config(args)
     manifest = read_manifest(args.manifest)
     shard = parse_shard(args.shard) if args.shard else None
+    if args.workers < 1:
+        raise ValueError(f"--workers takes a whole number >= 1, not {args.workers}")
     if args.workers > 1:
+        get_backend(args.backend)  # an unusable backend fails here once, not in every worker
         return launch_workers(args, manifest, config, shard or (0, 1))
     result = preprocess_cohort(
         manifest,
@@ -183,6 +186,9 @@ def main(argv=None) -> int:
     except (ManifestError, CacheError, BackendError, ValueError, OSError) as err:
         print(f"preprocess.py: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # finished studies are kept; the one in progress left no files
+        print("preprocess.py: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

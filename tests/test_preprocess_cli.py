@@ -136,6 +136,19 @@ def test_cli_workers_pin_gpus_and_subshard(tmp_path, cohort, monkeypatch):
     assert (tmp_path / "c" / "qc.csv").exists() and (tmp_path / "c" / "failures.csv").exists()
 
 
+def test_cli_workers_refuse_an_unusable_backend_before_launching(
+    tmp_path, cohort, monkeypatch, capsys
+):
+    # Every worker failed alone with the same error, and the advice was "rerun to finish".
+    monkeypatch.setattr(cli.subprocess, "Popen", lambda *a, **k: pytest.fail("a worker started"))
+    monkeypatch.setattr("sapsam_jax.backend.gpu_available", lambda: False)
+    argv = ["--manifest", str(cohort), "--out", str(tmp_path / "c"), "--preset", "tiny"]
+    assert cli.main([*argv, "--workers", "2", "--backend", "gpu", "--no-progress"]) == 2
+    assert capsys.readouterr().err.count("error:") == 1
+    assert cli.main([*argv, "--workers", "0"]) == 2
+    assert "--workers takes a whole number >= 1" in capsys.readouterr().err
+
+
 def test_cli_bad_shard_flag(tmp_path, cohort, capsys):
     argv = ["--manifest", str(cohort), "--out", str(tmp_path / "c"), "--shard", "2/2"]
     assert cli.main(argv) == 2 and "0 <= i < n" in capsys.readouterr().err
