@@ -23,9 +23,11 @@ from sapsam_jax.explain import (
     pointing_game,
     psam_3d,
     psam_to_ct,
+    rotation_angles,
     working_volume_to_ct,
 )
 from sapsam_jax.preprocess import (
+    ct_to_working,
     grid_mapping,
     rotate_volume,
     subregion_image_shape,
@@ -133,33 +135,56 @@ def test_a_slice_outside_the_ct_is_refused(mapping):
             working_volume_to_ct(volume, mapping, ct_k=k)
 
 
-def test_psam_to_ct_composes(mapping, rng):
-    map2d = rng.random((8, 8)).astype(np.float32)
+def test_psam_to_ct_reads_the_map_along_its_rays(mapping, rng):
+    map2d = rng.random(subregion_image_shape(WORKING, "coronal")).astype(np.float32)
     direct = psam_to_ct(map2d, axis="coronal", subregion="right_lower", mapping=mapping)
+    # Independently: each CT voxel inside the sub-region (working coordinates from the mapping)
+    # holds the map bilinearly read at its (k, i); the coronal ray runs along j.
+    bounds = [
+        r.indices(n) for r, n in zip(subregion_slices(WORKING)["right_lower"], WORKING, strict=True)
+    ]
+    (k0, k1, _), _, (i0, i1, _) = bounds
+    grid = np.stack(np.meshgrid(*map(np.arange, CT_SHAPE), indexing="ij"), axis=-1)
+    w = ct_to_working(grid, mapping)
+    inner = np.all(
+        [(w[..., d] >= lo) & (w[..., d] <= hi - 1) for d, (lo, hi, _) in enumerate(bounds)], axis=0
+    )
+    expected = ndi.map_coordinates(map2d, [w[inner][:, 0] - k0, w[inner][:, 2] - i0], order=1)
+    assert inner.sum() > 1000
+    np.testing.assert_allclose(direct[inner], expected, rtol=1e-5, atol=1e-6)
+    # Farther than a working voxel outside the sub-region: nothing.
+    outer = (w[..., 0] < k0 - 1) | (w[..., 0] > k1) | (w[..., 2] < i0 - 1) | (w[..., 2] > i1)
+    assert not direct[outer].any()
     volume = backproject(map2d, "coronal", "right_lower", WORKING)
-    np.testing.assert_array_equal(direct, working_volume_to_ct(volume, mapping))
     for k in (0, 7, 20, 39):  # one axial CT slice alone matches the volume's slice
         np.testing.assert_array_equal(working_volume_to_ct(volume, mapping, ct_k=k), direct[k])
 
 
-def _projections(volume, subregion, rotation=None):
-    region = subregion_slices(WORKING)[subregion]
+@pytest.mark.parametrize("rotation", [None, 5, 20])
+def test_psam_3d_finds_a_lesion_in_depth(rotation):
+    # A working grid large enough, and a lesion far enough from its centre, that a +-5 degree
+    # rotation moves the lesion by ~4 CT voxels: more than the tolerance, so a PSAM whose
+    # rotation is not undone misses.
+    working = (60, 60, 60)
+    mapping = grid_mapping(
+        (80, 90, 90), (2.0, 1.0, 1.0), (slice(10, 70),) + (slice(15, 75),) * 2, working
+    )
+    centre = np.array([45.0, 10.0, 48.0])  # inside left_upper: k 40..59, i 30..59
+    region = subregion_slices(working)["left_upper"]
+    volume = _blob(working, centre, sigma=2.0)
     if rotation is not None:
         volume = _rotate(volume, rotation)
-    return {axis: volume[region].mean(axis=a) for axis, a in AXES.items()}
-
-
-@pytest.mark.parametrize("rotation", [None, 5])
-def test_psam_3d_finds_a_lesion_in_depth(mapping, rotation):
-    centre = np.array([11.0, 6.0, 12.0])  # inside left_middle: k 8..15, i 8..15
-    maps = _projections(_blob(WORKING, centre), "left_middle", rotation)
-    volume = psam_3d(maps, "left_middle", WORKING)
-    affine = np.diag([*SPACING, 1.0])
-    peak = locate_maximum(volume, mapping, affine, rotation=rotation)
+    maps = {axis: volume[region].mean(axis=a) for axis, a in AXES.items()}
+    psam = psam_3d(maps, "left_upper", working)
+    affine = np.diag([2.0, 1.0, 1.0, 1.0])
+    peak = locate_maximum(psam, mapping, affine, rotation=rotation)
     expected_ct = working_to_ct(centre, mapping)
-    assert np.linalg.norm(np.subtract(peak["ct_index"], expected_ct)) <= 2.5
-    assert peak["subregion"] == "left_middle"
-    np.testing.assert_allclose(peak["lps_mm"], np.multiply(peak["ct_index"], SPACING))
+    assert np.linalg.norm(np.subtract(peak["ct_index"], expected_ct)) <= 2.0
+    if rotation is not None:
+        as_if_unrotated = locate_maximum(psam, mapping, affine)["ct_index"]
+        assert np.linalg.norm(np.subtract(as_if_unrotated, expected_ct)) > 3.0
+    assert peak["subregion"] == "left_upper"
+    np.testing.assert_allclose(peak["lps_mm"], np.multiply(peak["ct_index"], (2.0, 1.0, 1.0)))
     assert 0 < peak["relative"]["superior"] < 1 and peak["relative"]["left"] > 0.5
 
 
@@ -175,12 +200,35 @@ def test_psam_3d_geometric_mean_and_zero_maps():
         psam_3d({"oblique": np.ones((2, 2))}, None, WORKING)
 
 
+def test_a_zero_psam_has_no_maximum(mapping, rng):
+    # One view's Grad-CAM all zero (ReLU) makes the geometric mean zero everywhere: its arg-max
+    # would be the lung-box corner, which is no finding.
+    maps = {a: rng.random(subregion_image_shape(WORKING, a)) for a in AXES}
+    maps["sagittal"] = np.zeros_like(maps["sagittal"])
+    volume = psam_3d(maps, "left_upper", WORKING)
+    assert locate_maximum(volume, mapping, np.eye(4)) is None
+    assert locate_maximum(np.zeros(WORKING), mapping) is None
+
+
+def test_rotation_indices_are_the_27_of_the_papers_table(mapping):
+    assert rotation_angles(0) == (-5.0, -5.0, -5.0) and rotation_angles(26) == (5.0, 5.0, 5.0)
+    assert rotation_angles(np.int64(13)) is None  # the identity
+    assert rotation_angles((0.0, 10.0, 0.0)) == (0.0, 10.0, 0.0)  # other tables: their angles
+    for bad in (-1, 27, 2.7, 5.0, True):  # -1 would read index 26, 2.7 index 2
+        with pytest.raises(ValueError, match=f"integer 0-26, got {bad!r}"):
+            rotation_angles(bad)
+    with pytest.raises(ValueError, match="integer 0-26, got -1"):
+        working_volume_to_ct(np.ones(WORKING, np.float32), mapping, rotation=-1)
+
+
 # ----------------------------------------------------------------- a study with lesion truth
 
 STUDY_CT = (36, 40, 40)
 STUDY_SPACING = (3.0, 2.0, 2.0)
-STUDY_GEOMETRY = GeometryConfig(grid_shape=(24, 32, 32))  # working (12, 16, 16)
-LESION_CENTRE_CT = (17.5, 19.5, 29.5)  # inside left_middle (working k 4-7, i 8-15)
+STUDY_GEOMETRY = GeometryConfig(grid_shape=(48, 32, 32))  # working (24, 16, 16)
+# Inside left_middle (working k 8-15, i 8-15; CT k 12-23, i 20-39) and off the CT's centre on
+# every axis, so a map put back mirrored in k, j or i lands 12, 20 or 38 mm from the lesion.
+LESION_CENTRE_CT = (19.5, 14.5, 28.5)
 
 
 class Brightness(nnx.Module):
@@ -234,12 +282,17 @@ def _ct_volume(hu):
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
+    return _write_study(tmp_path_factory.mktemp("study"))
+
+
+def _write_study(root):
     """CT + label map (a fungus ball in left_middle, a cavity in right_upper) on disk, and the
-    cache view of them: lesion projections and band images that show the fungus ball."""
+    cache view of them: lesion projections, band images that show the fungus ball, and the
+    meta.json preprocessing writes (source files and their fingerprint, the mapping)."""
+    from sapsam_jax.data._cohort import source_fingerprint
     from sapsam_jax.io import save_nifti
     from sapsam_jax.preprocess import lesion_projections
 
-    root = tmp_path_factory.mktemp("study")
     grids = np.meshgrid(
         *[np.arange(n) * s for n, s in zip(STUDY_CT, STUDY_SPACING, strict=True)], indexing="ij"
     )
@@ -267,6 +320,8 @@ def study(tmp_path_factory):
         "ct_path": str(root / "ct.nii.gz"),
         "lesion_labels_path": str(root / "labels.nii.gz"),
     }
+    files = SimpleNamespace(path=meta["ct_path"], lesion_labels=meta["lesion_labels_path"])
+    meta["source_fingerprint"] = source_fingerprint(files)
     return FakeCache(meta, bands, lesions)
 
 
@@ -317,6 +372,53 @@ def test_localisation_of_maps_that_look_away(study):
     assert axial["pointing_game"] == 0.0 and axial["energy_inside"] == 0.0
     assert axial["n_detected"] == 0 and np.isnan(axial["pointing_game_detected"])  # p < 0.5
     assert "3d" not in scores["signs"]["fungus_ball"]
+
+
+def test_localisation_of_a_psam_without_maximum(study):
+    runs = _runs(study)
+    runs[2].model = Brightness(-1.0)  # sagittal: all-zero maps, so the 3-D PSAM is zero
+    scores = localisation_scores(runs, "test")
+    three_d = scores["signs"]["fungus_ball"]["3d"]
+    assert three_d["n"] == 1 and three_d["n_no_peak"] == 1 and three_d["pointing_game"] == 0.0
+    assert np.isnan(three_d["distance_mm_mean"]) and np.isnan(three_d["distance_mm_median"])
+    record = [r for r in scores["records"] if r["axis"] == "3d"][0]
+    assert record["maximum"] is None and not record["hit"]
+
+
+def test_distances_are_summarised_over_psams_with_a_maximum():
+    from sapsam_jax.explain._localisation import _summarise
+
+    row = {"axis": "3d", "probability": 0.9, "method": "gradcam", "layer": "conv"}
+    row |= {"energy_inside": 0.5, "energy_chance": 0.1}
+    rows = [
+        row | {"hit": True, "distance_mm": 2.0, "maximum": {"value": 1.0}},
+        row | {"hit": True, "distance_mm": 4.0, "maximum": {"value": 1.0}},
+        row | {"hit": False, "distance_mm": float("inf"), "maximum": None},
+    ]
+    summary = _summarise(rows)["3d"]
+    assert summary["distance_mm_mean"] == 3.0 and summary["distance_mm_median"] == 3.0
+    assert summary["n"] == 3 and summary["n_no_peak"] == 1
+    assert summary["pointing_game"] == pytest.approx(2 / 3)
+
+
+def test_localisation_refuses_labels_off_the_ct_grid(tmp_path):
+    from sapsam_jax.data._cache import CacheError
+    from sapsam_jax.data._cohort import source_fingerprint
+    from sapsam_jax.io import CTVolume, save_nifti
+
+    cache = _write_study(tmp_path)
+    meta = cache.meta("S1")
+    ct = _ct_volume(np.zeros(STUDY_CT))
+    shifted = ct.affine.copy()
+    shifted[:3, 3] += 5.0  # saved with a wrong origin: every lesion 8.7 mm off
+    labels = np.zeros(STUDY_CT, np.int16)
+    save_nifti(meta["lesion_labels_path"], labels, CTVolume(labels, STUDY_SPACING, shifted))
+    with pytest.raises(CacheError, match=r"study S1: the lesion label map .*labels\.nii\.gz chan"):
+        localisation_scores(_runs(cache), "test")  # rewritten since the cache was built
+    files = SimpleNamespace(path=meta["ct_path"], lesion_labels=meta["lesion_labels_path"])
+    meta["source_fingerprint"] = source_fingerprint(files)  # as if the cache were built so
+    with pytest.raises(CacheError, match=r"study S1: lesion labels .*labels\.nii\.gz .*off"):
+        localisation_scores(_runs(cache), "test")
 
 
 def test_localisation_uses_the_runs_map_settings(study):
@@ -376,6 +478,52 @@ def test_explain_study_writes_fig3_and_3d_psam(study, tmp_path):
     np.testing.assert_allclose(image.affine, reference.affine)
     assert float(np.asarray(image.dataobj).max()) == pytest.approx(1.0, abs=0.05)
     assert (tmp_path / "S1" / "summary.json").is_file()
+
+
+def test_explain_study_without_a_3d_maximum(study, tmp_path, monkeypatch):
+    import re
+
+    import sapsam_jax.explain._study as explain_module
+    from sapsam_jax.explain._cli import _describe
+
+    slices = {}
+    draw = explain_module.save_fig3
+
+    def record_slice(path, **kwargs):
+        slices[kwargs["axis"]] = int(re.search(r"slice (\d+)", kwargs["title"]).group(1))
+        return draw(path, **kwargs)
+
+    monkeypatch.setattr(explain_module, "save_fig3", record_slice)
+    runs = _runs(study)
+    runs[2].model = Brightness(-1.0)  # sagittal: all-zero maps, so the 3-D PSAM is zero
+    summary = explain_study(runs, "S1", tmp_path, subregions=["left_middle"])
+    psam3d = summary["labels"]["fungus_ball"]["left_middle"]["psam3d"]
+    assert psam3d["maximum"] is None and "all-zero map on the sagittal axis" in psam3d["reason"]
+    assert not list((tmp_path / "S1").glob("*psam3d*"))  # no blank map with a fake peak
+    saved = json.loads((tmp_path / "S1" / "summary.json").read_text())
+    assert saved["labels"]["fungus_ball"]["left_middle"]["psam3d"]["maximum"] is None
+    # Each figure through its own map: the coronal one through the lesion's rows, the axial one
+    # (no depth) and the all-zero sagittal one through the middle of the sub-region (CT 12-23).
+    assert abs(slices["coronal"] - LESION_CENTRE_CT[0]) <= 1.5
+    assert abs(slices["axial"] - 17.5) <= 0.5 and abs(slices["sagittal"] - 17.5) <= 0.5
+    assert _describe(summary) == "fungus_ball/left_middle no 3-D maximum"
+
+
+def test_explain_refuses_a_ct_that_is_not_the_cached_one(tmp_path):
+    from sapsam_jax.data._cache import CacheError
+    from sapsam_jax.io import save_nifti
+
+    cache = _write_study(tmp_path)
+    meta = cache.meta("S1")
+    other = np.full((30, 48, 48), -800, np.int16)  # another series saved at the same path
+    save_nifti(meta["ct_path"], other, _ct_volume(other))
+    with pytest.raises(CacheError, match=r"study S1: the CT .*ct\.nii\.gz changed since"):
+        explain_study(_runs(cache), "S1", tmp_path / "out")
+    del meta["source_fingerprint"]  # a cache built before fingerprints: the shape tells
+    with pytest.raises(CacheError, match=r"study S1: the CT .*ct\.nii\.gz has shape"):
+        explain_study(_runs(cache, axes=("axial",)), "S1", tmp_path / "out")
+    with pytest.raises(CacheError, match=r"study S1: the CT .*ct\.nii\.gz has shape"):
+        localisation_scores(_runs(cache), "test")
 
 
 def test_gradcam_cli_with_stand_in_runs(study, tmp_path, monkeypatch):
@@ -465,6 +613,16 @@ def test_gradcam_cli_errors(study, tmp_path, monkeypatch, capsys):
     assert "hold no study" in capsys.readouterr().err
     assert main([*workdir, "--study", "S1", "--layer", "block9_conv9"]) == 2
     assert "has no layer 'block9_conv9'" in capsys.readouterr().err
+
+
+def test_find_workdirs_names_every_file_a_workdir_needs(tmp_path):
+    from sapsam_jax.explain import find_workdirs
+
+    for name in ("config.json", "run.json"):  # no split.json: not a workdir
+        (tmp_path / "run" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "run" / name).write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"\(config\.json \+ run\.json \+ split\.json\)"):
+        find_workdirs([tmp_path])
 
 
 def test_explain_study_uses_each_runs_map_settings(study, tmp_path):

@@ -172,10 +172,18 @@ def _explain_set(runs, args, out: Path) -> None:
 
 
 def _describe(summary: dict) -> str:
+    """One line per study: each label/sub-region, with its 3-D PSAM maximum where there is one
+    (a PSAM that is zero everywhere has none; summary.json says why)."""
     parts = []
     for label, regions in summary["labels"].items():
         for region, entry in regions.items():
-            peak = entry.get("psam3d", {}).get("maximum")
-            where = f" max at {[round(v) for v in peak['lps_mm']]} mm LPS" if peak else ""
+            where = ""
+            if "psam3d" in entry:
+                peak = entry["psam3d"]["maximum"]
+                where = " no 3-D maximum" if peak is None else _lps_text(peak)
             parts.append(f"{label}/{region}{where}")
     return "; ".join(parts)
+
+
+def _lps_text(peak: dict) -> str:
+    return f" max at {[round(v) for v in peak['lps_mm']]} mm LPS"

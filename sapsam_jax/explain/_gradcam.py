@@ -84,8 +84,9 @@ def cam_weights(acts, grads, method: str):
     """Per-position weights w (N, u, v, K) such that the map is ``ReLU(sum_k w * A^k)``.
 
     ``acts``/``grads`` are A and dy^c/dA, NHWC. Grad-CAM (eq. (1)): w = alpha_k^c, the spatial
-    mean of the gradients (Z = u * v), broadcast over positions. HiResCAM: w = the gradient itself,
-    which equals Grad-CAM up to the factor Z when the head is GAP -> linear. Grad-CAM++: the closed
+    mean of the gradients (Z = u * v), broadcast over positions. HiResCAM: w = the gradient itself;
+    when the head is GAP -> linear the gradient is the same W_kc / Z at every position, so HiResCAM
+    equals Grad-CAM exactly. Grad-CAM++: the closed
     form for an exponential score exp(y^c), whose higher derivatives are powers of the first.
     """
     if method == "gradcam":

@@ -9,8 +9,11 @@ very well"); with the synthetic cohort's lesion masks it can be measured:
 - 3-D distance: from the 3-D PSAM maximum (three axes of one sign) to the nearest voxel of that
   sign in the CT-grid label map (manifest ``lesion_labels``), in mm.
 
-Each score comes with its chance level (a map placed at random) so a reader can tell skill from
-lesion size.
+The 2-D scores come with their chance level (a map placed at random) and the 3-D energy share
+with its own (the sign's share of the PSAM's support), so a reader can tell skill from lesion
+size; the 3-D pointing game and distance have none (they depend on the lesion's size and place in
+the lung box). A 3-D PSAM that is zero everywhere has no maximum: no distance, a miss, counted as
+``n_no_peak``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from sapsam_jax.explain._psam import locate_maximum, psam_3d, working_volume_to_
 from sapsam_jax.explain._study import (
     group_runs,
     in_split,
+    load_cached_ct,
     run_labels,
     run_sets,
     split_studies,
@@ -108,7 +112,7 @@ def localisation_scores(
          "signs": {sign: {axis: {"n", "pointing_game", "pointing_chance",
                                   "energy_inside", "energy_chance"},
                           "3d": {"n", "pointing_game", "energy_inside", "energy_chance",
-                                 "distance_mm_mean", "distance_mm_median"}}},
+                                 "distance_mm_mean", "distance_mm_median", "n_no_peak"}}},
          "records": [{"study_id", "sign", "axis" (or "3d"), "subregion", "probability",
                       "hit", "energy_inside", "energy_chance", ...}, ...]}
 
@@ -120,7 +124,9 @@ def localisation_scores(
     map's). 3-D ("3d", only when
     the sign has runs on all three axes): ``pointing_game`` is the share of PSAM maxima within
     ``tolerance_mm`` of a lesion voxel, ``energy_inside`` the share of the CT-grid PSAM on the
-    sign's voxels (chance: their share of the PSAM's support). Sign runs only; disease and
+    sign's voxels (chance: their share of the PSAM's support), ``distance_mm_*`` over the PSAMs
+    that have a maximum and ``n_no_peak`` the PSAMs that are zero everywhere (a miss each, no
+    distance; their records hold ``"maximum": None``). Sign runs only; disease and
     survival runs are skipped. ``method``/``layer`` None: each run's own (``cam_method``,
     ``cam_layer`` of its config); every summary names the method and layer it used.
     """
@@ -193,13 +199,11 @@ def _record_2d(view, r: int, name: str, mask, tolerance_px: int) -> dict:
 def _records_3d(cache, study_id, sign, views, truth, tolerance_mm) -> list[dict]:
     """3-D PSAM maximum -> distance to the sign's nearest voxel in the CT label map, and the
     share of the PSAM (on the CT grid) that lies on the sign's voxels."""
-    from sapsam_jax.io import load_ct
-
     meta = cache.meta(study_id)
     if not meta.get("lesion_labels_path"):
         return []
-    labels = load_ct(meta["lesion_labels_path"])
-    lesion = np.asarray(labels.hu) == SIGNS.index(sign) + 1  # manifest: 1 cavity, 2 fungus, 3 PT
+    ct = load_cached_ct(meta)  # the label map must lie on the grid the cache was built on
+    lesion = cached_lesion_labels(meta, ct) == SIGNS.index(sign) + 1  # 1 cavity, 2 fungus, ...
     mapping, s = meta["mapping"], SIGNS.index(sign)
     working = tuple(mapping["working_shape"])
     records = []
@@ -207,10 +211,10 @@ def _records_3d(cache, study_id, sign, views, truth, tolerance_mm) -> list[dict]
         if not any(t[r, ..., s].any() for t in truth.values()):
             continue
         volume = psam_3d({a: v.maps[r] for a, v in views.items()}, name, working)
-        peak = locate_maximum(volume, mapping, labels.affine)  # the views are unrotated
-        distance = float("inf")
-        if peak["value"] > 0:
-            distance = distance_to_lesion_mm(peak["ct_index"], lesion, labels.spacing)
+        peak = locate_maximum(volume, mapping, ct.affine)  # the views are unrotated
+        distance = float("inf")  # no maximum points nowhere: a miss
+        if peak is not None:
+            distance = distance_to_lesion_mm(peak["ct_index"], lesion, ct.spacing)
         on_ct = working_volume_to_ct(volume, mapping)
         support = on_ct > 0
         records.append(
@@ -232,6 +236,21 @@ def _records_3d(cache, study_id, sign, views, truth, tolerance_mm) -> list[dict]
     return records
 
 
+def cached_lesion_labels(meta: dict, ct) -> np.ndarray:
+    """The lesion label map of a cached study on the grid of its ``ct`` (preprocessing's check,
+    ``load_lesion_labels``), a ``CacheError`` naming the study and the file when it is not."""
+    from sapsam_jax.data._cache import CacheError
+    from sapsam_jax.data._cohort import load_lesion_labels
+
+    try:
+        return load_lesion_labels(meta["lesion_labels_path"], ct)
+    except ValueError as err:
+        raise CacheError(
+            f"study {meta['study_id']}: lesion labels {meta['lesion_labels_path']} do not match "
+            f"its CT: {err}"
+        ) from err
+
+
 def _summarise(records: list[dict]) -> dict:
     """Per axis (and "3d"): counts and mean scores; see :func:`localisation_scores`."""
     out = {}
@@ -247,12 +266,20 @@ def _summarise(records: list[dict]) -> dict:
         out[axis] |= {k: "/".join(sorted({str(r[k]) for r in rows})) for k in ("method", "layer")}
         out[axis] |= {k: _mean(rows, k) for k in keys}
         if axis == "3d":
-            d = np.array([r["distance_mm"] for r in rows], dtype=np.float64)
-            out[axis] |= {
-                "distance_mm_mean": float(np.mean(d)),
-                "distance_mm_median": float(np.median(d)),
-            }
+            out[axis] |= _distance_summary(rows)
     return out
+
+
+def _distance_summary(rows: list[dict]) -> dict:
+    """Mean and median of the finite distances; a PSAM without a maximum (zero everywhere) has
+    none and would make both infinite, so those are counted apart (misses in the pointing game)."""
+    d = np.array([r["distance_mm"] for r in rows], dtype=np.float64)
+    d = d[np.isfinite(d)]
+    return {
+        "distance_mm_mean": float(np.mean(d)) if d.size else float("nan"),
+        "distance_mm_median": float(np.median(d)) if d.size else float("nan"),
+        "n_no_peak": sum(r["maximum"] is None for r in rows),
+    }
 
 
 def _mean(rows, key) -> float:
@@ -265,7 +292,8 @@ def localisation_report(runs, split: str = "test", **kwargs) -> list[dict]:
     ``runs`` are TrainedRuns or workdirs; sign runs whose cache holds lesion truth are scored,
     grouped by cache and architecture (so the three axes of a sign meet for the 3-D PSAM). Each
     row is ``{"sign", "axis", "n", "pointing_game", "energy_inside", "energy_chance",
-    "pointing_chance" (2-D), "distance_mm_median"/"distance_mm_mean" (3-D), "workdirs"}``.
+    "pointing_chance" (2-D), "distance_mm_median"/"distance_mm_mean"/"n_no_peak" (3-D),
+    "workdirs"}``.
     """
     from sapsam_jax.train import load_trained
 

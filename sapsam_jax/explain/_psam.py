@@ -14,7 +14,7 @@ sub-region. Going back is three steps, each undoing one step of the preprocessin
    where all three rays agree.
 
 :func:`locate_maximum` reports where a 3-D map peaks, in CT voxels, patient mm and sub-region
-terms.
+terms (nothing for a map that is zero everywhere).
 """
 
 from __future__ import annotations
@@ -39,18 +39,31 @@ _ROTATIONS = GeometryConfig().rotations()  # paper 2.3: index 0-26, 13 is the id
 def rotation_angles(rotation) -> tuple[float, float, float] | None:
     """(about-k, about-j, about-i) degrees of ``rotation``: an index 0-26, a triple, or None.
 
-    Indices follow ``GeometryConfig.rotations()`` (the cache's first array axis). None and the
+    An index reads the paper's table, ``GeometryConfig().rotations()`` (-5, 0, +5 degrees about
+    each axis; the default cache's first array axis). A cache built with other angles must pass
+    its own angles (``explain.view_maps`` records them as ``ViewMaps.angles``). None and the
     identity give None (no rotation to undo).
     """
     if rotation is None:
         return None
     if np.ndim(rotation) == 0:
-        angles = _ROTATIONS[int(rotation)]
+        angles = _ROTATIONS[_rotation_index(rotation)]
     else:
         angles = tuple(float(a) for a in rotation)
         if len(angles) != 3:
             raise ValueError(f"rotation must be an index 0-26 or 3 angles, got {rotation!r}")
     return None if not np.any(angles) else tuple(float(a) for a in angles)
+
+
+def _rotation_index(rotation) -> int:
+    """``rotation`` as an index of the paper's table; anything else (-1 would silently read the
+    last entry, 2.7 the third) is refused."""
+    is_integer = np.issubdtype(np.asarray(rotation).dtype, np.integer)  # bool is not
+    if not is_integer or not 0 <= rotation < len(_ROTATIONS):
+        raise ValueError(
+            f"rotation index must be an integer 0-{len(_ROTATIONS) - 1}, got {rotation!r}"
+        )
+    return int(rotation)
 
 
 def region_slices(subregion: str | None, working_shape) -> tuple[slice, slice, slice]:
@@ -133,7 +146,7 @@ def working_volume_to_ct(volume, mapping: Mapping, *, rotation=None, order: int 
     """Resample a working-grid volume onto the CT grid (``mapping["ct_shape"]``), float32.
 
     Pulls every CT voxel from ``volume`` through the inverse mapping (and the augmentation
-    ``rotation``, index 0-26 or angles, when the volume lives in a rotated frame) with one
+    ``rotation``, :func:`rotation_angles`, when the volume lives in a rotated frame) with one
     ``scipy.ndimage.affine_transform``; voxels outside the working grid get 0. Only the CT box
     that can see the volume's non-zero support is interpolated, so a sub-region map costs a sixth
     of the lung box. With ``ct_k`` only that axial CT slice is computed and returned, (J, I).
@@ -239,9 +252,12 @@ def _unit_scale(map2d: np.ndarray) -> np.ndarray:
 PEAK_PLATEAU = 0.01
 
 
-def locate_maximum(volume, mapping: Mapping, affine=None, *, rotation=None) -> dict:
-    """Where a working-grid volume (e.g. a 3-D PSAM) peaks, in every frame a reader needs.
+def locate_maximum(volume, mapping: Mapping, affine=None, *, rotation=None) -> dict | None:
+    """Where a working-grid volume (e.g. a 3-D PSAM) peaks, in every frame a reader needs; None
+    when nothing is above 0.
 
+    A 3-D PSAM is zero everywhere when one view's map is (the geometric mean is an AND), and the
+    arg-max of zeros is the lung-box corner, not a finding: such a volume has no maximum.
     Back-projected rays are piecewise constant, so the maximum is often a plateau; its position is
     the centroid of the connected voxels within ``PEAK_PLATEAU`` of the maximum around the
     first arg-max. Returns ``{"value", "working_index" (fractional (k, j, i)), "ct_index"
@@ -249,16 +265,16 @@ def locate_maximum(volume, mapping: Mapping, affine=None, *, rotation=None) -> d
     it), "subregion" (name, or None outside all six), "relative" {"superior", "posterior",
     "left"}: the position inside that sub-region along k, j and i, 0 (inferior / anterior /
     right edge) .. 1}``. ``working_index``, ``subregion`` and ``relative`` are in the frame of
-    ``volume`` (the rotated working grid when ``rotation`` is given); ``ct_index`` and
-    ``lps_mm`` undo the rotation.
+    ``volume`` (the rotated working grid when ``rotation`` is given, see
+    :func:`rotation_angles`); ``ct_index`` and ``lps_mm`` undo the rotation.
     """
     volume = np.asarray(volume)
     index = np.unravel_index(int(np.argmax(volume)), volume.shape)
     top = float(volume[index])
-    centre = np.asarray(index, dtype=np.float64)
-    if top > 0:
-        components, _ = ndi.label(volume >= top * (1.0 - PEAK_PLATEAU))
-        centre = np.asarray(ndi.center_of_mass(components == components[index]))
+    if not top > 0:
+        return None
+    components, _ = ndi.label(volume >= top * (1.0 - PEAK_PLATEAU))
+    centre = np.asarray(ndi.center_of_mass(components == components[index]))
     ct_index = rotated_to_ct(centre, mapping, rotation)
     lps = None
     if affine is not None:

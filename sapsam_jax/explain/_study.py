@@ -71,7 +71,7 @@ def find_workdirs(paths: Iterable[str | os.PathLike]) -> list[Path]:
         found += [p for p in candidates if all((p / f).is_file() for f in _WORKDIR_FILES)]
     if not found:
         where = ", ".join(map(str, paths))
-        raise FileNotFoundError(f"no training workdir (config.json + run.json) under {where}")
+        raise FileNotFoundError(f"no training workdir ({' + '.join(_WORKDIR_FILES)}) under {where}")
     return list(dict.fromkeys(found))
 
 
@@ -274,11 +274,12 @@ def explain_study(
     Writes ``out_dir/<study>/<label>_<subregion>_<axis>.png``, ``..._psam3d.nii.gz`` and
     ``..._psam3d.png``, and ``summary.json`` (also returned): per label and sub-region the
     probability per axis, the files, the map method and layer per axis and the 3-D maximum
-    (:func:`locate_maximum`). ``method``/``layer`` None: each run's own (``run_cam_settings``);
+    (:func:`locate_maximum`; None with a ``reason``, and no 3-D files, when the PSAM is zero
+    everywhere). The CT must still be the one the cache was built from (:func:`load_cached_ct`).
+    ``method``/``layer`` None: each run's own (``run_cam_settings``);
     ``rotation`` None: the identity.
     """
     from sapsam_jax.data._cache import atomic_write_json
-    from sapsam_jax.data._cohort import load_source_ct
     from sapsam_jax.io import save_nifti
 
     out = Path(out_dir) / study_id
@@ -287,7 +288,7 @@ def explain_study(
         raise ValueError(f"no run predicts any of {labels}")
     first = next(iter(next(iter(groups.values())).values()))
     meta = first.cache.meta(study_id)
-    ct = load_source_ct(meta)  # the series the cache was built from, not any of the folder's
+    ct = load_cached_ct(meta)  # the series the cache was built from, not any of the folder's
     summary = {
         "study_id": study_id,
         "method": method,  # None: each run's own, recorded per axis under "maps"
@@ -311,6 +312,51 @@ def explain_study(
     return summary
 
 
+def load_cached_ct(meta: dict):
+    """The CT a cached study was projected from (``meta.json``), checked to still be that scan.
+
+    Maps are drawn onto this CT through the cache ``mapping``: a file rewritten since (another
+    size, or changed where preprocessing would project it again) would put them on the wrong
+    voxels without a sound, so it is a ``CacheError`` naming the study and the file.
+    """
+    from sapsam_jax.data._cache import CacheError
+    from sapsam_jax.data._cohort import load_source_ct
+
+    changed = _changed_source_file(meta)
+    if changed is not None:
+        raise CacheError(
+            f"study {meta['study_id']}: {changed} changed since the cache was built (its "
+            "source_fingerprint in meta.json differs); preprocess it again"
+        )
+    ct = load_source_ct(meta)
+    expected = tuple(meta["mapping"]["ct_shape"])
+    if tuple(ct.hu.shape) != expected:
+        raise CacheError(
+            f"study {meta['study_id']}: the CT {meta['ct_path']} has shape {tuple(ct.hu.shape)}, "
+            f"the cache was built from {expected}; preprocess it again"
+        )
+    return ct
+
+
+def _changed_source_file(meta: dict) -> str | None:
+    """The CT or label file that differs from the ``source_fingerprint`` of meta.json, by the
+    rule preprocessing uses to project a study again (stat calls only), or None. Caches built
+    before the fingerprint have none and pass."""
+    from types import SimpleNamespace
+
+    from sapsam_jax.data._cohort import _changed, source_fingerprint
+
+    recorded = meta.get("source_fingerprint")
+    if recorded is None:
+        return None
+    files = SimpleNamespace(path=meta["ct_path"], lesion_labels=meta.get("lesion_labels_path"))
+    now = source_fingerprint(files)
+    for key, path in (("ct", files.path), ("labels", files.lesion_labels)):
+        if _changed({key: recorded.get(key)}, {key: now.get(key)}, meta, files):
+            return f"the {'CT' if key == 'ct' else 'lesion label map'} {path}"
+    return None
+
+
 def _name(views, index) -> str:
     return next(iter(views.values())).subregions[index] or "scan"
 
@@ -325,23 +371,9 @@ def _explain_region(views: dict[str, ViewMaps], index: int, mapping, ct, out: Pa
         "probability": {a: float(v.probabilities[index]) for a, v in views.items()},
         "maps": {a: {"method": v.method, "layer": v.layer} for a, v in views.items()},
     }
-    peak = None
     if len(views) == len(AXES):
-        volume = psam_3d({a: v.maps[index] for a, v in views.items()}, subregion, working)
-        peak = locate_maximum(volume, mapping, ct.affine, rotation=rotation)
-        ct_volume = working_volume_to_ct(volume, mapping, rotation=rotation)
-        nifti = save_nifti(out / f"{stem}_psam3d.nii.gz", ct_volume, ct)
-        mean_p = float(np.mean(list(entry["probability"].values())))
-        title = figure_title(first.study_id, label, subregion, "3-D PSAM", mean_p)
-        png = save_psam3d_figure(
-            out / f"{stem}_psam3d.png",
-            hu=ct.hu,
-            psam=ct_volume,
-            peak_index=peak["ct_index"],
-            spacing=ct.spacing,
-            title=title,
-        )
-        entry["psam3d"] = {"maximum": peak, "nifti": str(nifti), "png": str(png)}
+        entry["psam3d"] = _psam3d_entry(views, index, mapping, ct, out / stem, save_nifti)
+    peak = entry.get("psam3d", {}).get("maximum")
     entry["figures"] = {}
     for axis, view in views.items():
         k = _slice_through_maximum(view.maps[index], axis, subregion, mapping, rotation, peak)
@@ -367,25 +399,60 @@ def _explain_region(views: dict[str, ViewMaps], index: int, mapping, ct, out: Pa
     return entry
 
 
+def _psam3d_entry(views: dict[str, ViewMaps], index: int, mapping, ct, stem: Path, save_nifti):
+    """The 3-D PSAM of one sub-region: its maximum, NIfTI and figure.
+
+    A PSAM that is zero everywhere has no maximum: ``{"maximum": None, "reason"}`` and no files
+    (a blank map crossed at the lung-box corner would read as a finding).
+    """
+    first = next(iter(views.values()))
+    subregion, rotation = first.subregions[index], first.angles
+    maps = {a: v.maps[index] for a, v in views.items()}
+    volume = psam_3d(maps, subregion, tuple(mapping["working_shape"]))
+    peak = locate_maximum(volume, mapping, ct.affine, rotation=rotation)
+    if peak is None:
+        return {"maximum": None, "reason": _why_no_maximum(views, index)}
+    ct_volume = working_volume_to_ct(volume, mapping, rotation=rotation)
+    nifti = save_nifti(stem.with_name(f"{stem.name}_psam3d.nii.gz"), ct_volume, ct)
+    mean_p = float(np.mean([v.probabilities[index] for v in views.values()]))
+    png = save_psam3d_figure(
+        stem.with_name(f"{stem.name}_psam3d.png"),
+        hu=ct.hu,
+        psam=ct_volume,
+        peak_index=peak["ct_index"],
+        spacing=ct.spacing,
+        title=figure_title(first.study_id, first.label, subregion, "3-D PSAM", mean_p),
+    )
+    return {"maximum": peak, "nifti": str(nifti), "png": str(png)}
+
+
+def _why_no_maximum(views: dict[str, ViewMaps], index: int) -> str:
+    """Why the 3-D PSAM of image ``index`` is zero everywhere (summary.json says so)."""
+    silent = [a for a, v in views.items() if not np.any(v.maps[index] > 0)]
+    if silent:
+        return f"all-zero map on the {' and '.join(silent)} axis: the 3-D PSAM is zero everywhere"
+    return "the views' maps are nowhere high together: the 3-D PSAM is zero everywhere"
+
+
 def _slice_through_maximum(map2d, axis, subregion, mapping, rotation, peak) -> int:
     """Axial CT slice index through the map's maximum.
 
-    With a 3-D PSAM its maximum fixes k. Otherwise a coronal or sagittal map's brightest pixel
-    gives k directly (its row); an axial map says nothing about depth, so the ray through its
-    maximum is cut in the middle of the sub-region's k range.
+    With a 3-D PSAM maximum (``peak``) it fixes k. Otherwise a coronal or sagittal map's
+    brightest pixel gives k directly (its row); an axial map says nothing about depth, so the
+    ray through its maximum is cut in the middle of the sub-region's k range. An all-zero map
+    has no brightest pixel (its arg-max would be the image corner): the sub-region's middle.
     """
     if peak is not None:
         k_ct = peak["ct_index"][0]
     else:
         working = tuple(mapping["working_shape"])
         region = region_slices(subregion, working)
-        k0, k1, _ = region[0].indices(working[0])
-        point = np.array([(k0 + k1 - 1) / 2.0, (working[1] - 1) / 2.0, (working[2] - 1) / 2.0])
-        row, col = np.unravel_index(int(np.argmax(map2d)), np.shape(map2d))
-        a = AXES[axis]
-        others = [d for d in range(3) if d != a]
-        starts = [region[d].indices(working[d])[0] for d in range(3)]
-        point[others[0]], point[others[1]] = starts[others[0]] + row, starts[others[1]] + col
+        bounds = [region[d].indices(working[d]) for d in range(3)]
+        point = np.array([(start + stop - 1) / 2.0 for start, stop, _ in bounds])
+        if np.any(np.asarray(map2d) > 0):
+            row, col = np.unravel_index(int(np.argmax(map2d)), np.shape(map2d))
+            others = [d for d in range(3) if d != AXES[axis]]
+            point[others] = [bounds[others[0]][0] + row, bounds[others[1]][0] + col]
         k_ct = rotated_to_ct(point, mapping, rotation)[0]
     return int(np.clip(round(float(k_ct)), 0, mapping["ct_shape"][0] - 1))
 
