@@ -342,3 +342,48 @@ def test_rerun_removes_the_old_manifest_first_and_files_are_readable(tmp_path, m
         assert not (tmp_path / "studies").exists()  # nor old files taken for the new cohort
     finally:
         os.umask(old)
+
+
+def test_an_interrupted_cohort_resumes_where_it_stopped(tmp_path, monkeypatch):
+    from sapsam_jax.data.synthetic import _cohort
+
+    kwargs = dict(n_patients=3, shape=(24, 32, 32), scans_per_patient=(1, 2), progress=False)
+    fresh = read_manifest(make_cohort(tmp_path / "fresh", seed=4, **kwargs))
+    real, generated = _cohort.generate_patient, []
+
+    def interrupted_at_the_second(index, **options):
+        if len(generated) == 1:
+            raise KeyboardInterrupt  # Ctrl-C while the second patient is generated
+        generated.append(index)
+        return real(index, **options)
+
+    monkeypatch.setattr(_cohort, "generate_patient", interrupted_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        make_cohort(tmp_path / "c", seed=4, **kwargs)
+    assert not (tmp_path / "c" / "manifest.csv").exists()
+    with pytest.raises(FileExistsError, match="unfinished cohort of other parameters"):
+        make_cohort(tmp_path / "c", seed=5, **kwargs)
+
+    def counting(index, **options):
+        generated.append(index)
+        return real(index, **options)
+
+    monkeypatch.setattr(_cohort, "generate_patient", counting)
+    resumed = read_manifest(make_cohort(tmp_path / "c", seed=4, **kwargs))
+    assert generated == [0, 1, 2]  # the first patient was not generated again
+    assert [s.study_id for s in resumed] == [s.study_id for s in fresh]
+    for a, b in zip(resumed, fresh, strict=True):
+        assert (a.cpa, a.survival_2y, dict(a.annotations)) == (
+            b.cpa,
+            b.survival_2y,
+            dict(b.annotations),
+        )
+        np.testing.assert_array_equal(load_ct(a.path).hu, load_ct(b.path).hu)
+        np.testing.assert_array_equal(load_ct(a.lesion_labels).hu, load_ct(b.lesion_labels).hu)
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [
+        "labels",
+        "manifest.csv",
+        "studies",
+    ]
+    with pytest.raises(FileExistsError, match="holds a cohort already"):
+        make_cohort(tmp_path / "c", seed=4, **kwargs)  # finished: not resumed, refused

@@ -11,6 +11,7 @@ import contextlib
 import datetime
 import functools
 import hashlib
+import json
 import multiprocessing
 import os
 import shutil
@@ -25,6 +26,7 @@ from scipy import ndimage as ndi
 
 from ...config import ANNOTATION_FLAGS, SUBREGIONS
 from ...io import CTVolume, Study, save_nifti, write_manifest
+from .._cache import atomic_write_json
 from ._anatomy import OUTSIDE, Anatomy, render_anatomy, sample_anatomy
 from ._dicom_writer import RESCALE_INTERCEPT, write_dicom_series
 from ._grid import DEFAULT_SHAPE, Grid, default_spacing
@@ -39,6 +41,10 @@ from ._lesions import (
 )
 
 MANIFEST_NAME = "manifest.csv"
+# While a cohort is generated: its parameters, and one file per finished patient holding its
+# manifest rows, so that an interrupted run resumes (both are removed with the manifest written).
+PLAN_FILE = ".cohort-plan.json"
+DONE_DIR = ".patients-done"
 # Bumped whenever the generator draws different cohorts from the same arguments, so a cohort
 # cached by an older version is not reused (train.ensure_synthetic_cohort names folders by it).
 # 2: cavities and fungus balls are at least the size the grid resolves (_lesions.MIN_LUMEN).
@@ -311,12 +317,26 @@ def _plan_cohort(n_patients: int, scans_per_patient, control_fraction: float, se
 
 
 def _write_patient(out_dir: Path, fmt: str, seed: int, shape, spacing, patient) -> list[dict]:
-    """Generate and write one patient's scans (a worker's unit of work)."""
+    """Generate and write one patient's scans (a worker's unit of work); a patient an
+    interrupted run finished is not generated again."""
     index, cpa, n_scans = patient
+    done = out_dir / DONE_DIR / f"patient-{index:05d}.json"
+    if done.exists():
+        return _read_done_rows(done)
     scans = generate_patient(
         index, cpa=cpa, n_scans=n_scans, shape=shape, spacing=spacing, seed=seed
     )
-    return [_write_files(scan, out_dir, fmt, seed) for scan in scans]
+    rows = [_write_files(scan, out_dir, fmt, seed) for scan in scans]
+    atomic_write_json(done, rows)  # after every file of the patient (each written atomically)
+    return rows
+
+
+def _read_done_rows(path: Path) -> list[dict]:
+    rows = json.loads(path.read_text())
+    for row in rows:
+        row["path"] = Path(row["path"])
+        row["lesion_labels"] = Path(row["lesion_labels"])
+    return rows
 
 
 def _auto_workers(n_patients: int, shape) -> int:
@@ -350,15 +370,20 @@ def _run(work, plan, workers: int, bar) -> list[Study]:
     return studies
 
 
-def _clear_old_cohort(out_dir: Path, overwrite: bool) -> None:
-    old = [
-        p for p in (out_dir / MANIFEST_NAME, out_dir / "studies", out_dir / "labels") if p.exists()
-    ]
+def _prepare_folder(out_dir: Path, overwrite: bool, plan: dict) -> bool:
+    """Make ``out_dir`` ready for the cohort ``plan`` (its parameters); True when it resumes an
+    interrupted run of the same plan (no manifest yet: it is written last)."""
+    names = (MANIFEST_NAME, "studies", "labels", PLAN_FILE, DONE_DIR)
+    old = [out_dir / name for name in names if (out_dir / name).exists()]
     if not old:
-        return
+        return False
+    finished = (out_dir / MANIFEST_NAME).exists()
     if not overwrite:
+        if not finished and _read_plan(out_dir) == plan:
+            return True
+        what = "a cohort" if finished else "an unfinished cohort of other parameters"
         raise FileExistsError(
-            f"{out_dir} holds a cohort already ({', '.join(p.name for p in old)}); choose another "
+            f"{out_dir} holds {what} already ({', '.join(p.name for p in old)}); choose another "
             "folder or overwrite it (--overwrite, overwrite=True)"
         )
     # The manifest first: an interrupted overwrite must not leave it describing deleted or new
@@ -368,6 +393,19 @@ def _clear_old_cohort(out_dir: Path, overwrite: bool) -> None:
             shutil.rmtree(path)
         else:
             path.unlink()
+    return False
+
+
+def _read_plan(out_dir: Path) -> dict | None:
+    try:
+        return json.loads((out_dir / PLAN_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _plan_record(**parameters) -> dict:
+    """The parameters that decide a cohort's files, as JSON gives them back."""
+    return json.loads(json.dumps({"generator_version": GENERATOR_VERSION, **parameters}))
 
 
 def make_cohort(
@@ -404,11 +442,23 @@ def make_cohort(
             f"need n_patients >= 1 (got {n_patients}), 1 <= min <= max scans (got "
             f"{scans_per_patient}) and 0 <= control_fraction <= 1 (got {control_fraction})"
         )
+    if spacing is not None and (len(spacing) != 3 or not min(spacing) > 0):
+        raise ValueError(f"spacing takes 3 voxel sizes in mm, all > 0 (got {tuple(spacing)})")
     # Absolute, so the studies' paths do not depend on the working directory (the manifest
     # writes them relative to its own folder).
     out_dir = Path(out_dir).expanduser().resolve()
-    _clear_old_cohort(out_dir, overwrite)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    record = _plan_record(
+        n_patients=n_patients,
+        shape=shape,
+        spacing=spacing,
+        seed=seed,
+        fmt=fmt,
+        scans_per_patient=scans_per_patient,
+        control_fraction=control_fraction,
+    )
+    if not _prepare_folder(out_dir, overwrite, record):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out_dir / PLAN_FILE, record)
     plan = _plan_cohort(n_patients, scans_per_patient, control_fraction, seed)
     work = functools.partial(_write_patient, out_dir, fmt, seed, shape, spacing)
     workers = _auto_workers(n_patients, shape) if workers is None else max(1, int(workers))
@@ -431,4 +481,7 @@ def make_cohort(
             )
             bar.reset()
             studies = _run(work, plan, 1, bar)
-    return write_manifest(out_dir / MANIFEST_NAME, studies)
+    manifest = write_manifest(out_dir / MANIFEST_NAME, studies)
+    shutil.rmtree(out_dir / DONE_DIR, ignore_errors=True)
+    (out_dir / PLAN_FILE).unlink(missing_ok=True)
+    return manifest
