@@ -139,6 +139,12 @@ def timed(fn, backend_name: str = "cpu", repeat: int = 1):
     return best, result
 
 
+def same_device_kind(jax_platform: str, torch_device: str) -> bool:
+    """Whether JAX (``jax.default_backend()``) and torch (``"cpu"``/``"cuda"``) ran on the same
+    kind of device: a ratio of a GPU run over a CPU run measures the devices, not the code."""
+    return (jax_platform == "cpu") == (torch_device == "cpu")
+
+
 def write_json(record: dict, name: str, out: str | Path | None = None) -> Path:
     """Write ``environment() | record`` to ``out`` or ``results/<name>_<timestamp>.json``."""
     record = nonfinite_to_null({**environment(), **record})  # strict JSON: NaN -> null

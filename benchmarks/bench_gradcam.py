@@ -24,7 +24,7 @@ import jax
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_json  # noqa: E402
+from _common import same_device_kind, write_json  # noqa: E402
 
 from sapsam_jax.explain import CAM_METHODS, grad_cam  # noqa: E402
 from sapsam_jax.models import VGG19  # noqa: E402
@@ -99,11 +99,20 @@ def _row(impl, method, args, first, best, device=None) -> dict:
     }
 
 
-def _ratios(rows) -> dict:
-    """Our maps/s over pytorch-grad-cam's, per method both ran."""
+def _ratios(rows, jax_platform: str) -> dict:
+    """Our maps/s over pytorch-grad-cam's, per method both ran on the same kind of device."""
     ours = {r["method"]: r["maps_per_s"] for r in rows if r["impl"] == "sapsam_jax"}
-    peer = {r["method"]: r["maps_per_s"] for r in rows if r["impl"] == "pytorch-grad-cam"}
-    return {m: round(ours[m] / peer[m], 3) for m in ours if m in peer and peer[m]}
+    peers = {r["method"]: r for r in rows if r["impl"] == "pytorch-grad-cam"}
+    out = {}
+    for method, maps_per_s in ours.items():
+        peer = peers.get(method)
+        if peer is None or not peer["maps_per_s"]:
+            continue
+        if same_device_kind(jax_platform, peer["device"]):
+            out[method] = round(maps_per_s / peer["maps_per_s"], 3)
+        else:
+            out[method] = f"not compared: JAX on {jax_platform}, torch on {peer['device']}"
+    return out
 
 
 def _line(row: dict) -> str:
@@ -148,7 +157,7 @@ def main(argv=None) -> int:
     record = {
         "benchmark": "gradcam",
         "quick": args.quick,
-        "ours_over_pytorch_grad_cam": _ratios(rows),
+        "ours_over_pytorch_grad_cam": _ratios(rows, jax.default_backend()),
         "jax_backend": jax.default_backend(),
         "extra_versions": _versions(),
         "results": rows,

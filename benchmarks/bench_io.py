@@ -2,8 +2,8 @@
 
 The issue's bar: reading a 512-slice series must not be slower than a plain pydicom loop over
 the same files. A synthetic series (shuffled file names, so sorting matters) is written to a
-temporary folder; both readers run ``--repeat`` times after one warm-up (page cache filled) and
-the medians are compared. JSON goes to ``benchmarks/results/``::
+temporary folder; after one warm-up call each (page cache filled) both readers run in
+``--repeat`` alternating rounds and the medians are compared. JSON goes to ``benchmarks/results/``::
 
     python benchmarks/bench_io.py                      # 512 slices of 512x512 (the real case)
     python benchmarks/bench_io.py --slices 64 --size 128
@@ -64,37 +64,45 @@ def naive_read(folder: Path) -> np.ndarray:
     return np.stack([ds.pixel_array for ds in datasets])
 
 
-def timed(function, folder: Path, repeat: int) -> tuple[list[float], list[float], np.ndarray]:
-    """Wall and process-CPU seconds of ``repeat`` calls after one warm-up, and the last result.
+def timed_side_by_side(functions: dict, folder: Path, repeat: int):
+    """Wall and process-CPU seconds of ``repeat`` rounds, each calling every function once (in
+    alternating order), after one warm-up call each; and the last results.
 
-    CPU seconds (all threads) show the work done even when other jobs share the cores.
+    Alternating rounds put both readers under the same load (another job on the cores, the page
+    cache) instead of one block after the other. CPU seconds (all threads) show the work done
+    even when other jobs share the cores.
     """
-    result = function(folder)
-    wall, cpu = [], []
-    for _ in range(repeat):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        result = function(folder)
-        wall.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - start_cpu)
-    return wall, cpu, result
+    results = {name: fn(folder) for name, fn in functions.items()}
+    wall = {name: [] for name in functions}
+    cpu = {name: [] for name in functions}
+    names = list(functions)
+    for round_index in range(repeat):
+        for name in names if round_index % 2 == 0 else names[::-1]:
+            start, start_cpu = time.perf_counter(), time.process_time()
+            results[name] = functions[name](folder)
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    return wall, cpu, results
 
 
 def run(slices: int, size: int, repeat: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_io_") as tmp:
         folder = Path(tmp)
         write_series(folder, slices, size)
-        naive_s, naive_cpu, naive = timed(naive_read, folder, repeat)
-        ours_s, ours_cpu, ct = timed(lambda f: load_ct(f).hu, folder, repeat)
-    if not np.array_equal(ct, naive.astype(np.int32) + INTERCEPT):
+        readers = {"load_ct": lambda f: load_ct(f).hu, "naive_pydicom_loop": naive_read}
+        wall, cpu, results = timed_side_by_side(readers, folder, repeat)
+    naive = results["naive_pydicom_loop"].astype(np.int32) + INTERCEPT
+    if not np.array_equal(results["load_ct"], naive):
         raise AssertionError("load_ct and the naive loop read different volumes")
-    naive_med, ours_med = statistics.median(naive_s), statistics.median(ours_s)
+    median = {name: statistics.median(seconds) for name, seconds in wall.items()}
     return {
         "benchmark": "io.load_ct vs naive pydicom loop",
         "params": {"slices": slices, "rows": size, "columns": size, "repeat": repeat},
-        "seconds": {"load_ct": ours_s, "naive_pydicom_loop": naive_s},
-        "cpu_seconds": {"load_ct": ours_cpu, "naive_pydicom_loop": naive_cpu},
-        "median_s": {"load_ct": ours_med, "naive_pydicom_loop": naive_med},
-        "speedup": naive_med / ours_med,
+        "timing": "one warm-up call each, then alternating rounds; medians",
+        "seconds": wall,
+        "cpu_seconds": cpu,
+        "median_s": median,
+        "speedup": median["naive_pydicom_loop"] / median["load_ct"],
     }
 
 
