@@ -53,6 +53,7 @@ def git_commit() -> str | None:
 # The code a benchmark runs is the code it imported at its start: a commit made while it runs
 # (hours, for the learning benchmark) must not be recorded as the one measured.
 _COMMIT_AT_START = git_commit()
+_STARTED = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def _cpu_model() -> str:
@@ -105,7 +106,8 @@ def _module_version(name: str) -> str | None:
 def environment() -> dict:
     """Date, device, versions and commit of this run."""
     return {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),  # written
+        "started": _STARTED,  # when the measured code (git_commit) was imported
         "device": {
             "cpu": _cpu_model(),
             "cpu_count": os.cpu_count(),
