@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -122,7 +123,11 @@ def launch_workers(args, manifest, config, shard) -> int:
             child_shard,
         ]
         procs.append(subprocess.Popen(cmd, env=env))
-    _watch(procs, args, manifest, shard)
+    try:
+        _watch(procs, args, manifest, shard)
+    except KeyboardInterrupt:
+        _stop(procs)  # a SIGINT to this process alone must not leave workers running
+        raise
     codes = [p.wait() for p in procs]
     # A killed worker (OOM killer: -9) never merged its shard's summaries: merge them here.
     merge_summaries(args.out, QC_FIELDS, qc_row)
@@ -133,6 +138,15 @@ def launch_workers(args, manifest, config, shard) -> int:
             file=sys.stderr,
         )
     return 0 if not failed else max(1, max(code for _, code in failed))
+
+
+def _stop(procs) -> None:
+    """Interrupt the workers (each keeps its finished studies) and wait for them."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+    for proc in procs:
+        proc.wait()
 
 
 def _child_argv(args) -> list[str]:

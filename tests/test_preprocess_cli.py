@@ -141,12 +141,47 @@ def test_cli_workers_refuse_an_unusable_backend_before_launching(
 ):
     # Every worker failed alone with the same error, and the advice was "rerun to finish".
     monkeypatch.setattr(cli.subprocess, "Popen", lambda *a, **k: pytest.fail("a worker started"))
-    monkeypatch.setattr("sapsam_jax.backend.gpu_available", lambda: False)
+
+    def no_gpu(name):  # as get_backend("gpu") on a machine without one (its result is cached)
+        raise cli.BackendError("backend 'gpu' requested but CuPy sees no CUDA device")
+
+    monkeypatch.setattr(cli, "get_backend", no_gpu)
     argv = ["--manifest", str(cohort), "--out", str(tmp_path / "c"), "--preset", "tiny"]
     assert cli.main([*argv, "--workers", "2", "--backend", "gpu", "--no-progress"]) == 2
     assert capsys.readouterr().err.count("error:") == 1
     assert cli.main([*argv, "--workers", "0"]) == 2
     assert "--workers takes a whole number >= 1" in capsys.readouterr().err
+
+
+def test_cli_ctrl_c_interrupts_the_workers_and_waits_for_them(tmp_path, cohort, monkeypatch):
+    import signal
+
+    events = []
+
+    class Worker:
+        def __init__(self, cmd, env):
+            self.running = True
+
+        def poll(self):
+            return None if self.running else -signal.SIGINT
+
+        def send_signal(self, sig):
+            events.append(sig)
+            self.running = False
+
+        def wait(self):
+            events.append("waited")
+            return -signal.SIGINT
+
+    def interrupted(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.subprocess, "Popen", Worker)
+    monkeypatch.setattr(cli, "_gpu_ids", lambda backend: [])
+    monkeypatch.setattr(cli, "_watch", interrupted)
+    argv = ["--manifest", str(cohort), "--out", str(tmp_path / "c"), "--preset", "tiny"]
+    assert cli.main([*argv, "--workers", "2", "--no-progress"]) == 130
+    assert events == [signal.SIGINT, signal.SIGINT, "waited", "waited"]
 
 
 def test_cli_bad_shard_flag(tmp_path, cohort, capsys):

@@ -470,10 +470,14 @@ def test_sign_multi_does_not_unbalance_other_tasks(tmp_path):
         assert counts[0] == counts[1] > 0
 
 
-def test_evaluation_sets_are_not_oversampled():
+def test_evaluation_sets_are_not_oversampled(tmp_path):
     # Validation and test images are not augmented: copies would count one prediction twice.
+    cfg = TINY.replace(test_balance="oversample", workdir=str(tmp_path / "run"), cache="fake")
     with pytest.raises(ValueError, match="undersampling only"):
-        TINY.replace(test_balance="oversample")
+        fit(cfg, FakeCache(n_patients=6), log=lambda *_: None)
+    assert not (tmp_path / "run").exists()  # refused before any file
+    # A run made before the rule still loads (evaluate, explain, resume).
+    assert type(cfg).from_dict(json.loads(cfg.to_json())).test_balance == "oversample"
     with pytest.raises(ValueError, match="unknown train_balance"):
         TINY.replace(train_balance="smote")
 

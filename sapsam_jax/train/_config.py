@@ -132,14 +132,9 @@ class TrainConfig:
         _check_choice("optimizer", self.optimizer, ("sgd", "adam"))
         _check_choice("eval_rotations", self.eval_rotations, ("all", "identity"))
         _check_choice("train_balance", self.train_balance, TRAIN_BALANCE)
-        if self.test_balance not in TEST_BALANCE:
-            # Validation and test images are not augmented: an oversampled copy is the same image
-            # with the same prediction, counted again in the metrics and the kept epoch's loss.
-            raise ValueError(
-                f"test_balance {self.test_balance!r}: validation and test sets are balanced by "
-                "undersampling only (their images are not augmented, so oversampled copies would "
-                "count the same prediction twice)"
-            )
+        # Runs made before test_balance was limited to undersampling still load (evaluate,
+        # explain, resume); new runs are refused it (check_new_run).
+        _check_choice("test_balance", self.test_balance, TRAIN_BALANCE)
         _check_choice("cam_method", self.cam_method, ("gradcam", "gradcam++", "hirescam"))
         if self.rotations_per_epoch is not None and not 1 <= self.rotations_per_epoch <= 27:
             raise ValueError(
@@ -206,6 +201,18 @@ class TrainConfig:
 
 TRAIN_BALANCE = ("oversample", "undersample")
 TEST_BALANCE = ("undersample",)
+
+
+def check_new_run(cfg: TrainConfig) -> None:
+    """Settings a run made before them may hold, but a new run may not."""
+    if cfg.test_balance not in TEST_BALANCE:
+        # Validation and test images are not augmented: an oversampled copy is the same image
+        # with the same prediction, counted again in the metrics and the kept epoch's loss.
+        raise ValueError(
+            f"test_balance {cfg.test_balance!r}: validation and test sets are balanced by "
+            "undersampling only (their images are not augmented, so oversampled copies would "
+            "count the same prediction twice)"
+        )
 
 
 def _check_choice(name: str, value, choices) -> None:

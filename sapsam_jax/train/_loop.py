@@ -36,7 +36,7 @@ from sapsam_jax.data import (
 from sapsam_jax.data._cache import atomic_write_text, nonfinite_to_null, to_jsonable
 from sapsam_jax.io._volume import atomic_path
 from sapsam_jax.train._checkpoint import RunCheckpoints, saved_epochs
-from sapsam_jax.train._config import MIN_INPUT_SIZE, TrainConfig
+from sapsam_jax.train._config import MIN_INPUT_SIZE, TrainConfig, check_new_run
 from sapsam_jax.train._data import Batches, prepare_cache, to_global, to_host
 from sapsam_jax.train._distributed import (
     is_primary,
@@ -164,6 +164,8 @@ def fit(cfg: TrainConfig, cache: ProjectionCache, *, log=print) -> dict:
     """
     workdir = Path(cfg.workdir)
     new_run = not (workdir / "config.json").exists()
+    if new_run:
+        check_new_run(cfg)
     created = [d for d in (workdir, *workdir.parents) if not d.exists()]  # innermost first
     workdir.mkdir(parents=True, exist_ok=True)
     log = primary_log(log)
