@@ -256,6 +256,27 @@ def test_other_config_is_refused(built, cohort):
         preprocess_cohort(cohort, built[0], config=QUICK, backend="cpu", progress=False)
 
 
+def test_a_cache_projected_by_older_code_is_not_resumed_but_still_read(tmp_path, built, cohort):
+    # Same config, other projections (masks, lesion truth changed since): resuming would mix
+    # studies of both. A cache.json without the field was written before it existed (version 1).
+    old = tmp_path / "old"
+    shutil.copytree(built[0], old)
+    header = json.loads((old / "cache.json").read_text())
+    del header["projections"]
+    (old / "cache.json").write_text(json.dumps(header))
+    with pytest.raises(CacheError, match="projection version 1, this code computes version 2"):
+        preprocess_cohort(cohort, old, config=TINY, backend="cpu", progress=False)
+    assert ProjectionCache(old).study_ids == ProjectionCache(built[0]).study_ids  # still read
+
+
+def test_the_training_cache_folder_changes_with_the_projection_version(monkeypatch):
+    from sapsam_jax.train import _data
+
+    before = _data.config_digest(TINY)
+    monkeypatch.setattr(_data, "PROJECTION_VERSION", _data.PROJECTION_VERSION + 1)
+    assert _data.config_digest(TINY) != before
+
+
 # --------------------------------------------------------------------------- sharding
 
 

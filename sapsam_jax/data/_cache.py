@@ -2,7 +2,7 @@
 
 Layout (docs/ARCHITECTURE.md, "Projection cache")::
 
-    CACHE/cache.json                      {"version": 1, "preset": ..., "config": {...}}
+    CACHE/cache.json                      {"version": 1, "projections": 2, "preset", "config"}
     CACHE/studies/<study_id>/meta.json    labels, patient_id, qc, mapping, shapes, ct path
     CACHE/studies/<study_id>/gray_<axis>.npy     float16 (27, H, W)
     CACHE/studies/<study_id>/bands_<axis>.npy    float16 (27, 6, H, W, 3)
@@ -37,7 +37,12 @@ from sapsam_jax.io._volume import atomic_path
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 1  # the layout readers rely on
+# What the projections hold for a given config: raised when the code computes them differently,
+# so that a cache is not resumed with a mix of old and new studies (readers do not check it).
+# 2 (2026-11-22): the lung masks follow the trachea past a lung it touches; lesion projections
+# hold every working voxel a lesion overlaps. Caches without the field are version 1.
+PROJECTION_VERSION = 2
 CACHE_JSON = "cache.json"
 STUDIES_DIR = "studies"
 META_JSON = "meta.json"
@@ -170,7 +175,12 @@ def _tuples(value):
 
 
 def cache_header(config: PreprocessConfig) -> dict:
-    return {"version": CACHE_VERSION, "preset": config.name, "config": config_to_dict(config)}
+    return {
+        "version": CACHE_VERSION,
+        "projections": PROJECTION_VERSION,
+        "preset": config.name,
+        "config": config_to_dict(config),
+    }
 
 
 def init_cache_dir(out_dir: str | os.PathLike, config: PreprocessConfig) -> Path:
@@ -191,6 +201,12 @@ def init_cache_dir(out_dir: str | os.PathLike, config: PreprocessConfig) -> Path
         raise CacheError(
             f"{path}: cache version {stored.get('version')!r}, this code writes {CACHE_VERSION}; "
             "use a new output folder"
+        )
+    if stored.get("projections", 1) != PROJECTION_VERSION:
+        raise CacheError(
+            f"{path}: its projections were computed by code of projection version "
+            f"{stored.get('projections', 1)}, this code computes version {PROJECTION_VERSION} "
+            "(data._cache.PROJECTION_VERSION); use a new output folder"
         )
     if stored.get("config") != header["config"]:
         diff = _dict_diff(stored.get("config") or {}, header["config"])

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from sapsam_jax.backend import get_backend
 from sapsam_jax.config import preprocess_preset
 from sapsam_jax.data import ProjectionCache, preprocess_cohort
+from sapsam_jax.data._cache import PROJECTION_VERSION
 from sapsam_jax.data._cohort import manifest_studies
 from sapsam_jax.train._distributed import barrier, is_primary
 
@@ -65,8 +66,10 @@ def cache_dir_for(cfg, manifest: Path, config) -> Path:
 
 
 def config_digest(config) -> str:
-    """Short stable digest of a PreprocessConfig."""
-    text = json.dumps(dataclasses.asdict(config), sort_keys=True, default=str)
+    """Short stable digest of a PreprocessConfig and of how this code projects (a new
+    ``PROJECTION_VERSION`` gets a cache of its own instead of an error in the old one)."""
+    record = {"config": dataclasses.asdict(config), "projections": PROJECTION_VERSION}
+    text = json.dumps(record, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
