@@ -75,10 +75,10 @@ class SegmentationConfig:
     airway_hu: float = -900.0
     airway_max_area_mm2: float = 700.0
     # Below the first slice where the trachea touches a lung (a thin wall, partial volume), its
-    # lumen (< airway_hu) is followed down slice by slice while the tissue around it, from one
-    # voxel to this many mm beyond the lumen, is mostly not lung: the trachea and main bronchi
-    # run through the mediastinum, bronchi inside the lung are ringed by parenchyma (not in the
-    # paper; measured on cip_ct64, README "Lung segmentation").
+    # lumen (< airway_hu) is followed down slice by slice while the tissue around it, from two
+    # voxels to one voxel plus this many mm beyond the lumen, is mostly not lung: the trachea
+    # and main bronchi run through the mediastinum, bronchi inside the lung are ringed by
+    # parenchyma (not in the paper; measured on cip_ct64, README "Lung segmentation").
     airway_shell_mm: float = 6.0
     airway_shell_lung_max: float = 0.5
     # The refined mask closes each lung on its own. Lungs touching at the junction lines (or

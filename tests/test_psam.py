@@ -219,6 +219,18 @@ def test_rotation_indices_are_the_27_of_the_papers_table(mapping):
             rotation_angles(bad)
     with pytest.raises(ValueError, match="integer 0-26, got -1"):
         working_volume_to_ct(np.ones(WORKING, np.float32), mapping, rotation=-1)
+    # A run's own table (view_maps, the CLI's --rotation): the same rule.
+    from types import SimpleNamespace
+
+    from sapsam_jax.config import QUICK
+    from sapsam_jax.explain._study import rotation_of
+
+    run = SimpleNamespace(cache=SimpleNamespace(config=QUICK))
+    assert rotation_of(run, 26) == (26, (5.0, 5.0, 5.0))
+    assert rotation_of(run, None) == (13, (0.0, 0.0, 0.0))
+    for bad in (2.7, True, 27):  # int() made 2.7 index 2 and True index 1
+        with pytest.raises(ValueError, match=f"integer 0-26, got {bad!r}"):
+            rotation_of(run, bad)
 
 
 # ----------------------------------------------------------------- a study with lesion truth
@@ -688,3 +700,18 @@ def test_choose_subregions():
     assert choose_subregions({"axial": view([0.1, 0.2, 0.3, 0.1, 0.1, 0.1])}) == [2]
     assert choose_subregions(views, "all") == list(range(6))
     assert choose_subregions(views, ["right_lower"]) == [5]
+
+
+def test_disease_runs_given_sign_multi_share_one_set():
+    # --sign multi means nothing to the disease task: its three axes belong in one set (one
+    # 3-D PSAM), whatever --sign each run was started with.
+    from types import SimpleNamespace
+
+    from sapsam_jax.explain._study import run_sets
+    from sapsam_jax.train import TINY
+
+    runs = [
+        SimpleNamespace(config=TINY.replace(task="disease", axis=axis, sign=sign), workdir=axis)
+        for axis, sign in (("axial", "multi"), ("coronal", "all"), ("sagittal", "cavity"))
+    ]
+    assert [len(members) for members in run_sets(runs)] == [3]

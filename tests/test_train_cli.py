@@ -268,3 +268,34 @@ def test_a_workdir_of_another_run_is_an_error_line(tiny_run, capsys):
     argv += ["--data-dir", str(run.parent / "data")]  # its cached cohort: no new one
     assert main([*argv, "--axis", "axial", "--workdir", str(run)]) == 2
     assert "belongs to a different run" in capsys.readouterr().err
+
+
+def test_an_interrupted_built_in_cohort_resumes(tmp_path, monkeypatch):
+    # The main job's cohort is generated in a temporary folder; an interrupted generation used to
+    # be deleted and started again.
+    from sapsam_jax.data.synthetic import _cohort
+    from sapsam_jax.train import TINY
+    from sapsam_jax.train._data import ensure_synthetic_cohort
+
+    cfg = TINY.replace(data_dir=str(tmp_path))
+    real, generated = _cohort.generate_patient, []
+
+    def interrupted_at_the_third(index, **options):
+        if len(generated) == 2:
+            raise KeyboardInterrupt
+        generated.append(index)
+        return real(index, **options)
+
+    monkeypatch.setattr(_cohort, "generate_patient", interrupted_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        ensure_synthetic_cohort(cfg, log=lambda *_: None)
+
+    def counted(index, **options):
+        generated.append(index)
+        return real(index, **options)
+
+    monkeypatch.setattr(_cohort, "generate_patient", counted)
+    manifest = ensure_synthetic_cohort(cfg, log=lambda *_: None)
+    assert generated == list(range(cfg.synthetic.n_patients))  # none generated twice
+    assert manifest.is_file()
+    assert not manifest.parent.with_name(f".tmp-{manifest.parent.name}").exists()

@@ -249,6 +249,8 @@ def test_an_optional_reader_that_is_not_installed_is_named(tmp_path, monkeypatch
     (tmp_path / name).write_bytes(b"\0" * 64)
     with pytest.raises(ValueError, match=rf"{name}: reading it needs the '{hidden[0]}' package"):
         read_torch_state_dict(tmp_path / name)
+    with pytest.raises(ValueError, match="halted"):  # the import's own error, e.g. a broken one
+        read_torch_state_dict(tmp_path / name)
 
 
 def _published_inception_layers(model, arrays, rng):

@@ -18,6 +18,7 @@ the lung box). A 3-D PSAM that is zero everywhere has no maximum: no distance, a
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -141,9 +142,19 @@ def localisation_scores(
         "signs": {},
         "records": [],
     }
+    grids: dict = {}  # study -> its CT's grid, read once for all signs
     for sign, by_axis in groups.items():
         records = _sign_records(
-            sign, by_axis, split, method, tolerance_px, tolerance_mm, three_d, batch_size, layer
+            sign,
+            by_axis,
+            split,
+            method,
+            tolerance_px,
+            tolerance_mm,
+            three_d,
+            batch_size,
+            layer,
+            grids,
         )
         result["records"] += records
         result["signs"][sign] = _summarise(records)
@@ -151,7 +162,7 @@ def localisation_scores(
 
 
 def _sign_records(
-    sign, by_axis, split, method, tolerance_px, tolerance_mm, three_d, batch_size, layer=None
+    sign, by_axis, split, method, tolerance_px, tolerance_mm, three_d, batch_size, layer, grids
 ) -> list[dict]:
     """One record per (study, axis, sub-region with lesion), plus 3-D records with all axes."""
     records = []
@@ -174,8 +185,10 @@ def _sign_records(
                 mask = truth[a][r, ..., s].astype(bool)
                 if mask.any():
                     records.append(_record_2d(view, r, name, mask, tolerance_px))
-        if three_d and len(views) == len(AXES):
-            records += _records_3d(cache, study_id, sign, views, truth, tolerance_mm)
+        meta = cache.meta(study_id)
+        if three_d and len(views) == len(AXES) and meta.get("lesion_labels_path"):
+            grid = _ct_grid(meta, grids)
+            records += _records_3d(meta, sign, views, truth, tolerance_mm, grid)
     return records
 
 
@@ -196,13 +209,20 @@ def _record_2d(view, r: int, name: str, mask, tolerance_px: int) -> dict:
     }
 
 
-def _records_3d(cache, study_id, sign, views, truth, tolerance_mm) -> list[dict]:
+def _ct_grid(meta: dict, grids: dict):
+    """The study's CT (checked against the cache) as its grid only: shape, spacing and affine,
+    with the voxels dropped (a zero-stride array), so that the signs of one call read it once."""
+    if meta["study_id"] not in grids:
+        ct = load_cached_ct(meta)
+        hu = np.broadcast_to(np.int16(0), ct.hu.shape)
+        grids[meta["study_id"]] = dataclasses.replace(ct, hu=hu)
+    return grids[meta["study_id"]]
+
+
+def _records_3d(meta, sign, views, truth, tolerance_mm, ct) -> list[dict]:
     """3-D PSAM maximum -> distance to the sign's nearest voxel in the CT label map, and the
-    share of the PSAM (on the CT grid) that lies on the sign's voxels."""
-    meta = cache.meta(study_id)
-    if not meta.get("lesion_labels_path"):
-        return []
-    ct = load_cached_ct(meta)  # the label map must lie on the grid the cache was built on
+    share of the PSAM (on the CT grid) that lies on the sign's voxels. ``ct``: the study's CT
+    grid (:func:`_ct_grid`), which the label map must lie on."""
     lesion = cached_lesion_labels(meta, ct) == SIGNS.index(sign) + 1  # 1 cavity, 2 fungus, ...
     mapping, s = meta["mapping"], SIGNS.index(sign)
     working = tuple(mapping["working_shape"])
@@ -219,7 +239,7 @@ def _records_3d(cache, study_id, sign, views, truth, tolerance_mm) -> list[dict]
         support = on_ct > 0
         records.append(
             {
-                "study_id": study_id,
+                "study_id": meta["study_id"],
                 "sign": sign,
                 "axis": "3d",
                 "subregion": name,

@@ -47,7 +47,7 @@ def rotation_angles(rotation) -> tuple[float, float, float] | None:
     if rotation is None:
         return None
     if np.ndim(rotation) == 0:
-        angles = _ROTATIONS[_rotation_index(rotation)]
+        angles = _ROTATIONS[rotation_index(rotation)]
     else:
         angles = tuple(float(a) for a in rotation)
         if len(angles) != 3:
@@ -55,14 +55,12 @@ def rotation_angles(rotation) -> tuple[float, float, float] | None:
     return None if not np.any(angles) else tuple(float(a) for a in angles)
 
 
-def _rotation_index(rotation) -> int:
-    """``rotation`` as an index of the paper's table; anything else (-1 would silently read the
-    last entry, 2.7 the third) is refused."""
+def rotation_index(rotation, count: int = len(_ROTATIONS)) -> int:
+    """``rotation`` as an index of a table of ``count`` rotations (the paper's by default);
+    anything else (-1 would silently read the last entry, 2.7 the third) is refused."""
     is_integer = np.issubdtype(np.asarray(rotation).dtype, np.integer)  # bool is not
-    if not is_integer or not 0 <= rotation < len(_ROTATIONS):
-        raise ValueError(
-            f"rotation index must be an integer 0-{len(_ROTATIONS) - 1}, got {rotation!r}"
-        )
+    if not is_integer or not 0 <= rotation < count:
+        raise ValueError(f"rotation index must be an integer 0-{count - 1}, got {rotation!r}")
     return int(rotation)
 
 

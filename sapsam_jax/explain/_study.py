@@ -25,6 +25,7 @@ from sapsam_jax.explain._psam import (
     region_slices,
     resize_map,
     rotated_to_ct,
+    rotation_index,
     working_volume_to_ct,
 )
 
@@ -108,9 +109,10 @@ def rotation_of(run, rotation: int | None) -> tuple[int, tuple[float, float, flo
     """
     geometry = run.cache.config.geometry
     rotations = geometry.rotations()
-    index = geometry.identity_rotation_index if rotation is None else int(rotation)
-    if not 0 <= index < len(rotations):
-        raise ValueError(f"rotation {rotation} is not an index 0-{len(rotations) - 1}")
+    if rotation is None:
+        index = geometry.identity_rotation_index
+    else:
+        index = rotation_index(rotation, len(rotations))
     return index, tuple(float(a) for a in rotations[index])
 
 
@@ -219,7 +221,7 @@ def run_sets(runs: Sequence) -> list[list]:
 
     def key(run):
         c = run.config
-        return (str(c.cache), c.arch, c.width, c.seed, c.sign == "multi")
+        return (str(c.cache), c.arch, c.width, c.seed, c.multi_label)
 
     sets: list[tuple[tuple, list, set]] = []
     for run in sorted(runs, key=lambda r: (repr(key(r)), str(r.workdir))):

@@ -171,17 +171,25 @@ def read_torch_state_dict(path) -> dict[str, np.ndarray]:
     return {k.removeprefix("module."): np.asarray(v) for k, v in state.items()}
 
 
+# What else a user can do when a reader is missing.
+_INSTEAD = {
+    "torch": "or save the state dict as .safetensors where torch is installed",
+    "safetensors": "",
+}
+
+
 def _optional_import(module: str, path: Path, package: str):
     """``module``, which only reading ``path`` needs (not a dependency of sapsam-jax)."""
     import importlib
 
     try:
         return importlib.import_module(module)
-    except ImportError:
+    except ImportError as err:  # not installed, or installed but broken (the error says which)
+        instead = f"; {_INSTEAD[package]}" if _INSTEAD[package] else ""
         raise ValueError(
-            f"{path}: reading it needs the {package!r} package (pip install {package}); "
-            "or convert a torchvision .pth to .safetensors where torch is installed"
-        ) from None
+            f"{path}: reading it needs the {package!r} package ({err}; pip install "
+            f"{package}{instead})"
+        ) from err
 
 
 def _torch_load(path: Path):

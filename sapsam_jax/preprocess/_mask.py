@@ -276,10 +276,13 @@ def _follow_airway(airway, lung, hu, spacing, config, bk: Backend):
     """``airway`` continued below the slices where its cross-section joins a lung.
 
     There the chain of small cross-sections ends, though the trachea goes on: a thin wall and
-    partial volume join it to the lung beside it. Slice by slice downward, the lumen components
-    (< ``airway_hu``) that overlap the airway of the slice above join it, with the voxels next
-    to them (the partial-volume wall), while they are small and the shell around them is
-    mostly not lung (mediastinum; a bronchus inside the lung is ringed by parenchyma).
+    partial volume join it to the lung beside it. Slice by slice downward from the chain's lowest
+    slice, the lumen components (< ``airway_hu``) that overlap the airway of the slice above join
+    it, with the voxels next to them (the partial-volume wall), while they are small and the
+    shell around them is mostly not lung (mediastinum; a bronchus inside the lung is ringed by
+    parenchyma). The shell is the square ring from two voxels to one voxel plus
+    ``airway_shell_mm`` beyond the lumen. A branch whose own chain ended higher up than the
+    lowest one is not followed.
     """
     xp = bk.xp
     below_top = np.flatnonzero(to_numpy(airway.any(axis=(1, 2))))
@@ -305,7 +308,7 @@ def _follow_airway(airway, lung, hu, spacing, config, bk: Backend):
                 continue
             airway[k] |= wall & lung[k]
             added = True
-        if not added and not bool(airway[k].any()):
+        if not added:
             break
     return airway
 

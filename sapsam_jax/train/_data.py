@@ -7,6 +7,7 @@ preprocessed; ``--manifest`` preprocesses a cohort into a cache; ``--cache`` use
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import multiprocessing
@@ -155,13 +156,14 @@ def ensure_synthetic_cohort(cfg, log=print) -> Path:
 
 
 def _generate_synthetic_cohort(syn, out: Path, log) -> None:
-    """Write the cohort to a temporary sibling of ``out`` and rename it when complete."""
+    """Write the cohort to a temporary sibling of ``out`` and rename it when complete; an
+    interrupted generation resumes there (make_cohort keeps the patients it finished)."""
     from sapsam_jax.data.synthetic import make_cohort
 
     log(f"generating the synthetic cohort ({syn.n_patients} patients, {syn.shape}) in {out}")
     tmp = out.with_name(f".tmp-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    make_cohort(
+    generate = functools.partial(
+        make_cohort,
         tmp,
         n_patients=syn.n_patients,
         shape=syn.shape,
@@ -169,6 +171,11 @@ def _generate_synthetic_cohort(syn, out: Path, log) -> None:
         seed=syn.seed,
         control_fraction=syn.control_fraction,
     )
+    try:
+        generate()
+    except FileExistsError:  # a leftover of other arguments, or finished but not renamed
+        shutil.rmtree(tmp)
+        generate()
     # Relative paths in the manifest resolve against its folder, so the rename keeps it valid.
     tmp.rename(out)
 

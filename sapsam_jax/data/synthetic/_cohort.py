@@ -430,7 +430,9 @@ def make_cohort(
     ``workers``: processes generating patients in parallel (None: one for small grids, else by
     cores and free memory); the output does not depend on it. A folder that holds a cohort
     already is refused unless ``overwrite``, which deletes its manifest, studies and labels first
-    (files of the old cohort left beside the new one would be taken for it).
+    (files of the old cohort left beside the new one would be taken for it). An interrupted call
+    resumes when called again with the same arguments: until the manifest is written the folder
+    records them (``PLAN_FILE``) and every finished patient (``DONE_DIR``).
     """
     from tqdm.auto import tqdm
 
