@@ -654,7 +654,7 @@ def test_maps_undo_the_rotations_of_the_runs_cache(study):
     run = _runs(cache, axes=("axial",))[0]
     assert view_maps(run, "S1", "fungus_ball").angles == (0.0, 0.0, 0.0)  # its identity
     assert view_maps(run, "S1", "fungus_ball", rotation=26).angles == (10.0, 10.0, 10.0)
-    with pytest.raises(ValueError, match="index 0-26"):
+    with pytest.raises(ValueError, match="index must be an integer 0-26"):
         view_maps(run, "S1", "fungus_ball", rotation=27)
 
 
@@ -711,7 +711,11 @@ def test_disease_runs_given_sign_multi_share_one_set():
     from sapsam_jax.train import TINY
 
     runs = [
-        SimpleNamespace(config=TINY.replace(task="disease", axis=axis, sign=sign), workdir=axis)
+        SimpleNamespace(
+            config=TINY.replace(task="disease", axis=axis, sign=sign),
+            workdir=axis,
+            multi_label=False,  # run.json: a disease network has one softmax output pair
+        )
         for axis, sign in (("axial", "multi"), ("coronal", "all"), ("sagittal", "cavity"))
     ]
     assert [len(members) for members in run_sets(runs)] == [3]

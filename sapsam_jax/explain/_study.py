@@ -221,7 +221,7 @@ def run_sets(runs: Sequence) -> list[list]:
 
     def key(run):
         c = run.config
-        return (str(c.cache), c.arch, c.width, c.seed, c.multi_label)
+        return (str(c.cache), c.arch, c.width, c.seed, run.multi_label)
 
     sets: list[tuple[tuple, list, set]] = []
     for run in sorted(runs, key=lambda r: (repr(key(r)), str(r.workdir))):
