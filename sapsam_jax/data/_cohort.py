@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -27,6 +28,7 @@ from sapsam_jax.backend import Backend, get_backend, to_numpy
 from sapsam_jax.config import AXES, PreprocessConfig, preprocess_preset
 from sapsam_jax.data._cache import (
     META_JSON,
+    CacheError,
     atomic_write_json,
     clean_stale_tmp,
     init_cache_dir,
@@ -164,10 +166,44 @@ def build_study(
 
 def load_source_ct(meta: dict):
     """The CT a cached study was projected from (``meta.json``): the same series of its folder,
-    its gaps interpolated as then."""
-    return load_ct(
+    its gaps interpolated as then, checked to still be that scan.
+
+    Maps drawn onto it go through the cache ``mapping``: a file rewritten since (by the rule that
+    projects a study again, :func:`_changed`) or a CT of another shape would put them on the
+    wrong voxels without a sound, so both are a ``CacheError`` naming the study and the file.
+    """
+    changed = _changed_source_file(meta)
+    if changed is not None:
+        raise CacheError(
+            f"study {meta['study_id']}: {changed} changed since the cache was built (its "
+            "source_fingerprint in meta.json differs); preprocess it again"
+        )
+    ct = load_ct(
         meta["ct_path"], series_uid=meta.get("series_uid"), allow_gaps=meta.get("allow_gaps", False)
     )
+    expected = tuple(meta["mapping"]["ct_shape"])
+    if tuple(ct.hu.shape) != expected:
+        raise CacheError(
+            f"study {meta['study_id']}: the CT {meta['ct_path']} has shape {tuple(ct.hu.shape)}, "
+            f"the cache was built from {expected}; preprocess it again"
+        )
+    return ct
+
+
+def _changed_source_file(meta: dict) -> str | None:
+    """The CT or label file that differs from the ``source_fingerprint`` of meta.json (stat
+    calls only), or None. Caches built before the fingerprint have none and pass."""
+    recorded = meta.get("source_fingerprint")
+    if recorded is None:
+        return None
+    # The two fields source_fingerprint and _changed read of a manifest Study.
+    files = SimpleNamespace(path=meta["ct_path"], lesion_labels=meta.get("lesion_labels_path"))
+    now = source_fingerprint(files)
+    for key, what in (("ct", "CT"), ("labels", "lesion label map")):
+        if _changed({key: recorded.get(key)}, {key: now.get(key)}, meta, files):
+            path = files.path if key == "ct" else files.lesion_labels
+            return f"the {what} {path}"
+    return None
 
 
 def _check_lungs_found(qc: dict) -> None:

@@ -29,7 +29,6 @@ from sapsam_jax.explain._psam import locate_maximum, psam_3d, working_volume_to_
 from sapsam_jax.explain._study import (
     group_runs,
     in_split,
-    load_cached_ct,
     run_labels,
     run_sets,
     split_studies,
@@ -212,8 +211,10 @@ def _record_2d(view, r: int, name: str, mask, tolerance_px: int) -> dict:
 def _ct_grid(meta: dict, grids: dict):
     """The study's CT (checked against the cache) as its grid only: shape, spacing and affine,
     with the voxels dropped (a zero-stride array), so that the signs of one call read it once."""
+    from sapsam_jax.data._cohort import load_source_ct
+
     if meta["study_id"] not in grids:
-        ct = load_cached_ct(meta)
+        ct = load_source_ct(meta)
         hu = np.broadcast_to(np.int16(0), ct.hu.shape)
         grids[meta["study_id"]] = dataclasses.replace(ct, hu=hu)
     return grids[meta["study_id"]]

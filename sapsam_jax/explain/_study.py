@@ -277,11 +277,12 @@ def explain_study(
     ``..._psam3d.png``, and ``summary.json`` (also returned): per label and sub-region the
     probability per axis, the files, the map method and layer per axis and the 3-D maximum
     (:func:`locate_maximum`; None with a ``reason``, and no 3-D files, when the PSAM is zero
-    everywhere). The CT must still be the one the cache was built from (:func:`load_cached_ct`).
+    everywhere). The CT must still be the one the cache was built from (``load_source_ct``).
     ``method``/``layer`` None: each run's own (``run_cam_settings``);
     ``rotation`` None: the identity.
     """
     from sapsam_jax.data._cache import atomic_write_json
+    from sapsam_jax.data._cohort import load_source_ct
     from sapsam_jax.io import save_nifti
 
     out = Path(out_dir) / study_id
@@ -290,7 +291,7 @@ def explain_study(
         raise ValueError(f"no run predicts any of {labels}")
     first = next(iter(next(iter(groups.values())).values()))
     meta = first.cache.meta(study_id)
-    ct = load_cached_ct(meta)  # the series the cache was built from, not any of the folder's
+    ct = load_source_ct(meta)  # the series the cache was built from, checked against it
     summary = {
         "study_id": study_id,
         "method": method,  # None: each run's own, recorded per axis under "maps"
@@ -312,51 +313,6 @@ def explain_study(
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "summary.json", summary)
     return summary
-
-
-def load_cached_ct(meta: dict):
-    """The CT a cached study was projected from (``meta.json``), checked to still be that scan.
-
-    Maps are drawn onto this CT through the cache ``mapping``: a file rewritten since (another
-    size, or changed where preprocessing would project it again) would put them on the wrong
-    voxels without a sound, so it is a ``CacheError`` naming the study and the file.
-    """
-    from sapsam_jax.data._cache import CacheError
-    from sapsam_jax.data._cohort import load_source_ct
-
-    changed = _changed_source_file(meta)
-    if changed is not None:
-        raise CacheError(
-            f"study {meta['study_id']}: {changed} changed since the cache was built (its "
-            "source_fingerprint in meta.json differs); preprocess it again"
-        )
-    ct = load_source_ct(meta)
-    expected = tuple(meta["mapping"]["ct_shape"])
-    if tuple(ct.hu.shape) != expected:
-        raise CacheError(
-            f"study {meta['study_id']}: the CT {meta['ct_path']} has shape {tuple(ct.hu.shape)}, "
-            f"the cache was built from {expected}; preprocess it again"
-        )
-    return ct
-
-
-def _changed_source_file(meta: dict) -> str | None:
-    """The CT or label file that differs from the ``source_fingerprint`` of meta.json, by the
-    rule preprocessing uses to project a study again (stat calls only), or None. Caches built
-    before the fingerprint have none and pass."""
-    from types import SimpleNamespace
-
-    from sapsam_jax.data._cohort import _changed, source_fingerprint
-
-    recorded = meta.get("source_fingerprint")
-    if recorded is None:
-        return None
-    files = SimpleNamespace(path=meta["ct_path"], lesion_labels=meta.get("lesion_labels_path"))
-    now = source_fingerprint(files)
-    for key, path in (("ct", files.path), ("labels", files.lesion_labels)):
-        if _changed({key: recorded.get(key)}, {key: now.get(key)}, meta, files):
-            return f"the {'CT' if key == 'ct' else 'lesion label map'} {path}"
-    return None
 
 
 def _name(views, index) -> str:
