@@ -16,10 +16,10 @@ import typing
 from sapsam_jax.config import AXES
 from sapsam_jax.train._config import (
     ARCHS,
+    BALANCE_MODES,
     SIGN_CHOICES,
     TASKS,
     TEST_BALANCE,
-    TRAIN_BALANCE,
     TrainConfig,
     preset_config,
     resolve_preset,
@@ -32,7 +32,7 @@ _CHOICES = {
     "sign": SIGN_CHOICES,
     "dtype": ("float32", "bfloat16"),
     "optimizer": ("sgd", "adam"),
-    "train_balance": TRAIN_BALANCE,
+    "train_balance": BALANCE_MODES,
     "test_balance": TEST_BALANCE,
     "eval_rotations": ("all", "identity"),
     "backend": ("auto", "cpu", "gpu"),

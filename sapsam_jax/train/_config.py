@@ -131,10 +131,10 @@ class TrainConfig:
         _check_choice("dtype", self.dtype, ("float32", "bfloat16"))
         _check_choice("optimizer", self.optimizer, ("sgd", "adam"))
         _check_choice("eval_rotations", self.eval_rotations, ("all", "identity"))
-        _check_choice("train_balance", self.train_balance, TRAIN_BALANCE)
+        _check_choice("train_balance", self.train_balance, BALANCE_MODES)
         # Runs made before test_balance was limited to undersampling still load (evaluate,
         # explain, resume); new runs are refused it (check_new_run).
-        _check_choice("test_balance", self.test_balance, TRAIN_BALANCE)
+        _check_choice("test_balance", self.test_balance, BALANCE_MODES)
         _check_choice("cam_method", self.cam_method, ("gradcam", "gradcam++", "hirescam"))
         if self.rotations_per_epoch is not None and not 1 <= self.rotations_per_epoch <= 27:
             raise ValueError(
@@ -199,7 +199,7 @@ class TrainConfig:
         return cls(**values)
 
 
-TRAIN_BALANCE = ("oversample", "undersample")
+BALANCE_MODES = ("oversample", "undersample")
 TEST_BALANCE = ("undersample",)
 
 
