@@ -85,3 +85,45 @@ def test_two_processes_train_and_resume_like_one_process_with_two_devices(tmp_pa
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
     # Only the first process reports; the other trains silently.
     assert "epoch 2" in outputs[0] and "epoch 2" not in outputs[1]
+
+
+# What scripts/train.py does first: parse the flags (``--preset auto`` asks JAX for its
+# backend), then train() joins the job. Joining after the backend has started is refused.
+_JOIN_LIKE_THE_CLI = """
+import jax
+from sapsam_jax.train._cli import parse_config
+from sapsam_jax.train._distributed import maybe_initialize_distributed
+cfg, reason = parse_config(["--task", "disease"])
+maybe_initialize_distributed()  # the first line of train()
+print("processes", jax.process_count(), "preset", cfg.preset)
+"""
+
+
+def test_the_train_command_with_the_auto_preset_joins_a_multi_process_job():
+    address = f"127.0.0.1:{_free_port()}"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _JOIN_LIKE_THE_CLI],
+            env=dict(
+                os.environ,
+                JAX_PLATFORMS="cpu",
+                XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                JAX_COORDINATOR_ADDRESS=address,
+                JAX_NUM_PROCESSES="2",
+                JAX_PROCESS_ID=str(pid),
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for pid in range(2)
+    ]
+    try:
+        outputs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (out, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, _first_errors(err)
+        assert "processes 2 preset quick" in out  # two processes launched, no accelerator

@@ -301,6 +301,11 @@ def resolve_preset(name: str) -> tuple[str, str]:
         return name, f"preset {name} (chosen on the command line)"
     import jax
 
+    from sapsam_jax.train._distributed import maybe_initialize_distributed
+
+    # Asking for the backend starts it, and jax.distributed.initialize refuses to run after that:
+    # a multi-host job (JAX_COORDINATOR_ADDRESS) joins first, or train() could never join it.
+    maybe_initialize_distributed()
     platform = jax.default_backend()
     if platform in ("gpu", "cuda", "rocm", "tpu"):
         return "paper", f"preset paper (auto: JAX sees {platform} accelerator(s))"
