@@ -55,6 +55,13 @@ def main(argv=None) -> int:
             for run in runs:
                 print(f"predicting test patients of {run}", flush=True)
                 rebuild_predictions(run)
+        if not find_runs(args.workdir):
+            # An empty table (over the last good report.md) and exit 0 would look like success.
+            print(
+                "error: no run to report: none has a checkpoint or saved test predictions",
+                file=sys.stderr,
+            )
+            return 2
         extra = {"localisation": localisation(runs)} if args.localisation else None
         out = args.out or args.workdir[0]
         write_report(args.workdir, out, extra=extra)
@@ -76,12 +83,21 @@ def workdir_problem(workdir: Path) -> str | None:
 
 def warn_skipped(workdirs, runs, no_rebuild: bool) -> None:
     """Name the run folders the report leaves out, so no row vanishes without a word."""
-    kept = set(find_runs(workdirs) if no_rebuild else runs)
+    saved = set(find_runs(workdirs))  # runs with predictions_test.npz: write_report's rows
     for run in find_runs(workdirs, marker="run.json"):
-        if run in kept:
-            continue
-        why = "no saved test predictions" if no_rebuild else "no checkpoint yet"
-        print(f"warning: {run} left out of the report: {why}", file=sys.stderr)
+        if no_rebuild and run not in saved:
+            print(
+                f"warning: {run} left out of the report: no saved test predictions", file=sys.stderr
+            )
+        elif not no_rebuild and run not in runs:  # no checkpoint to predict with
+            if run not in saved:
+                print(f"warning: {run} left out of the report: no checkpoint yet", file=sys.stderr)
+            else:  # e.g. copied without checkpoints: reported, from predictions it cannot redo
+                print(
+                    f"warning: {run} has no checkpoint: its saved test predictions are reported "
+                    "as they are, not rebuilt",
+                    file=sys.stderr,
+                )
 
 
 def localisation(runs) -> list:

@@ -299,3 +299,48 @@ def test_an_interrupted_built_in_cohort_resumes(tmp_path, monkeypatch):
     assert generated == list(range(cfg.synthetic.n_patients))  # none generated twice
     assert manifest.is_file()
     assert not manifest.parent.with_name(f".tmp-{manifest.parent.name}").exists()
+
+
+def _saved_run(folder: Path, labels, probs, patients=None) -> Path:
+    """A finished disease run as the report reads it: config, run.json, saved test predictions
+    (no checkpoints, as when run folders are copied without them)."""
+    from sapsam_jax.train import TINY
+
+    folder.mkdir(parents=True)
+    cfg = TINY.replace(task="disease", axis="axial", workdir=str(folder))
+    (folder / "config.json").write_text(cfg.to_json())
+    (folder / "run.json").write_text("{}")
+    arrays = {"labels": np.asarray(labels), "probs": np.asarray(probs, np.float32)}
+    if patients is not None:
+        arrays["patient_ids"] = np.asarray(patients, str)
+    np.savez(folder / "predictions_test.npz", **arrays)
+    return folder
+
+
+def _evaluate(*args):
+    cmd = [sys.executable, "scripts/evaluate.py", "--no-localisation", *map(str, args)]
+    return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_evaluate_with_nothing_to_report_is_an_error_and_keeps_the_old_report(tmp_path):
+    killed = tmp_path / "killed"  # killed before its first checkpoint: no predictions either
+    killed.mkdir()
+    for name in ("config.json", "run.json"):
+        (killed / name).write_text("{}")
+    (tmp_path / "report.md").write_text("the last good report\n")
+    proc = _evaluate("--workdir", tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: no run to report" in proc.stderr
+    assert (tmp_path / "report.md").read_text() == "the last good report\n"
+
+
+def test_evaluate_says_a_run_without_checkpoints_is_reported_from_its_predictions(tmp_path):
+    run = _saved_run(tmp_path / "copied", [0, 1, 0, 1], [0.2, 0.9, 0.6, 0.7], ["a", "a", "b", "b"])
+    proc = _evaluate("--workdir", run)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "left out" not in proc.stderr
+    assert f"warning: {run} has no checkpoint: its saved test predictions are reported" in (
+        proc.stderr
+    )
+    (row,) = json.loads((run / "report.json").read_text())["rows"]
+    assert row["metrics"]["precision"] == pytest.approx(2 / 3)  # tp 2, fp 1 (the 0.6)
