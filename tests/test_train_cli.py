@@ -344,3 +344,14 @@ def test_evaluate_says_a_run_without_checkpoints_is_reported_from_its_prediction
     )
     (row,) = json.loads((run / "report.json").read_text())["rows"]
     assert row["metrics"]["precision"] == pytest.approx(2 / 3)  # tp 2, fp 1 (the 0.6)
+
+
+def test_a_truncated_predictions_file_is_a_report_error_naming_the_run(tmp_path):
+    from sapsam_jax.evaluate import ReportError, run_results
+
+    for name, keep in (("half", 0.5), ("empty", 0.0)):
+        run = _saved_run(tmp_path / name, [0, 1] * 50, np.linspace(0, 1, 100))
+        data = (run / "predictions_test.npz").read_bytes()
+        (run / "predictions_test.npz").write_bytes(data[: int(len(data) * keep)])
+        with pytest.raises(ReportError, match=f"run {run}: cannot report it"):
+            run_results(run)

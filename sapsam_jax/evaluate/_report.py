@@ -9,6 +9,7 @@ values (paper 3.2).
 from __future__ import annotations
 
 import json
+import zipfile
 from collections import Counter
 from pathlib import Path
 
@@ -46,7 +47,8 @@ def run_results(run_dir: Path) -> dict:
     """Metrics with 95% bootstrap intervals of one run's test predictions."""
     try:
         return _run_results(Path(run_dir))
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    # A truncated predictions_test.npz (a copy cut short) fails in np.load with these two.
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, EOFError) as err:
         raise ReportError(f"run {run_dir}: cannot report it ({type(err).__name__}: {err})") from err
 
 
