@@ -355,3 +355,21 @@ def test_a_truncated_predictions_file_is_a_report_error_naming_the_run(tmp_path)
         (run / "predictions_test.npz").write_bytes(data[: int(len(data) * keep)])
         with pytest.raises(ReportError, match=f"run {run}: cannot report it"):
             run_results(run)
+
+
+def test_report_names_rows_whose_intervals_resample_images_not_patients(tmp_path):
+    from sapsam_jax.evaluate import render_markdown, run_results
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1] * 4, 27)  # 8 scans x 27 rotations
+    probs = np.clip(labels * 0.4 + rng.random(len(labels)) * 0.6, 0, 1)
+    old = _saved_run(tmp_path / "old", labels, probs)  # saved before patient ids were
+    rows = run_results(old)["rows"]
+    assert rows[0]["ci_resamples"] == "images"
+    table = render_markdown({"rows": rows})
+    assert "intervals that resample patients (except the rows named below)" in table
+    assert "The intervals of disease resample test images, not patients" in table
+
+    new = _saved_run(tmp_path / "new", labels, probs, np.repeat([f"P{i}" for i in range(8)], 27))
+    table = render_markdown({"rows": run_results(new)["rows"]})
+    assert "resample patients (laid out like" in table and "resample test images" not in table

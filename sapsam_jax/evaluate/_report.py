@@ -136,11 +136,13 @@ def render_markdown(report: dict) -> str:
         for m in TABLE_METRICS
         for a in axes
     ]
+    by_images = _image_resampled_lines(rows)
     lines = [
         "# SAPSAM test report",
         "",
         "Test scores (%) on the held-out patients, with 95% bootstrap intervals that resample "
-        "patients (laid out like the paper's Table 2).",
+        f"patients{' (except the rows named below)' if by_images else ''} (laid out like the "
+        "paper's Table 2).",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -176,6 +178,7 @@ def render_markdown(report: dict) -> str:
             f"Fewer than {FEW_TEST_PATIENTS} test patients ({', '.join(dict.fromkeys(few))}): "
             "their intervals resample so few patients that they say little.",
         ]
+    lines += by_images
     if any(_incomplete(r) for r in rows):
         lines += [
             "",
@@ -184,6 +187,20 @@ def render_markdown(report: dict) -> str:
         ]
     lines += _localisation_lines(report.get("localisation"))
     return "\n".join(lines) + "\n"
+
+
+def _image_resampled_lines(rows: list[dict]) -> list[str]:
+    """A note naming the rows whose intervals resample images, not patients (predictions saved
+    before patient ids were): a patient's images are not independent, so these are too narrow."""
+    names = list(dict.fromkeys(r["row"] for r in rows if r.get("ci_resamples") == "images"))
+    if not names:
+        return []
+    return [
+        "",
+        f"The intervals of {', '.join(names)} resample test images, not patients, and are too "
+        "narrow: their predictions were saved without patient ids (`scripts/evaluate.py` "
+        "without `--no-rebuild` predicts them again, with the ids).",
+    ]
 
 
 def _distinct_rows(rows: list[dict]) -> list[dict]:
