@@ -249,6 +249,10 @@ def test_undefined_metrics_are_nan_and_bootstraps_skip_them():
     ci = bootstrap_intervals(y, s, n_resamples=200, groups=np.repeat(np.arange(8), 5))
     assert ci["recall"] == ci["precision"] == ci["f1"] == (1.0, 1.0)
     assert bootstrap_intervals([0, 0], [0.1, 0.2], n_resamples=5)["recall"] == (nan, nan)
+    # No samples at all: every metric is undefined, accuracy too (it read 0 %).
+    empty = binary_metrics([], [])
+    assert [empty[k] for k in ("accuracy", "precision", "recall", "f1", "auc")] == [nan] * 5
+    assert empty["n"] == 0
 
 
 def test_patient_bootstrap_is_wider_when_images_of_a_patient_agree():

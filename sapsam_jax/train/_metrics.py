@@ -67,7 +67,7 @@ def binary_metrics(y_true, scores, threshold: float = 0.5) -> dict[str, float]:
     recall = _ratio(tp, tp + fn)
     f1 = _ratio(2 * tp, 2 * tp + fp + fn)  # = 2 P R / (P + R) where both are defined
     return {
-        "accuracy": (tp + counts["tn"]) / max(len(y_true), 1),
+        "accuracy": _ratio(tp + counts["tn"], len(y_true)),  # no samples: NaN, not 0 %
         "precision": precision,
         "recall": recall,
         "f1": f1,
