@@ -531,3 +531,58 @@ def test_patient_identity_never_reaches_meta_or_errors(series):
         messages.append(str(err.value))
     assert "duplicate" in messages[0] and "2 series found" in messages[1]
     assert not any(secret in m for secret in SECRETS for m in messages)
+
+
+def _identified_series(folder, n_slices=4, series=None):
+    """A small CT series (explicit VR little endian) whose patient module is filled in; returns
+    each file's bytes."""
+    from pydicom.uid import CTImageStorage
+
+    folder.mkdir(exist_ok=True)
+    series = series or [generate_uid()] * n_slices
+    study, files = generate_uid(), []
+    for z, series_uid in enumerate(series):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = CTImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+        ds.Modality, ds.SeriesDescription = "CT", "chest"
+        ds.PatientName, ds.PatientBirthDate, ds.PatientID = "Doe^Jane", "19610203", "PID-777"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series_uid
+        ds.ImagePositionPatient, ds.ImageOrientationPatient = [0, 0, z], [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing, ds.Rows, ds.Columns = [1, 1], 8, 8
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.PixelData = np.zeros((8, 8), np.int16).tobytes()
+        path = folder / f"{z:02d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files.append(path)
+    return files
+
+
+def _run_on(path, tag: bytes, until: bytes) -> None:
+    """Damage the length field of the explicit-VR element ``tag`` (2-byte length) so that its
+    value runs on over every element before the tag ``until``."""
+    data = path.read_bytes()
+    start, end = data.index(tag), data.index(until)
+    length = (end - start - 8).to_bytes(2, "little")
+    path.write_bytes(data[: start + 6] + length + data[start + 8 :])
+
+
+def test_a_header_value_run_on_over_the_patient_module_is_not_quoted(tmp_path):
+    modality, description = b"\x08\x00\x60\x00CS", b"\x08\x00\x3e\x10LO"
+    study_uid = b"\x20\x00\x0d\x00"  # (0020,000D): the first element after the patient module
+    for path in _identified_series(tmp_path / "modality"):
+        _run_on(path, modality, study_uid)
+    with pytest.raises(CTLoadError, match="Modality is <.*not shown.*not 'CT'") as err:
+        load_ct(tmp_path / "modality")
+    messages = [str(err.value)]
+    files = _identified_series(tmp_path / "two", series=["1.2.3"] * 2 + ["1.2.4"] * 2)
+    for path in files:
+        _run_on(path, description, study_uid)
+    with pytest.raises(CTLoadError, match="2 series found") as err:
+        load_ct(tmp_path / "two")
+    messages.append(str(err.value))
+    assert "1.2.4: 2 slice(s), <" in messages[1]
+    assert not any(secret in m for secret in SECRETS for m in messages), messages

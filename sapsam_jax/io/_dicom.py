@@ -38,6 +38,8 @@ MISSING_SLICE_TOLERANCE = 0.1
 # Slices of one series must share their orientation to this precision (direction cosines).
 ORIENTATION_TOLERANCE = 1e-4
 _MAX_LISTED = 5  # problems listed in one error message
+# Header values longer than this, or holding unprintable bytes, are not quoted in messages (_shown).
+_MAX_SHOWN_CHARS = 64
 # Uncompressed transfer syntaxes whose pixel bytes are plain little-endian arrays (a deflated
 # file is inflated by dcmread, so its PixelData is plain too).
 _NATIVE_LITTLE_ENDIAN = frozenset(
@@ -200,7 +202,7 @@ def _describe_series(groups) -> str:
         ds = members[0][1]
         frames = sum(int(d.get("NumberOfFrames", 1) or 1) for _, d in members)
         desc = str(ds.get("SeriesDescription", "") or "")
-        lines.append(f"  {uid or '(no SeriesInstanceUID)'}: {frames} slice(s), {desc!r}")
+        lines.append(f"  {uid or '(no SeriesInstanceUID)'}: {frames} slice(s), {_shown(desc)}")
     return "\n".join(lines)
 
 
@@ -210,7 +212,8 @@ def _check_modality(items, source: Path) -> None:
     if bad:
         path, modality = bad[0]
         raise CTLoadError(
-            f"{source}: Modality is {modality!r}, not 'CT', in {len(bad)} file(s), e.g. {path.name}"
+            f"{source}: Modality is {_shown(modality)}, not 'CT', in {len(bad)} file(s), "
+            f"e.g. {path.name}"
         )
 
 
@@ -343,7 +346,7 @@ def _floats(value, count: int, what: str, where) -> np.ndarray:
     except (TypeError, ValueError):
         out = np.zeros(0)
     if out.shape != (count,):
-        raise CTLoadError(f"{where}: missing or malformed {what} ({value!r})")
+        raise CTLoadError(f"{where}: missing or malformed {what} ({_shown(value)})")
     return out
 
 
@@ -354,7 +357,19 @@ def _number(value, what: str, where, default: float) -> float:
     try:
         return float(value)
     except (TypeError, ValueError):
-        raise CTLoadError(f"{where}: malformed {what} ({value!r})") from None
+        raise CTLoadError(f"{where}: malformed {what} ({_shown(value)})") from None
+
+
+def _shown(value) -> str:
+    """``repr(value)`` of a header value for a message, or only its length when it is long or
+    holds unprintable bytes. A damaged length field makes a value run on over the elements after
+    it: after Modality and SeriesDescription (group 0008) come the patient's name, id, birth date
+    and address (group 0010), which must not reach messages, logs or failures.csv. The tags of
+    the elements run over are binary (0x10 0x00), so such a value is never plain text."""
+    text = str(value)
+    if len(text) <= _MAX_SHOWN_CHARS and text.isprintable():
+        return repr(value)
+    return f"<{len(text)} characters, not shown: a damaged header?>"
 
 
 def _optional_number(value) -> float | None:
