@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import warnings
 
 import nibabel as nib
 import numpy as np
@@ -586,3 +587,18 @@ def test_a_header_value_run_on_over_the_patient_module_is_not_quoted(tmp_path):
     messages.append(str(err.value))
     assert "1.2.4: 2 slice(s), <" in messages[1]
     assert not any(secret in m for secret in SECRETS for m in messages), messages
+
+
+def test_pydicom_value_warnings_of_a_damaged_header_do_not_carry_the_patient(tmp_path, caplog):
+    # SOPClassUID (0008,0016) run on over the patient module, in a file cut before its pixels:
+    # pydicom's UI check warned and logged "Invalid value for VR UI: '<the raw bytes>'".
+    sop_class, study_uid = b"\x08\x00\x16\x00UI", b"\x20\x00\x0d\x00"
+    files = _identified_series(tmp_path / "cut")
+    _run_on(files[1], sop_class, study_uid)
+    data = files[1].read_bytes()
+    files[1].write_bytes(data[: data.index(b"\xe0\x7f\x10\x00")])  # before PixelData
+    with pytest.warns() as warned, pytest.raises(CTLoadError, match="01.dcm: DICOM image without"):
+        warnings.warn("one warning, so that pytest.warns passes without pydicom's", stacklevel=1)
+        load_ct(tmp_path / "cut")
+    said = [str(w.message) for w in warned] + [r.getMessage() for r in caplog.records]
+    assert not any(secret in text for secret in SECRETS for text in said), said

@@ -76,8 +76,11 @@ def is_dicom_file(path: Path) -> bool:
 
 def read_dicom(path: Path, series_uid: str | None, allow_gaps: bool) -> CTVolume:
     """Read a DICOM series folder or a single multi-frame DICOM file as a canonical CTVolume."""
+    # pydicom's value checks warn and log the raw value, which in a damaged header can run on
+    # over the patient's name, id and birth date (see _shown); our own checks name the file and
+    # problem without it. (pydicom's switch is process-wide; it is restored when the read ends.)
     # One pool for parsing and decoding: starting threads twice costs more than a small series.
-    with ThreadPoolExecutor() as pool:
+    with pydicom.config.disable_value_validation(), ThreadPoolExecutor() as pool:
         items = _read_folder(path, pool) if path.is_dir() else _read_single_file(path)
         items = _choose_series(items, series_uid, path)
         _check_modality(items, path)
@@ -90,12 +93,12 @@ def read_dicom(path: Path, series_uid: str | None, allow_gaps: bool) -> CTVolume
         _check_stacked(frames, normal, stack, path)
         targets = _check_spacing(positions, frames, path, allow_gaps)
         hu = decode(frames, pool)
-    interpolated = 0
-    if targets is not None:
-        interpolated = _count_new(positions, targets)
-        hu, positions = _interpolate_slices(hu, positions, targets), targets
-    hu, affine = to_canonical(hu, _native_affine(frames[0], normal, stack, positions), path)
-    meta = _metadata(items[0][1], path, hu, affine, len(frames))
+        interpolated = 0
+        if targets is not None:
+            interpolated = _count_new(positions, targets)
+            hu, positions = _interpolate_slices(hu, positions, targets), targets
+        hu, affine = to_canonical(hu, _native_affine(frames[0], normal, stack, positions), path)
+        meta = _metadata(items[0][1], path, hu, affine, len(frames))  # reads values too
     meta["interpolated_slices"] = interpolated
     return CTVolume(hu=hu, spacing=spacing_of(affine), affine=affine, meta=meta)
 
