@@ -586,6 +586,12 @@ def test_a_header_value_run_on_over_the_patient_module_is_not_quoted(tmp_path):
         load_ct(tmp_path / "two")
     messages.append(str(err.value))
     assert "1.2.4: 2 slice(s), <" in messages[1]
+    one = _identified_series(tmp_path / "one")  # loads: the run-on description is not kept
+    for path in one:
+        _run_on(path, description, study_uid)
+    ct = load_ct(tmp_path / "one")
+    assert ct.meta["series_description"] is None and ct.meta["study_uid"]
+    messages.append(repr(ct.meta))
     assert not any(secret in m for secret in SECRETS for m in messages), messages
 
 

@@ -592,13 +592,13 @@ def _interpolate_slices(hu: np.ndarray, positions, targets) -> np.ndarray:
 
 
 def _text(ds, keyword: str) -> str | None:
-    """A descriptive attribute as text (multi-valued ones joined with backslashes), or None."""
+    """A descriptive attribute as text (multi-valued ones joined with backslashes), or None; None
+    too for a value that is not short plain text, which ran on over the patient module (_shown)."""
     value = ds.get(keyword)
     if value is None or value == "":
         return None
-    if isinstance(value, MultiValue):
-        return "\\".join(str(v) for v in value)
-    return str(value)
+    text = "\\".join(str(v) for v in value) if isinstance(value, MultiValue) else str(value)
+    return text if len(text) <= _MAX_SHOWN_CHARS and text.isprintable() else None
 
 
 def _metadata(ds, source: Path, hu, affine, frame_count: int) -> dict:
