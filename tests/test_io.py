@@ -376,6 +376,21 @@ def test_private_non_image_objects_beside_the_series_are_skipped(series, cip):
         load_ct(series)
 
 
+def test_a_file_with_several_sop_classes_is_judged_by_its_image_attributes(series, cip):
+    # A damaged header's SOPClassUID can read as a MultiValue, which has no UID name: it stopped
+    # the read with an AttributeError instead of skipping the object or naming the file.
+    private_object(series / "DAMAGED.dcm", rows_columns=False)
+    ds = pydicom.dcmread(series / "DAMAGED.dcm")
+    ds.SOPClassUID = ["1.3.12.2.1107.5.9.1", "1.2.840.10008.5.1.4.1.1.2"]
+    ds.file_meta.MediaStorageSOPClassUID = "1.3.12.2.1107.5.9.1"
+    ds.save_as(series / "DAMAGED.dcm", enforce_file_format=True)
+    np.testing.assert_array_equal(load_ct(series).hu, cip.hu)
+    ds.Rows, ds.Columns = 512, 512
+    ds.save_as(series / "DAMAGED.dcm", enforce_file_format=True)
+    with pytest.raises(CTLoadError, match="DAMAGED.dcm: DICOM image without pixel data"):
+        load_ct(series)
+
+
 def test_localizer_images_in_the_folder_are_skipped(series, cip):
     first = pydicom.dcmread(series / "IMG0001.dcm")
     for name, series_uid in (

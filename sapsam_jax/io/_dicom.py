@@ -18,6 +18,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.uid import (
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -131,7 +132,9 @@ def _is_image(ds) -> bool:
     truncated image keeps them, while a non-image object never has them.
     """
     uid = ds.get("SOPClassUID") or getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID")
-    if uid is not None and getattr(uid, "is_valid", True) and uid.name != uid:
+    # A damaged header can hold several values here (a MultiValue, without a UID's name): then
+    # the image attributes decide, as for an unknown class.
+    if isinstance(uid, UID) and uid.is_valid and uid.name != uid:
         return "Image" in uid.name
     return "Rows" in ds and "Columns" in ds
 
