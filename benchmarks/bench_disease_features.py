@@ -1,0 +1,135 @@
+"""How far simple image statistics get on a disease run's data: a baseline next to the network.
+
+The disease task (paper 3.1) sees one gray whole-scan image per rotated scan (conservative mask).
+For each given disease workdir this fits a logistic regression on hand-made statistics of those
+images, on the run's training patients, and scores it like the run's report: on the test
+patients' projections, balanced by undersampling, threshold 0.5. Two feature sets:
+
+- ``global``: how much of the lung is dark (air pulls an in-lung mean toward 0: cavities,
+  emphysema), low quantiles, the lung's area in the image;
+- ``local``: dark spots against their surroundings (image minus its 9x9 median inside the lung,
+  two pixels off its edge): the most negative residuals and how many pixels fall below -0.1..-0.25.
+
+A high score would say the images carry the label and the network fails to find it; a low one
+that the images hardly carry it. No timings.
+
+    python benchmarks/bench_learning.py --task disease --seeds 0 1 2 --workdir W
+    python benchmarks/bench_disease_features.py W/disease-axial-seed0 W/disease-axial-seed1 ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage as ndi
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_json  # noqa: E402
+
+from sapsam_jax.data import ProjectionCache, balance_indices  # noqa: E402
+from sapsam_jax.train import TrainConfig  # noqa: E402
+from sapsam_jax.train._metrics import binary_metrics  # noqa: E402
+from sapsam_jax.train._model import manifest_study_ids  # noqa: E402
+
+DARK_LEVELS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.25)  # fractions of the gray window
+SPOT_LEVELS = (-0.1, -0.15, -0.2, -0.25)
+
+
+def global_features(image: np.ndarray) -> list[float]:
+    lung = image[image > 0]  # 0: no lung on the ray
+    if lung.size == 0:
+        return [0.0] * (len(DARK_LEVELS) + 4)
+    dark = [float((lung < level).mean()) for level in DARK_LEVELS]
+    return dark + list(np.quantile(lung, [0.001, 0.01, 0.05])) + [lung.size / image.size]
+
+
+def local_features(image: np.ndarray) -> list[float]:
+    inner = ndi.binary_erosion(image > 0, iterations=2)
+    residual = (image - ndi.median_filter(image, size=9))[inner]
+    if residual.size == 0:
+        return [0.0] * (3 + len(SPOT_LEVELS))
+    spots = [float((residual < level).sum()) for level in SPOT_LEVELS]
+    return [float(residual.min()), *np.quantile(residual, [0.001, 0.005])] + spots
+
+
+FEATURES = {"global": global_features, "local": local_features}
+
+
+def run_images(workdir: Path):
+    """(config, {set: (images, labels)}) of a disease run: every rotated projection of its
+    training and test studies, labelled CPA (1) or control (0)."""
+    cfg = TrainConfig.from_dict(json.loads((workdir / "config.json").read_text()))
+    if cfg.task != "disease":
+        raise SystemExit(f"error: {workdir} is a {cfg.task} run, not a disease run")
+    split = json.loads((workdir / "split.json").read_text())
+    cache = ProjectionCache(cfg.cache, studies=manifest_study_ids(cfg))
+    sets = {}
+    for name in ("train", "test"):
+        patients = set(split[name])
+        images, labels = [], []
+        for study_id in cache.study_ids:
+            meta = cache.meta(study_id)
+            if meta["patient_id"] in patients:
+                gray = np.asarray(cache.gray(study_id, cfg.axis), np.float32)
+                images.extend(gray)
+                labels.extend([int(meta["cpa"])] * len(gray))
+        sets[name] = (images, np.asarray(labels))
+    return cfg, sets
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2, steps: int = 3000):
+    """Class-weighted (balanced) L2 logistic regression by gradient descent on standardised x."""
+    weight = np.where(y == 1, 0.5 / y.mean(), 0.5 / (1 - y.mean()))
+    w, b = np.zeros(x.shape[1]), 0.0
+    for _ in range(steps):
+        p = 1.0 / (1.0 + np.exp(-(x @ w + b)))
+        g = weight * (p - y) / len(y)
+        w -= 0.5 * (x.T @ g + l2 * w)
+        b -= 0.5 * g.sum()
+    return w, b
+
+
+def score(cfg: TrainConfig, sets, featurize) -> dict:
+    x_train = np.array([featurize(image) for image in sets["train"][0]])
+    x_test = np.array([featurize(image) for image in sets["test"][0]])
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-9
+    w, b = fit_logistic((x_train - mean) / std, sets["train"][1])
+    prob = 1.0 / (1.0 + np.exp(-(((x_test - mean) / std) @ w + b)))
+    y_test = sets["test"][1]
+    keep = balance_indices(y_test, mode="undersample", seed=cfg.seed)  # as the report (2.3)
+    metrics = binary_metrics(y_test[keep], prob[keep])
+    return {k: round(100 * float(metrics[k]), 1) for k in ("precision", "recall", "f1", "auc")}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("workdirs", nargs="+", type=Path, help="disease training workdirs")
+    parser.add_argument("--out", help="JSON path (default: benchmarks/results/)")
+    args = parser.parse_args(argv)
+    runs = []
+    for workdir in args.workdirs:
+        cfg, sets = run_images(workdir)
+        row = {"workdir": str(workdir), "seed": cfg.seed, "axis": cfg.axis}
+        row.update({name: score(cfg, sets, fn) for name, fn in FEATURES.items()})
+        runs.append(row)
+        print(json.dumps(row))
+    means = {
+        name: {k: round(statistics.mean(r[name][k] for r in runs), 1) for k in ("f1", "auc")}
+        for name in FEATURES
+    }
+    print("means", json.dumps(means))
+    path = write_json(
+        {"benchmark": "disease_features", "runs": runs, "means": means},
+        "disease_features",
+        args.out,
+    )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
