@@ -906,3 +906,50 @@ def test_survival_job_trains_disease_first_and_tests_on_its_test_patients(tmp_pa
     assert json.loads((tmp_path / "disease" / "config.json").read_text())["split_fractions"] == [
         pytest.approx(v) for v in (1 - 0.2 - 1 / 3, 0.2, 1 / 3)
     ]
+
+
+# Scripted validation results per epoch: the loss is lowest at epoch 2, F1 highest at epoch 4,
+# F1 undefined (no predicted positive) at epoch 3.
+_SCRIPTED_VAL = {
+    1: {"loss": 0.50, "f1": 0.60},
+    2: {"loss": 0.40, "f1": 0.50},
+    3: {"loss": 0.45, "f1": float("nan")},
+    4: {"loss": 0.70, "f1": 0.70},
+}
+
+
+@pytest.mark.parametrize(
+    ("select_by", "kept"), [("val_loss", 2), ("val_f1", 4)], ids=["loss", "f1"]
+)
+def test_the_best_checkpoint_is_chosen_by_select_by_also_across_a_resume(
+    tmp_path, monkeypatch, select_by, kept
+):
+    import sapsam_jax.train._loop as loop
+    from sapsam_jax.train._checkpoint import RunCheckpoints
+
+    epoch = {"n": 0}
+
+    def scripted(*args):
+        epoch["n"] += 1
+        values = _SCRIPTED_VAL[epoch["n"]]
+        return {"accuracy": 0.5, "precision": 0.5, "recall": 0.5, "auc": 0.5} | values
+
+    monkeypatch.setattr(loop, "evaluate_samples", scripted)
+    _fit(tmp_path, epochs=2, select_by=select_by)  # stopped after epoch 2, then resumed
+    _fit(tmp_path, epochs=4, select_by=select_by)
+    ckpts = RunCheckpoints(tmp_path)
+    assert ckpts.best.latest_step() == kept
+    assert ckpts._best_meta()["best_score"] == _SCRIPTED_VAL[kept][select_by[4:]]
+    ckpts.close()
+
+
+def test_a_checkpoint_from_before_select_by_resumes_against_its_best_val_loss(tmp_path):
+    from sapsam_jax.train._checkpoint import RunCheckpoints
+
+    ckpts = RunCheckpoints(tmp_path)
+    model, _ = build_model(TINY.replace(task="disease"), num_classes=2, seed=0)
+    optimizer = make_optimizer(model, TINY, 1)
+    # Epoch 1 as the older code saved it: the best validation loss under its old key.
+    ckpts.save(model, optimizer, {"epoch": 1, "best_val_loss": 0.123, "best_epoch": 1}, best=True)
+    assert ckpts.restore_latest(model, optimizer)["best_score"] == 0.123
+    ckpts.close()

@@ -81,7 +81,8 @@ class RunCheckpoints:
         # `best` an epoch ahead of `latest`. The best weights on disk are what the run must beat.
         best = self._best_meta()
         return dict(restored["meta"]) | {
-            "best_val_loss": best["best_val_loss"] if best else float("inf"),
+            # best_val_loss: checkpoints written before select_by (always the validation loss)
+            "best_score": best.get("best_score", best.get("best_val_loss")) if best else None,
             "best_epoch": best["best_epoch"] if best else 0,
         }
 

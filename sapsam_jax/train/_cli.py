@@ -17,6 +17,7 @@ from sapsam_jax.config import AXES
 from sapsam_jax.train._config import (
     ARCHS,
     BALANCE_MODES,
+    SELECT_BY,
     SIGN_CHOICES,
     TASKS,
     TEST_BALANCE,
@@ -35,6 +36,7 @@ _CHOICES = {
     "train_balance": BALANCE_MODES,
     "test_balance": TEST_BALANCE,
     "eval_rotations": ("all", "identity"),
+    "select_by": SELECT_BY,
     "backend": ("auto", "cpu", "gpu"),
 }
 _NOT_FLAGS = {"synthetic", "preset"}

@@ -78,6 +78,10 @@ class TrainConfig:
     frozen_blocks: int = 2
     batch_size: int = 32
     epochs: int | None = None
+    # Paper 3.1/3.2: "checkpoint evaluated on the validation data" (Keras' ModelCheckpoint). The
+    # paper does not name what it monitored; Keras' default is the validation loss. The others
+    # keep the epoch of the highest validation accuracy, F1 or ROC AUC (SELECT_BY).
+    select_by: str = "val_loss"
     # Paper 2.3 trains on all 27 rotations of each scan every epoch (None); a smaller number draws
     # that many of the rotations afresh each epoch (seeded), for shorter epochs on a CPU.
     rotations_per_epoch: int | None = None
@@ -136,6 +140,7 @@ class TrainConfig:
         # explain, resume); new runs are refused it (check_new_run).
         _check_choice("test_balance", self.test_balance, BALANCE_MODES)
         _check_choice("cam_method", self.cam_method, ("gradcam", "gradcam++", "hirescam"))
+        _check_choice("select_by", self.select_by, SELECT_BY)
         if self.rotations_per_epoch is not None and not 1 <= self.rotations_per_epoch <= 27:
             raise ValueError(
                 f"rotations_per_epoch must be in 1..27, not {self.rotations_per_epoch}"
@@ -200,6 +205,9 @@ class TrainConfig:
 
 
 BALANCE_MODES = ("oversample", "undersample")
+# What the best checkpoint is chosen by: the validation loss (lowest) or a validation metric
+# (highest; an undefined one, e.g. F1 without a predicted or a true positive, never wins).
+SELECT_BY = ("val_loss", "val_accuracy", "val_f1", "val_auc")
 TEST_BALANCE = ("undersample",)
 
 

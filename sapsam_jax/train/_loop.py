@@ -211,11 +211,9 @@ def fit(cfg: TrainConfig, cache: ProjectionCache, *, log=print) -> dict:
     optimizer = make_optimizer(model, cfg, max(epoch_size // batch_size, 1))
     _replicate((model, optimizer), NamedSharding(mesh, P()))
     ckpts = RunCheckpoints(workdir)
-    meta = ckpts.restore_latest(model, optimizer) or {
-        "epoch": 0,
-        "best_val_loss": float("inf"),
-        "best_epoch": 0,
-    }
+    meta = ckpts.restore_latest(model, optimizer) or {"epoch": 0, "best_epoch": 0}
+    if meta.get("best_score") is None:  # nothing saved as best yet
+        meta["best_score"] = float("inf") if cfg.select_by == "val_loss" else -float("inf")
     if meta["epoch"]:
         log(f"{workdir}: resuming after epoch {meta['epoch']}")
     _truncate_metrics(workdir / "metrics.jsonl", meta["epoch"])
@@ -234,15 +232,15 @@ def fit(cfg: TrainConfig, cache: ProjectionCache, *, log=print) -> dict:
             record |= {
                 f"val_{k}": v for k, v in evaluate_samples(model, spec, data.val, mesh).items()
             }
-        # Paper 3.1: "checkpoint evaluated on the validation data" -- on the validation loss, as
-        # Keras' ModelCheckpoint monitors by default. Survival has no validation set (3.3), so
-        # its best checkpoint is simply the last epoch.
-        improved = data.val is None or record["val_loss"] < meta["best_val_loss"]
+        # Paper 3.1: "checkpoint evaluated on the validation data" (cfg.select_by). Survival has
+        # no validation set (3.3), so its best checkpoint is simply the last epoch.
+        improved = data.val is None or _improves(record[cfg.select_by], meta["best_score"], cfg)
         meta = {
             "epoch": epoch,
-            "best_val_loss": record["val_loss"]
+            "select_by": cfg.select_by,
+            "best_score": record[cfg.select_by]
             if data.val is not None and improved
-            else meta["best_val_loss"],
+            else meta["best_score"],
             "best_epoch": epoch if improved else meta["best_epoch"],
         }
         # The line first: a kill between the two leaves a line for an epoch without checkpoint,
@@ -260,6 +258,14 @@ def fit(cfg: TrainConfig, cache: ProjectionCache, *, log=print) -> dict:
     ckpts.restore_best(model)
     ckpts.close()
     return write_test_predictions(model, spec, data.test, mesh, workdir)
+
+
+def _improves(value: float, best: float, cfg: TrainConfig) -> bool:
+    """Whether an epoch's validation ``value`` of ``cfg.select_by`` beats the best checkpoint's:
+    a lower loss or a higher metric. An undefined metric (NaN) never does."""
+    if not math.isfinite(value):
+        return False
+    return value < best if cfg.select_by == "val_loss" else value > best
 
 
 def load_run_data(cfg: TrainConfig, cache: ProjectionCache, workdir: Path) -> RunData:
