@@ -301,13 +301,13 @@ def test_an_interrupted_built_in_cohort_resumes(tmp_path, monkeypatch):
     assert not manifest.parent.with_name(f".tmp-{manifest.parent.name}").exists()
 
 
-def _saved_run(folder: Path, labels, probs, patients=None) -> Path:
+def _saved_run(folder: Path, labels, probs, patients=None, **changes) -> Path:
     """A finished disease run as the report reads it: config, run.json, saved test predictions
     (no checkpoints, as when run folders are copied without them)."""
     from sapsam_jax.train import TINY
 
     folder.mkdir(parents=True)
-    cfg = TINY.replace(task="disease", axis="axial", workdir=str(folder))
+    cfg = TINY.replace(**{"task": "disease", "axis": "axial", "workdir": str(folder)} | changes)
     (folder / "config.json").write_text(cfg.to_json())
     (folder / "run.json").write_text("{}")
     arrays = {"labels": np.asarray(labels), "probs": np.asarray(probs, np.float32)}
@@ -373,3 +373,27 @@ def test_report_names_rows_whose_intervals_resample_images_not_patients(tmp_path
     new = _saved_run(tmp_path / "new", labels, probs, np.repeat([f"P{i}" for i in range(8)], 27))
     table = render_markdown({"rows": run_results(new)["rows"]})
     assert "resample patients (laid out like" in table and "resample test images" not in table
+
+
+def test_report_says_in_which_settings_its_runs_differ(tmp_path):
+    from sapsam_jax.evaluate import render_markdown, run_results
+
+    labels = np.repeat([0, 1] * 4, 3)
+    probs = labels * 0.5 + 0.25
+    patients = np.repeat([f"P{i}" for i in range(8)], 3)
+
+    def rows(*runs):
+        return [row for run in runs for row in run_results(run)["rows"]]
+
+    axial = _saved_run(tmp_path / "axial", labels, probs, patients)
+    coronal = _saved_run(tmp_path / "coronal", labels, probs, patients, axis="coronal")
+    assert "differ in these settings" not in render_markdown({"rows": rows(axial, coronal)})
+    changes = {"axis": "sagittal", "arch": "inception_v3", "eval_rotations": "identity"}
+    other = _saved_run(tmp_path / "other", labels, probs, patients, **changes)
+    table = render_markdown({"rows": rows(axial, coronal, other)})
+    assert "The runs in this table differ in these settings" in table
+    assert "- arch: vgg19: disease axial, disease coronal; inception_v3: disease sagittal" in table
+    assert (
+        "- eval_rotations: all: disease axial, disease coronal; identity: disease sagittal" in table
+    )
+    assert "- seed:" not in table and "- preset:" not in table

@@ -78,9 +78,33 @@ def _run_results(run_dir: Path) -> dict:
                 "ci_resamples": "patients" if patients is not None else "images",
                 "n_test_patients": n_patients,
                 "epochs": epochs,
+                "setup": run_setup(cfg),
             }
         )
     return {"run": str(run_dir), "rows": results}
+
+
+# What a row's numbers depend on besides its task, sign and axis: a table of runs that differ in
+# these (another cohort or preset, architecture, evaluation set) says so under it.
+SETUP_FIELDS = (
+    "preset",
+    "arch",
+    "width",
+    "image_size",
+    "weights",
+    "eval_rotations",
+    "test_balance",
+    "select_by",
+    "seed",
+)
+
+
+def run_setup(cfg: TrainConfig) -> dict:
+    """The run's settings that make its numbers comparable, or not, to another run's."""
+    setup = {name: getattr(cfg, name) for name in SETUP_FIELDS}
+    # The data: a manifest or cache, or the built-in cohort by its name.
+    setup["data"] = cfg.manifest or cfg.cache or f"synthetic {cfg.synthetic.name}"
+    return setup
 
 
 def checkpoint_epochs(run_dir: Path, cfg: TrainConfig) -> dict:
@@ -179,6 +203,7 @@ def render_markdown(report: dict) -> str:
             "their intervals resample so few patients that they say little.",
         ]
     lines += by_images
+    lines += _setup_lines(rows)
     if any(_incomplete(r) for r in rows):
         lines += [
             "",
@@ -187,6 +212,26 @@ def render_markdown(report: dict) -> str:
         ]
     lines += _localisation_lines(report.get("localisation"))
     return "\n".join(lines) + "\n"
+
+
+def _setup_lines(rows: list[dict]) -> list[str]:
+    """A note naming the settings in which the table's runs differ, with each value's rows."""
+    differ = []
+    for name in dict.fromkeys(k for r in rows for k in r.get("setup", {})):
+        by_value: dict[str, list[str]] = {}
+        for r in rows:
+            if name in r.get("setup", {}):
+                by_value.setdefault(str(r["setup"][name]), []).append(f"{r['row']} {r['axis']}")
+        if len(by_value) > 1:
+            values = "; ".join(f"{v}: {', '.join(dict.fromkeys(w))}" for v, w in by_value.items())
+            differ.append(f"- {name}: {values}")
+    if not differ:
+        return []
+    return [
+        "",
+        "The runs in this table differ in these settings (compare rows with care):",
+        *differ,
+    ]
 
 
 def _image_resampled_lines(rows: list[dict]) -> list[str]:
