@@ -209,6 +209,9 @@ def test_help_shows_each_task_s_preset_values():
     assert "paper preset: 60 disease / 240 signs / 20 survival; quick: 15 disease / 8 signs" in text
     assert "paper preset: 0.0; quick: 1.0 disease / 3.0 signs / 1.0 survival" in text  # warm-up
     assert "paper preset: None; quick: None disease / 9 signs / None survival" in text
+    # --task picks the task: its help gives the default task, not a value per task.
+    assert "--task {disease,signs,survival} default: signs" in text
+    assert "disease disease" not in text
 
 
 def test_train_command_mistakes_are_error_lines_before_any_work(tmp_path, capsys):

@@ -88,6 +88,8 @@ def _add_field_flag(parser, name: str, hint) -> None:
 
 def _preset_values(name: str) -> str:
     """What the presets set a field to for each task (the flag overrides it), for --help."""
+    if name == "task":  # the one field that picks the task instead of varying with it
+        return f"default: {TrainConfig.task}"
     paper, quick = _per_task("paper", name), _per_task("quick", name)
     if paper == quick:
         return f"default: {paper}"
