@@ -18,6 +18,7 @@ from sapsam_jax.evaluate import find_trained_runs, write_report
 from sapsam_jax.explain import localisation_report
 from sapsam_jax.train import TrainConfig, train
 from sapsam_jax.train._distributed import is_primary
+from sapsam_jax.train._metrics import format_score
 
 
 def train_and_report(cfg: TrainConfig, *, log=print) -> dict:
@@ -60,11 +61,18 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for name, metrics in results.items():
-        print(
-            f"{name}: test precision {metrics['precision']:.3f} recall {metrics['recall']:.3f} "
-            f"F1 {metrics['f1']:.3f} AUC {metrics['auc']:.3f} (n={metrics['n']})"
-        )
+        print(summary_line(name, metrics))
     return 0
+
+
+def summary_line(name: str, metrics: dict) -> str:
+    """The test scores of one network as the command prints them; undefined ones are n/a, as
+    in report.md."""
+    scores = " ".join(
+        f"{label} {format_score(metrics[key])}"
+        for label, key in (("precision", "precision"), ("recall", "recall"), ("F1", "f1"))
+    )
+    return f"{name}: test {scores} AUC {format_score(metrics['auc'])} (n={metrics['n']})"
 
 
 __all__ = ["main", "train_and_report"]

@@ -400,3 +400,20 @@ def test_report_says_in_which_settings_its_runs_differ(tmp_path):
         "- eval_rotations: all: disease axial, disease coronal; identity: disease sagittal" in table
     )
     assert "- seed:" not in table and "- preset:" not in table
+
+
+def test_undefined_scores_print_as_n_a_like_the_report():
+    # A sign without test positives has no recall, F1 or AUC: report.md says n/a, and so must
+    # the lines the command prints (they said "nan").
+    from sapsam_jax.job import summary_line
+    from sapsam_jax.train._loop import _epoch_line
+
+    nan = float("nan")
+    line = summary_line(
+        "fungus_ball", {"precision": 0.5, "recall": nan, "f1": None, "auc": nan, "n": 4}
+    )
+    assert line == "fungus_ball: test precision 0.500 recall n/a F1 n/a AUC n/a (n=4)"
+    record = {"epoch": 2, "train_loss": 0.25, "train_f1": nan, "val_f1": 0.5, "val_auc": nan}
+    line = _epoch_line("cavity", {**record, "images_per_s": 300.0})
+    assert line == "[cavity] epoch 2: loss 0.2500 train_f1 n/a val_f1 0.500 val_auc n/a (300 img/s)"
+    assert "nan" not in line

@@ -43,7 +43,7 @@ from sapsam_jax.train._distributed import (
     maybe_initialize_distributed,
     primary_log,
 )
-from sapsam_jax.train._metrics import binary_metrics
+from sapsam_jax.train._metrics import binary_metrics, format_score
 from sapsam_jax.train._model import CONVENTIONS, build_model, check_same_network, new_model
 from sapsam_jax.train._step import (
     StepSpec,
@@ -698,8 +698,13 @@ def _log_tensorboard(writer, record: dict) -> None:
 
 
 def _epoch_line(name: str, r: dict) -> str:
-    val = f" val_f1 {r['val_f1']:.3f} val_auc {r['val_auc']:.3f}" if "val_f1" in r else ""
+    """One line per epoch; an undefined F1 or AUC (a set without positives) shows as n/a."""
+    val = (
+        f" val_f1 {format_score(r['val_f1'])} val_auc {format_score(r['val_auc'])}"
+        if "val_f1" in r
+        else ""
+    )
     return (
-        f"[{name}] epoch {r['epoch']}: loss {r['train_loss']:.4f} train_f1 {r['train_f1']:.3f}"
-        f"{val} ({r['images_per_s']:.0f} img/s)"
+        f"[{name}] epoch {r['epoch']}: loss {r['train_loss']:.4f} "
+        f"train_f1 {format_score(r['train_f1'])}{val} ({r['images_per_s']:.0f} img/s)"
     )

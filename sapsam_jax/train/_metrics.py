@@ -77,6 +77,14 @@ def binary_metrics(y_true, scores, threshold: float = 0.5) -> dict[str, float]:
     }
 
 
+def format_score(value, spec: str = ".3f") -> str:
+    """A score for a log line or a table cell: "n/a" where it is undefined (None or NaN, see
+    :func:`binary_metrics`), as the report writes it, instead of Python's "nan"."""
+    if value is None or not np.isfinite(value):
+        return "n/a"
+    return format(value, spec)
+
+
 def _ratio(numerator: int, denominator: int) -> float:
     return numerator / denominator if denominator else float("nan")
 
