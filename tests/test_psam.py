@@ -472,6 +472,8 @@ def test_localisation_report_keeps_run_sets_apart(study):
     table = "\n".join(_localisation_lines(rows))
     assert "| cavity (a/signs-axial-all/cavity) |" in table
     assert "| cavity (b/signs-axial-all/cavity) |" in table
+    # No map called positive: the detected pointing game is undefined, n/a like Table 2's cells.
+    assert "| 1.00 | n/a (0) | 0.50 (0.10) |" in table and "nan" not in table
 
 
 def test_explain_study_writes_fig3_and_3d_psam(study, tmp_path):

@@ -20,6 +20,7 @@ from sapsam_jax.data._cache import atomic_write_text, nonfinite_to_null
 from sapsam_jax.train import METRIC_NAMES, binary_metrics, bootstrap_intervals
 from sapsam_jax.train._checkpoint import saved_epochs
 from sapsam_jax.train._config import TrainConfig
+from sapsam_jax.train._metrics import format_score
 
 TABLE_METRICS = ("precision", "recall", "f1", "auc")
 
@@ -318,12 +319,13 @@ def _localisation_lines(scores) -> list[str]:
             sign += " (" + ", ".join(label[w] for w in entry["workdirs"]) + ")"
         chance = entry.get("pointing_chance")
         chance = f" ({chance:.2f})" if chance is not None else ""
-        detected = entry.get("pointing_game_detected", float("nan"))
+        # No map called positive: the detected pointing game is undefined, n/a as in Table 2.
+        detected = format_score(entry.get("pointing_game_detected"), ".2f")
         lines.append(
             f"| {sign} | {entry['axis']} | {entry['n']} | {how} | "
-            f"{entry['pointing_game']:.2f}{chance} | "
-            f"{detected:.2f} ({entry.get('n_detected', 0)}) | "
-            f"{entry['energy_inside']:.2f} ({entry['energy_chance']:.2f}) |"
+            f"{format_score(entry['pointing_game'], '.2f')}{chance} | "
+            f"{detected} ({entry.get('n_detected', 0)}) | "
+            f"{format_score(entry['energy_inside'], '.2f')} ({entry['energy_chance']:.2f}) |"
         )
     return lines
 
