@@ -60,9 +60,38 @@ def main(argv=None) -> int:
     except (*user_errors, SplitError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return _interrupted()
+    except Exception as err:
+        # Ctrl-C inside a jitted call can surface as another error raised from the interrupt
+        # (JAX: "Exception raised while checking equality of metadata fields of pytree").
+        if _caused_by_interrupt(err):
+            return _interrupted()
+        raise
     for name, metrics in results.items():
         print(summary_line(name, metrics))
     return 0
+
+
+def _caused_by_interrupt(err: BaseException) -> bool:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, KeyboardInterrupt):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _interrupted() -> int:
+    """Ctrl-C: the cohort, the cached studies and the finished epochs are kept, so the same
+    command resumes (README, "Resuming"); exit status 130 like scripts/preprocess.py."""
+    print(
+        "interrupted; rerun the same command to resume (the cohort, cached studies and "
+        "finished epochs are kept)",
+        file=sys.stderr,
+    )
+    return 130
 
 
 def summary_line(name: str, metrics: dict) -> str:

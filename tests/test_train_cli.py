@@ -417,3 +417,31 @@ def test_undefined_scores_print_as_n_a_like_the_report():
     line = _epoch_line("cavity", {**record, "images_per_s": 300.0})
     assert line == "[cavity] epoch 2: loss 0.2500 train_f1 n/a val_f1 0.500 val_auc n/a (300 img/s)"
     assert "nan" not in line
+
+
+def test_ctrl_c_is_a_line_saying_how_to_resume(tmp_path, monkeypatch, capsys):
+    # Ctrl-C used to end in a traceback, and inside a jitted step in JAX's unrelated "Exception
+    # raised while checking equality of metadata fields of pytree" (exit status 1).
+    import sapsam_jax.job as job
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    def interrupted_inside_jax(cfg):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as err:
+            raise ValueError("Exception raised while checking equality of metadata") from err
+
+    argv = ["--preset", "tiny", "--data-dir", str(tmp_path / "data")]
+    for fake in (interrupted, interrupted_inside_jax):
+        monkeypatch.setattr(job, "train_and_report", fake)
+        assert job.main(argv) == 130
+        assert "interrupted; rerun the same command to resume" in capsys.readouterr().err
+
+    def broken(cfg):
+        raise ValueError("a bug, not an interrupt")
+
+    monkeypatch.setattr(job, "train_and_report", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        job.main(argv)
