@@ -225,6 +225,7 @@ def test_train_command_mistakes_are_error_lines_before_any_work(tmp_path, capsys
         "split_fractions takes 3 values": ["--split-fractions", "0.5", "0.5"],
         "--manifest .* or --cache, not both": ["--manifest", "m.csv", "--cache", "c"],
         "not a weights directory": ["--weights", str(tmp_path / "nowhere")],
+        "cam_layer 'block5_conv5' is not a layer of vgg19": ["--cam-layer", "block5_conv5"],
     }
     for message, flags in bad.items():
         assert main([*base, *flags]) == 2, flags
