@@ -226,6 +226,9 @@ def test_train_command_mistakes_are_error_lines_before_any_work(tmp_path, capsys
         "--manifest .* or --cache, not both": ["--manifest", "m.csv", "--cache", "c"],
         "not a weights directory": ["--weights", str(tmp_path / "nowhere")],
         "cam_layer 'block5_conv5' is not a layer of vgg19": ["--cam-layer", "block5_conv5"],
+        "epochs must be >= 1, not 0": ["--epochs", "0"],
+        "learning_rate must be > 0, not -1.0": ["--learning-rate", "-1"],
+        "batch_size must be >= 1, not 0": ["--batch-size", "0"],
     }
     for message, flags in bad.items():
         assert main([*base, *flags]) == 2, flags

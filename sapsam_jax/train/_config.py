@@ -147,8 +147,13 @@ class TrainConfig:
             )
         if self.grad_clip_norm is not None and self.grad_clip_norm <= 0:
             raise ValueError(f"grad_clip_norm must be > 0, not {self.grad_clip_norm}")
-        if self.batch_size < 1 or self.learning_rate <= 0:
-            raise ValueError("batch_size must be >= 1 and learning_rate > 0")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, not {self.batch_size}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, not {self.learning_rate}")
+        if self.epochs is not None and self.epochs < 1:
+            # 0 epochs used to "train" nothing and report the untrained network's scores.
+            raise ValueError(f"epochs must be >= 1, not {self.epochs}")
         self._check_tuples()
 
     def _check_tuples(self) -> None:
