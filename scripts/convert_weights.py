@@ -24,8 +24,8 @@ def main(argv=None) -> int:
         out = convert_weights(
             args.arch, args.source, args.input, args.output, overwrite=args.overwrite
         )
-    except FileExistsError as err:
-        print(f"error: {err}; pass --overwrite to replace it", file=sys.stderr)
+    except FileExistsError:  # the library's message names its keyword, overwrite=True
+        print(f"error: {args.output} exists; pass --overwrite to replace it", file=sys.stderr)
         return 2
     except (FileNotFoundError, ValueError, OSError) as err:  # missing, wrong or unreadable file
         print(f"error: {err}", file=sys.stderr)

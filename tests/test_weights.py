@@ -299,6 +299,10 @@ def test_damaged_or_wrapped_weight_files_are_named(tmp_path):
             archive.writestr(name, "{}")
     with pytest.raises(ValueError, match=r"vgg19.keras: a Keras 3 '.keras' archive.*model.h5"):
         build_model("vgg19", rngs=nnx.Rngs(0), weights=tmp_path / "vgg19.keras", **TINY)
+    with h5py.File(tmp_path / "vgg19.weights.h5", "w") as f:  # Keras 3's save_weights layout
+        f.create_group("layers")
+    with pytest.raises(ValueError, match=r"Keras 3 '.weights.h5' file .*model.save\('model.h5'\)"):
+        load_keras_weights(model, tmp_path / "vgg19.weights.h5")
     torch = pytest.importorskip("torch")  # .pth files need torch (an optional dependency)
     state = {"features.0.weight": torch.zeros(8, 3, 3, 3)}
     torch.save({"model": state, "epoch": 3}, tmp_path / "ckpt.pth")  # a training checkpoint
@@ -740,7 +744,7 @@ def test_convert_weights_script(keras_vgg19, tmp_path, capsys, monkeypatch):
     with monkeypatch.context() as patch:  # refused before the whole conversion, not after it
         patch.setitem(_registry.LOADERS, "keras", lambda *_: pytest.fail("converted first"))
         assert script.main(argv) == 2  # exists: an error line naming --overwrite, no traceback
-    assert "--overwrite" in capsys.readouterr().err
+    assert capsys.readouterr().err == f"error: {out} exists; pass --overwrite to replace it\n"
     missing = ["--arch", "vgg19", "--from", "keras", "--input", str(tmp_path / "no.h5")]
     assert script.main([*missing, "--output", str(tmp_path / "x")]) == 2
     assert "vgg19_weights_tf_dim_ordering" in capsys.readouterr().err  # what to download

@@ -131,8 +131,9 @@ def read_keras_h5(path) -> dict[str, list[tuple[str, np.ndarray]]]:
         names = _h5_strings(root, "layer_names")
         if not names:
             raise ValueError(
-                f"{path}: no 'layer_names' attribute; not a legacy Keras HDF5 "
-                "weights file (Keras 3 '.weights.h5' files are not supported)"
+                f"{path}: no 'layer_names' attribute; not a legacy Keras HDF5 weights file "
+                "(a Keras 3 '.weights.h5' file is not read here; build the model in Keras, "
+                "load it and save the legacy HDF5 format: model.save('model.h5'))"
             )
         layers = {}
         for name in names:
