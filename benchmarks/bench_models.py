@@ -339,7 +339,7 @@ def _torch_throughput(fn, batch, min_seconds, device, windows=3) -> float:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--quick", action="store_true", help="1/8 width, tiny images (CPU)")
     parser.add_argument("--arch", choices=sorted(IMAGE_SIZES), action="append")
     parser.add_argument("--dtype", choices=sorted(DTYPES), action="append")

@@ -81,7 +81,7 @@ def loop_epoch(cfg, model, optimizer, spec, mesh, batches, frozen, epoch):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--quick", action="store_true", help="tiny model and images (CPU)")
     parser.add_argument("--steps", type=int, default=None, help="steps per round")
     parser.add_argument("--rounds", type=int, default=5, help="alternating bare/loop rounds")
