@@ -387,3 +387,16 @@ def test_an_interrupted_cohort_resumes_where_it_stopped(tmp_path, monkeypatch):
     ]
     with pytest.raises(FileExistsError, match="holds a cohort already"):
         make_cohort(tmp_path / "c", seed=4, **kwargs)  # finished: not resumed, refused
+
+
+def test_bad_cohort_arguments_are_named_alone(tmp_path):
+    # The message used to list every rule (patients, scans, controls) whichever one was broken.
+    with pytest.raises(ValueError) as error:
+        make_cohort(tmp_path / "c", n_patients=2, scans_per_patient=(3, 1))
+    assert str(error.value) == "scans per patient take 1 <= min <= max (got (3, 1))"
+    with pytest.raises(ValueError) as error:
+        make_cohort(tmp_path / "c", n_patients=0, control_fraction=2.0)
+    assert str(error.value) == (
+        "n_patients must be >= 1 (got 0); control_fraction must be in 0..1 (got 2.0)"
+    )
+    assert not (tmp_path / "c").exists()  # refused before the folder is made

@@ -439,11 +439,21 @@ def make_cohort(
     if fmt not in ("dicom", "nifti"):
         raise ValueError(f"fmt must be 'dicom' or 'nifti', not {fmt!r}")
     lo, hi = scans_per_patient
-    if n_patients < 1 or not 1 <= lo <= hi or not 0.0 <= control_fraction <= 1.0:
-        raise ValueError(
-            f"need n_patients >= 1 (got {n_patients}), 1 <= min <= max scans (got "
-            f"{scans_per_patient}) and 0 <= control_fraction <= 1 (got {control_fraction})"
+    problems = [
+        f"{what} (got {got})"
+        for bad, what, got in (
+            (n_patients < 1, "n_patients must be >= 1", n_patients),
+            (not 1 <= lo <= hi, "scans per patient take 1 <= min <= max", tuple(scans_per_patient)),
+            (
+                not 0.0 <= control_fraction <= 1.0,
+                "control_fraction must be in 0..1",
+                control_fraction,
+            ),
         )
+        if bad
+    ]
+    if problems:  # only what is wrong: the message listed every rule, met or not
+        raise ValueError("; ".join(problems))
     if spacing is not None and (len(spacing) != 3 or not min(spacing) > 0):
         raise ValueError(f"spacing takes 3 voxel sizes in mm, all > 0 (got {tuple(spacing)})")
     # Absolute, so the studies' paths do not depend on the working directory (the manifest
