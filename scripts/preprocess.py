@@ -10,6 +10,7 @@ Rerunning the same command resumes: finished studies are skipped, failed ones re
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import logging
 import os
@@ -20,7 +21,13 @@ import time
 
 from sapsam_jax.backend import BACKEND_NAMES, BackendError, get_backend, gpu_available
 from sapsam_jax.config import PREPROCESS_PRESETS, preprocess_preset
-from sapsam_jax.data._cache import STUDIES_DIR, CacheError, init_cache_dir, merge_summaries
+from sapsam_jax.data._cache import (
+    QC_CSV,
+    STUDIES_DIR,
+    CacheError,
+    init_cache_dir,
+    merge_summaries,
+)
 from sapsam_jax.data._cohort import (
     manifest_studies,
     parse_shard,
@@ -98,7 +105,36 @@ def run(args) -> int:
         print(
             f"failed studies and reasons: {os.path.join(args.out, 'failures.csv')}", file=sys.stderr
         )
+    mine = {s.study_id for s in shard_studies(manifest_studies(manifest), result.shard)}
+    warn_implausible(args.out, config, mine)
     return 0
+
+
+def warn_implausible(out, config, study_ids) -> None:
+    """Name the studies of ``study_ids`` (this shard's: each worker names its own) whose lung
+    volume QC flags (README, "Quality control"): they count as done, so without this line only
+    qc.csv tells a partial scan or a leaked mask."""
+    path = os.path.join(out, QC_CSV)
+    if not os.path.isfile(path):
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    flagged = [
+        r["study_id"]
+        for r in rows
+        if r["study_id"] in study_ids and r["lung_volume_implausible"] == "1"
+    ]
+    if not flagged:
+        return
+    lo, hi = (v / 1000 for v in config.geometry.plausible_lung_ml)
+    more = len(flagged) - 10
+    shown = ", ".join(flagged[:10]) + (f" and {more} more" if more > 0 else "")
+    print(
+        f"warning: {len(flagged)} cached stud{'y has' if len(flagged) == 1 else 'ies have'} a lung "
+        f"volume outside {lo:g}-{hi:g} L (a missed lung, a partial scan or a mask leak): "
+        f"{shown}; see lung_volume_ml in {path}, and qc.png with --qc-png",
+        file=sys.stderr,
+    )
 
 
 def launch_workers(args, manifest, config, shard) -> int:

@@ -187,3 +187,20 @@ def test_cli_ctrl_c_interrupts_the_workers_and_waits_for_them(tmp_path, cohort, 
 def test_cli_bad_shard_flag(tmp_path, cohort, capsys):
     argv = ["--manifest", str(cohort), "--out", str(tmp_path / "c"), "--shard", "2/2"]
     assert cli.main(argv) == 2 and "0 <= i < n" in capsys.readouterr().err
+
+
+def test_cli_names_studies_with_an_implausible_lung_volume(tmp_path, capsys):
+    # They count as done: the run's summary said nothing, and only qc.csv held the flag (the
+    # abdomen scan of real_ct, lung bases only, 0.12 L).
+    from sapsam_jax.data._qc import QC_FIELDS
+
+    rows = [["abdo", "116.9", "1"], ["chest", "4609.9", "0"], ["other_shard", "50.0", "1"]]
+    lines = [",".join(QC_FIELDS)]
+    lines += [",".join([sid, volume, volume, flag] + ["0.1"] * 6) for sid, volume, flag in rows]
+    (tmp_path / "qc.csv").write_text("\n".join(lines) + "\n")
+    cli.warn_implausible(tmp_path, TINY, {"abdo", "chest"})  # this shard's studies
+    err = capsys.readouterr().err
+    assert err.startswith("warning: 1 cached study has a lung volume outside 1-10 L")
+    assert ": abdo;" in err and "other_shard" not in err and "qc.csv" in err
+    cli.warn_implausible(tmp_path, TINY, {"chest"})
+    assert capsys.readouterr().err == ""
