@@ -622,7 +622,12 @@ def test_gradcam_cli_errors(study, tmp_path, monkeypatch, capsys):
         main([*workdir, "--study", "S1", "--subregions", "positive", "left_upper"])
     assert stop.value.code == 2 and "stands alone" in capsys.readouterr().err
     assert main([*workdir, "--study", "NOPE"]) == 2
-    assert "NOPE are not in the cache" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "study NOPE is not in the cache" in err and "; it holds 1 study: S1" in err
+    assert main([*workdir, "--study", "P1", "NOPE"]) == 2  # a patient id for a study id
+    err = capsys.readouterr().err
+    assert "studies P1, NOPE are not in the cache" in err
+    assert "(P1 is a patient; its studies are S1)" in err
     assert main([*workdir, "--all", "--localisation"]) == 2  # empty test split
     assert "hold no study" in capsys.readouterr().err
     assert main([*workdir, "--study", "S1", "--layer", "block9_conv9"]) == 2

@@ -128,6 +128,26 @@ def _wanted_labels(runs, labels) -> bool:
     return labels is None or any(set(labels) & set(run_labels(r)) for r in runs)
 
 
+def _missing_studies(cache, missing) -> str:
+    """Which --study ids the cache lacks; a patient id given for a study id (a natural slip:
+    SYN0002 for SYN0002_S01) is answered with that patient's study ids."""
+    what = f"study {missing[0]} is" if len(missing) == 1 else f"studies {', '.join(missing)} are"
+    message = f"{what} not in the cache {cache.path}"
+    by_patient: dict[str, list[str]] = {}
+    for sid in cache.study_ids:
+        by_patient.setdefault(str(cache.meta(sid).get("patient_id")), []).append(sid)
+    hints = [
+        f"{m} is a patient; its studies are {', '.join(by_patient[m])}"
+        for m in missing
+        if m in by_patient
+    ]
+    if hints:
+        return f"{message} ({'; '.join(hints)})"
+    ids = cache.study_ids
+    count = f"{len(ids)} stud{'y' if len(ids) == 1 else 'ies'}"
+    return f"{message}; it holds {count}: {', '.join(ids[:4])}" + (", ..." if len(ids) > 4 else "")
+
+
 def _explain_set(runs, args, out: Path) -> None:
     from sapsam_jax.explain._localisation import localisation_scores
     from sapsam_jax.explain._study import explain_study, in_split, split_studies
@@ -137,7 +157,7 @@ def _explain_set(runs, args, out: Path) -> None:
     if args.study:
         missing = [s for s in args.study if s not in cache]
         if missing:
-            raise CacheError(f"studies {', '.join(missing)} are not in the cache {cache.path}")
+            raise CacheError(_missing_studies(cache, missing))
         chosen = {s: runs for s in args.study}
     else:
         # Per study the runs whose --split holds its patient: runs of other signs, tasks or
