@@ -59,6 +59,12 @@ def main(argv=None) -> int:
     except (FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # finished patients are recorded in --out (.patients-done)
+        print(
+            "make_synthetic_cohort.py: interrupted; rerun the same command to resume",
+            file=sys.stderr,
+        )
+        return 130
     print(f"manifest: {manifest}")
     return 0
 

@@ -259,7 +259,7 @@ def test_table1_rates_favour_the_upper_lungs():
             assert by_region[f"{side}_upper"] > by_region[f"{side}_lower"], sign
 
 
-def test_cli_writes_a_nifti_cohort(tmp_path, monkeypatch):
+def test_cli_writes_a_nifti_cohort(tmp_path, monkeypatch, capsys):
     import importlib.util
     from pathlib import Path
 
@@ -293,6 +293,13 @@ def test_cli_writes_a_nifti_cohort(tmp_path, monkeypatch):
     assert len(manifest) == 2 and sorted(s.cpa for s in manifest) == [0, 1]
     ct = load_ct(manifest[0].path)
     assert ct.hu.shape == (40, 64, 64) and ct.spacing == pytest.approx((7.0, 5.4, 5.4))
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_make", interrupted)  # Ctrl-C: a line, not a traceback
+    assert cli.main([*argv[:2], "--quiet"]) == 130
+    assert "interrupted; rerun the same command to resume" in capsys.readouterr().err
 
 
 def _first_slice(study) -> pydicom.Dataset:
@@ -361,8 +368,9 @@ def test_an_interrupted_cohort_resumes_where_it_stopped(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         make_cohort(tmp_path / "c", seed=4, **kwargs)
     assert not (tmp_path / "c" / "manifest.csv").exists()
-    with pytest.raises(FileExistsError, match="unfinished cohort of other parameters"):
+    with pytest.raises(FileExistsError, match="unfinished cohort of other parameters") as err:
         make_cohort(tmp_path / "c", seed=5, **kwargs)
+    assert "(seed 4 there, 5 here); rerun with its parameters to finish it;" in str(err.value)
 
     def counting(index, **options):
         generated.append(index)

@@ -379,12 +379,21 @@ def _prepare_folder(out_dir: Path, overwrite: bool, plan: dict) -> bool:
         return False
     finished = (out_dir / MANIFEST_NAME).exists()
     if not overwrite:
-        if not finished and _read_plan(out_dir) == plan:
+        recorded = None if finished else _read_plan(out_dir)
+        if recorded == plan:
             return True
         what = "a cohort" if finished else "an unfinished cohort of other parameters"
+        detail = ""
+        if recorded is not None:  # which ones: the same call with them finishes that cohort
+            differ = [
+                f"{key} {recorded.get(key)!r} there, {plan[key]!r} here"
+                for key in plan
+                if recorded.get(key) != plan[key]
+            ]
+            detail = f" ({'; '.join(differ)}); rerun with its parameters to finish it"
         raise FileExistsError(
-            f"{out_dir} holds {what} already ({', '.join(p.name for p in old)}); choose another "
-            "folder or overwrite it (--overwrite, overwrite=True)"
+            f"{out_dir} holds {what} already ({', '.join(p.name for p in old)}){detail}; choose "
+            "another folder or overwrite it (--overwrite, overwrite=True)"
         )
     # The manifest first: an interrupted overwrite must not leave it describing deleted or new
     # images with old labels. The new one is written when every study is.
