@@ -267,14 +267,34 @@ def test_train_command_mistakes_are_error_lines_before_any_work(tmp_path, capsys
     assert not (tmp_path / "data").exists()
 
 
-def test_a_workdir_of_another_run_is_an_error_line(tiny_run, capsys):
+def test_a_workdir_of_another_run_is_an_error_line(tiny_run, capsys, tmp_path):
     from sapsam_jax.job import main
 
     run, _ = tiny_run
     argv = ["--preset", "tiny", "--task", "signs", "--sign", "cavity", "--seed", "7"]
-    argv += ["--data-dir", str(run.parent / "data")]  # its cached cohort: no new one
+    argv += ["--data-dir", str(tmp_path / "data")]
     assert main([*argv, "--axis", "axial", "--workdir", str(run)]) == 2
     assert "belongs to a different run" in capsys.readouterr().err
+    # Refused before the cohort and its cache were made (minutes on the quick preset).
+    assert not (tmp_path / "data").exists()
+    # --sign all checks each sign's folder; a survival job its disease network's too.
+    signs = tmp_path / "signs"
+    (signs / "fungus_ball").mkdir(parents=True)
+    (signs / "fungus_ball" / "config.json").write_text((run / "config.json").read_text())
+    assert main([*argv[:4], "--sign", "all", "--workdir", str(signs), *argv[6:]]) == 2
+    assert f"{signs / 'fungus_ball' / 'config.json'} belongs to a different run" in (
+        capsys.readouterr().err
+    )
+    survival = tmp_path / "survival"
+    (survival / "disease").mkdir(parents=True)
+    (survival / "disease" / "config.json").write_text((run / "config.json").read_text())
+    assert (
+        main(["--preset", "tiny", "--task", "survival", "--workdir", str(survival), *argv[6:]]) == 2
+    )
+    assert f"{survival / 'disease' / 'config.json'} belongs to a different run" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "data").exists()
 
 
 def test_an_interrupted_built_in_cohort_resumes(tmp_path, monkeypatch):

@@ -78,22 +78,34 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
     log = primary_log(log)
     check_cam_layer(cfg)
     check_init_from(cfg)
-    workdir = cfg.workdir_path
+    runs = planned_runs(cfg.replace(workdir=str(cfg.workdir_path)))
+    for _, run in runs:  # before the cohort and its cache, which take minutes
+        _check_config(run, run.workdir_path)
     cache = prepare_cache(cfg, log=log)
-    cfg = cfg.replace(cache=str(Path(cache.path).absolute()), workdir=str(workdir))
+    data = {"cache": str(Path(cache.path).absolute())}
     if cache.preset and cache.preset != cfg.preprocess_preset:
         # --cache of another preset: config.json records what the images really are.
         log(
             f"the cache {cache.path} holds preprocessing preset {cache.preset!r}, not "
             f"{cfg.preprocess_preset!r}; training on it as it is"
         )
-        cfg = cfg.replace(preprocess_preset=cache.preset)
+        data["preprocess_preset"] = cache.preset
+    results = {}
+    for name, run in runs:
+        metrics = fit(run.replace(**data), cache, log=log)
+        if name is not None:
+            results[name] = metrics
+    return results
+
+
+def planned_runs(cfg: TrainConfig) -> list[tuple[str | None, TrainConfig]]:
+    """(result name, config) of each network ``cfg`` trains, in order; a network trained only to
+    start another from has no result name."""
+    workdir = cfg.workdir_path
     if cfg.task == "signs" and cfg.sign == "all":
         # Paper 2.4: one binary network per sign, trained in turn.
-        results = {
-            s: fit(cfg.replace(sign=s, workdir=str(workdir / s)), cache, log=log) for s in SIGNS
-        }
-    elif cfg.task == "survival" and cfg.init_from is None:
+        return [(s, cfg.replace(sign=s, workdir=str(workdir / s))) for s in SIGNS]
+    if cfg.task == "survival" and cfg.init_from is None:
         # Paper 2.4: the survival network starts from the disease network; train that first.
         disease_dir = workdir / "disease"
         disease_cfg = cfg.replace(
@@ -104,11 +116,8 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
         )
         if cfg.preset != "paper":
             disease_cfg = disease_cfg.replace(epochs=_preset_epochs(cfg, "disease"))
-        fit(disease_cfg, cache, log=log)
-        results = {"survival": fit(cfg.replace(init_from=str(disease_dir)), cache, log=log)}
-    else:
-        results = {cfg.sign if cfg.task == "signs" else cfg.task: fit(cfg, cache, log=log)}
-    return results
+        return [(None, disease_cfg), ("survival", cfg.replace(init_from=str(disease_dir)))]
+    return [(cfg.sign if cfg.task == "signs" else cfg.task, cfg)]
 
 
 def disease_fractions_for_survival(cfg: TrainConfig) -> tuple[float, float, float]:
@@ -638,6 +647,13 @@ RESUMABLE_CHANGES = frozenset(
 
 def _check_or_write_config(cfg: TrainConfig, workdir: Path) -> None:
     """Refuse to resume a workdir that holds a different run (other task, axis, data, ...)."""
+    _check_config(cfg, workdir)
+    _write_json_atomic(workdir / "config.json", json.loads(cfg.to_json()))
+
+
+def _check_config(cfg: TrainConfig, workdir: Path) -> None:
+    """Raise WorkdirError when ``workdir`` holds a run whose config differs from ``cfg`` in more
+    than what a rerun may change (RESUMABLE_CHANGES)."""
     path = workdir / "config.json"
     if path.is_file():
         old = TrainConfig.from_dict(json.loads(path.read_text()))
@@ -650,7 +666,6 @@ def _check_or_write_config(cfg: TrainConfig, workdir: Path) -> None:
             raise WorkdirError(
                 f"{path} belongs to a different run ({'; '.join(diff)}); use another --workdir"
             )
-    _write_json_atomic(path, json.loads(cfg.to_json()))
 
 
 def _write_json_atomic(path: Path, value) -> None:
