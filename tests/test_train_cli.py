@@ -219,12 +219,17 @@ def test_train_command_mistakes_are_error_lines_before_any_work(tmp_path, capsys
     from sapsam_jax.models import build_model, save_weights
 
     base = ["--preset", "tiny", "--data-dir", str(tmp_path / "data")]
+    (tmp_path / "vgg19_weights.h5").write_bytes(b"\x89HDF\r\n")  # as downloaded, unconverted
     bad = {
         "image_size takes 2 positive values": ["--image-size", "32"],
         "zoom_range takes 2 values": ["--zoom-range", "1.2", "0.8"],
         "split_fractions takes 3 values": ["--split-fractions", "0.5", "0.5"],
         "--manifest .* or --cache, not both": ["--manifest", "m.csv", "--cache", "c"],
         "not a weights directory": ["--weights", str(tmp_path / "nowhere")],
+        "vgg19_weights.h5 is a file, not a weights directory: convert it first": [
+            "--weights",
+            str(tmp_path / "vgg19_weights.h5"),
+        ],
         "cam_layer 'block5_conv5' is not a layer of vgg19": ["--cam-layer", "block5_conv5"],
         "epochs must be >= 1, not 0": ["--epochs", "0"],
         "learning_rate must be > 0, not -1.0": ["--learning-rate", "-1"],

@@ -111,6 +111,12 @@ def save_weights(
 def read_weights_info(directory) -> dict:
     """The JSON record of a weights directory written by `save_weights`."""
     path = Path(directory) / WEIGHTS_JSON
+    if Path(directory).is_file():  # a Keras .h5 or torchvision .pth given as it was downloaded
+        raise FileNotFoundError(
+            f"{directory} is a file, not a weights directory: convert it first with "
+            f"scripts/convert_weights.py --arch ARCH --from keras|torchvision --input {directory} "
+            "--output DIR, and pass DIR"
+        )
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} not found: {directory} is not a weights directory "
