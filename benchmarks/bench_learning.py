@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_json  # noqa: E402
 
 from sapsam_jax.train import preset_config, train  # noqa: E402
+from sapsam_jax.train._checkpoint import saved_epochs  # noqa: E402
 
 TARGET_F1 = {"cavity": 0.85, "fungus_ball": 0.85, "pleural_thickening": 0.85, "disease": 0.9}
 METRICS = ("precision", "recall", "f1", "auc", "n", "n_positive")
@@ -70,13 +71,14 @@ def with_overrides(cfg, overrides: dict):
 
 
 def best_validation(run_dir: Path) -> dict:
-    """Validation F1 and AUC of the kept (lowest validation loss) epoch, from metrics.jsonl: what
-    a preset may be chosen on, unlike the test scores."""
+    """Validation F1 and AUC of the kept epoch (the run's best checkpoint, chosen by its
+    select_by), from metrics.jsonl: what a preset may be chosen on, unlike the test scores."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in records if "val_loss" in r]
-    if not records:  # survival: no validation set (paper 3.3)
+    kept = saved_epochs(run_dir, "best")
+    if not records or not kept:  # survival: no validation set (paper 3.3)
         return {}
-    best = min(records, key=lambda r: r["val_loss"])
+    best = next(r for r in records if r["epoch"] == kept[-1])
     return {"best_epoch": best["epoch"], "val_f1": best["val_f1"], "val_auc": best["val_auc"]}
 
 
