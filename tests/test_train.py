@@ -953,3 +953,20 @@ def test_a_checkpoint_from_before_select_by_resumes_against_its_best_val_loss(tm
     ckpts.save(model, optimizer, {"epoch": 1, "best_val_loss": 0.123, "best_epoch": 1}, best=True)
     assert ckpts.restore_latest(model, optimizer)["best_score"] == 0.123
     ckpts.close()
+
+
+def test_the_data_mesh_lists_each_process_devices_together(monkeypatch):
+    # to_global gives process i the i-th contiguous slice of a batch: that holds only when the
+    # mesh lists every process's devices together, whatever order jax.devices() returns.
+    from types import SimpleNamespace
+
+    from sapsam_jax.train._data import data_mesh
+
+    fake = [SimpleNamespace(process_index=p, id=i) for i, p in ((3, 1), (0, 0), (2, 1), (1, 0))]
+    monkeypatch.setattr(jax, "devices", lambda: fake)
+    monkeypatch.setattr("jax.sharding.Mesh", lambda devices, names: (list(devices), names))
+    devices, names = data_mesh()
+    assert [(d.process_index, d.id) for d in devices] == [(0, 0), (0, 1), (1, 2), (1, 3)]
+    assert names == ("data",)
+    monkeypatch.undo()
+    assert data_mesh().devices.tolist() == jax.devices()  # the 2 fake CPU devices, in order

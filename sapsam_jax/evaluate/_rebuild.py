@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import jax
-import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sapsam_jax.evaluate._report import find_runs
@@ -26,6 +24,7 @@ def find_trained_runs(workdirs) -> list[Path]:
 def rebuild_predictions(run_dir: Path) -> dict:
     """Predict the run's held-out test patients again with its best checkpoint."""
     from sapsam_jax.data import ProjectionCache
+    from sapsam_jax.train._data import data_mesh
     from sapsam_jax.train._loop import _replicate, load_run_data, write_test_predictions
     from sapsam_jax.train._model import trained_studies
 
@@ -33,6 +32,6 @@ def rebuild_predictions(run_dir: Path) -> dict:
     # The studies the run was tested on, not whatever the folder or manifest holds since.
     cache = ProjectionCache(run.config.cache, studies=trained_studies(run.split))
     data = load_run_data(run.config, cache, Path(run_dir))
-    mesh = Mesh(np.array(jax.devices()), ("data",))
+    mesh = data_mesh()
     _replicate(run.model, NamedSharding(mesh, P()))  # batches are sharded over every device
     return write_test_predictions(run.model, run.step_spec, data.test, mesh, Path(run_dir))

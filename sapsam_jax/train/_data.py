@@ -190,6 +190,16 @@ def fits_on_device(nbytes: int) -> bool:
     return limit is None or nbytes <= DEVICE_RESIDENT_FRACTION * limit
 
 
+def data_mesh():
+    """A 1-D ``data`` mesh over every device of every process, ordered by process: each
+    process's devices then hold one contiguous slice of a batch, as :func:`to_global` hands it
+    out and :func:`to_host` gathers it back (``jax.devices()`` need not list them so)."""
+    from jax.sharding import Mesh
+
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    return Mesh(np.array(devices), ("data",))
+
+
 def to_global(host_batch, sharding):
     """Host arrays -> one global batch sharded over every device of every process.
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
@@ -37,7 +37,7 @@ from sapsam_jax.data._cache import atomic_write_text, nonfinite_to_null, to_json
 from sapsam_jax.io._volume import atomic_path
 from sapsam_jax.train._checkpoint import RunCheckpoints, saved_epochs
 from sapsam_jax.train._config import MIN_INPUT_SIZE, TrainConfig, check_new_run
-from sapsam_jax.train._data import Batches, prepare_cache, to_global, to_host
+from sapsam_jax.train._data import Batches, data_mesh, prepare_cache, to_global, to_host
 from sapsam_jax.train._distributed import (
     is_primary,
     maybe_initialize_distributed,
@@ -202,7 +202,7 @@ def fit(cfg: TrainConfig, cache: ProjectionCache, *, log=print) -> dict:
             "model_conventions": {k: v for k, v in model.config.items() if k in CONVENTIONS},
         },
     )
-    mesh = Mesh(np.array(jax.devices()), ("data",))
+    mesh = data_mesh()
     batch_size = _global_batch_size(cfg.batch_size, mesh.size)
     if batch_size != cfg.batch_size:
         log(f"batch size {cfg.batch_size} -> {batch_size}: a multiple of the {mesh.size} devices")
