@@ -69,7 +69,9 @@ def main(argv=None) -> int:
             return _interrupted()
         raise
     for name, metrics in results.items():
-        print(summary_line(name, metrics))
+        # --sign multi: one network, its test images of all three signs scored together.
+        label = "multi (the three signs pooled; per sign in report.md)" if name == "multi" else name
+        print(summary_line(label, metrics))
     return 0
 
 

@@ -474,3 +474,13 @@ def test_ctrl_c_is_a_line_saying_how_to_resume(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(job, "train_and_report", broken)
     with pytest.raises(ValueError, match="a bug"):
         job.main(argv)
+
+
+def test_a_multi_label_run_says_its_printed_scores_pool_the_signs(monkeypatch, capsys, tmp_path):
+    import sapsam_jax.job as job
+
+    metrics = {"precision": 0.5, "recall": 0.25, "f1": 1 / 3, "auc": 0.75, "n": 12}
+    monkeypatch.setattr(job, "train_and_report", lambda cfg: {"multi": metrics})
+    assert job.main(["--preset", "tiny", "--sign", "multi", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "multi (the three signs pooled; per sign in report.md): test precision 0.500" in out
