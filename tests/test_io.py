@@ -610,6 +610,23 @@ def test_a_header_value_run_on_over_the_patient_module_is_not_quoted(tmp_path):
     assert not any(secret in m for secret in SECRETS for m in messages), messages
 
 
+def test_descriptions_in_any_script_are_kept_and_shown(tmp_path):
+    # Full-width (U+3000) and no-break (U+00A0) spaces are not str.isprintable(): such
+    # descriptions were dropped from ct.meta and listed as "a damaged header?".
+    files = _identified_series(tmp_path / "ja", series=["1.2.3"] * 2 + ["1.2.4"] * 2)
+    for n, path in enumerate(files):
+        ds = pydicom.dcmread(path)
+        ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8
+        ds.SeriesDescription = "胸部\u3000単純CT" if n < 2 else "Thorax\xa0nativ"
+        ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(CTLoadError, match="2 series found") as err:
+        load_ct(tmp_path / "ja")
+    for description in ("胸部\u3000単純CT", "Thorax\xa0nativ"):
+        assert repr(description) in str(err.value)
+    ct = load_ct(tmp_path / "ja", series_uid="1.2.3")
+    assert ct.meta["series_description"] == "胸部\u3000単純CT"
+
+
 def test_pydicom_value_warnings_of_a_damaged_header_do_not_carry_the_patient(tmp_path, caplog):
     # SOPClassUID (0008,0016) run on over the patient module, in a file cut before its pixels:
     # pydicom's UI check warned and logged "Invalid value for VR UI: '<the raw bytes>'".

@@ -8,6 +8,7 @@ never copied out of the pydicom datasets, which are dropped once the volume is b
 
 from __future__ import annotations
 
+import unicodedata
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -367,15 +368,26 @@ def _number(value, what: str, where, default: float) -> float:
 
 
 def _shown(value) -> str:
-    """``repr(value)`` of a header value for a message, or only its length when it is long or
-    holds unprintable bytes. A damaged length field makes a value run on over the elements after
-    it: after Modality and SeriesDescription (group 0008) come the patient's name, id, birth date
-    and address (group 0010), which must not reach messages, logs or failures.csv. The tags of
-    the elements run over are binary (0x10 0x00), so such a value is never plain text."""
+    """``repr(value)`` of a header value for a message, or only its length when it is not short
+    plain text. A damaged length field makes a value run on over the elements after it: after
+    Modality and SeriesDescription (group 0008) come the patient's name, id, birth date and
+    address (group 0010), which must not reach messages, logs or failures.csv. The tags of the
+    elements run over are binary (0x10 0x00), so such a value always holds control bytes."""
     text = str(value)
-    if len(text) <= _MAX_SHOWN_CHARS and text.isprintable():
+    if _plain_text(text):
         return repr(value)
-    return f"<{len(text)} characters, not shown: a damaged header?>"
+    if _has_control_bytes(text):
+        return f"<{len(text)} characters with control bytes, not shown: a damaged header?>"
+    return f"<{len(text)} characters, not shown>"
+
+
+def _plain_text(text: str) -> bool:
+    """Short text without control bytes (any script, full-width and no-break spaces included)."""
+    return len(text) <= _MAX_SHOWN_CHARS and not _has_control_bytes(text)
+
+
+def _has_control_bytes(text: str) -> bool:
+    return any(unicodedata.category(c) == "Cc" for c in text)
 
 
 def _optional_number(value) -> float | None:
@@ -601,7 +613,7 @@ def _text(ds, keyword: str) -> str | None:
     if value is None or value == "":
         return None
     text = "\\".join(str(v) for v in value) if isinstance(value, MultiValue) else str(value)
-    return text if len(text) <= _MAX_SHOWN_CHARS and text.isprintable() else None
+    return text if _plain_text(text) else None
 
 
 def _metadata(ds, source: Path, hu, affine, frame_count: int) -> dict:
