@@ -908,18 +908,20 @@ def test_survival_job_trains_disease_first_and_tests_on_its_test_patients(tmp_pa
     ]
 
 
-# Scripted validation results per epoch: the loss is lowest at epoch 2, F1 highest at epoch 4,
-# F1 undefined (no predicted positive) at epoch 3.
+# Scripted validation results per epoch: the loss is lowest at epoch 2, F1 highest at epoch 5,
+# undefined (no predicted positive) at epoch 4; epoch 3's F1 is below epoch 1's, so it wins
+# only if the resume (after epoch 2) lost the best score.
 _SCRIPTED_VAL = {
     1: {"loss": 0.50, "f1": 0.60},
     2: {"loss": 0.40, "f1": 0.50},
-    3: {"loss": 0.45, "f1": float("nan")},
-    4: {"loss": 0.70, "f1": 0.70},
+    3: {"loss": 0.45, "f1": 0.55},
+    4: {"loss": 0.80, "f1": float("nan")},
+    5: {"loss": 0.70, "f1": 0.70},
 }
 
 
 @pytest.mark.parametrize(
-    ("select_by", "kept"), [("val_loss", 2), ("val_f1", 4)], ids=["loss", "f1"]
+    ("select_by", "kept"), [("val_loss", 2), ("val_f1", 5)], ids=["loss", "f1"]
 )
 def test_the_best_checkpoint_is_chosen_by_select_by_also_across_a_resume(
     tmp_path, monkeypatch, select_by, kept
@@ -936,7 +938,7 @@ def test_the_best_checkpoint_is_chosen_by_select_by_also_across_a_resume(
 
     monkeypatch.setattr(loop, "evaluate_samples", scripted)
     _fit(tmp_path, epochs=2, select_by=select_by)  # stopped after epoch 2, then resumed
-    _fit(tmp_path, epochs=4, select_by=select_by)
+    _fit(tmp_path, epochs=5, select_by=select_by)
     ckpts = RunCheckpoints(tmp_path)
     assert ckpts.best.latest_step() == kept
     assert ckpts._best_meta()["best_score"] == _SCRIPTED_VAL[kept][select_by[4:]]
@@ -970,3 +972,19 @@ def test_the_data_mesh_lists_each_process_devices_together(monkeypatch):
     assert names == ("data",)
     monkeypatch.undo()
     assert data_mesh().devices.tolist() == jax.devices()  # the 2 fake CPU devices, in order
+
+
+def test_no_epoch_with_a_defined_select_by_metric_is_a_warning(tmp_path, monkeypatch):
+    import sapsam_jax.train._loop as loop
+    from sapsam_jax.train._checkpoint import saved_epochs
+
+    nan = float("nan")  # e.g. a validation set of one class has no ROC AUC
+    scores = {"loss": 0.5, "accuracy": 0.5, "precision": nan, "recall": nan, "f1": nan, "auc": nan}
+    monkeypatch.setattr(loop, "evaluate_samples", lambda *args: scores)
+    lines = []
+    cfg = TINY.replace(task="disease", epochs=2, workdir=str(tmp_path), cache="fake")
+    fit(cfg.replace(select_by="val_auc"), FakeCache(n_patients=6), log=lines.append)
+    assert saved_epochs(tmp_path, "best") == [] and saved_epochs(tmp_path, "latest") == [1, 2]
+    assert any(
+        "no epoch had a defined val_auc; the test predictions come from" in line for line in lines
+    )

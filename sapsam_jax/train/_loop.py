@@ -264,6 +264,13 @@ def fit(cfg: TrainConfig, cache: ProjectionCache, *, log=print) -> dict:
         log(_epoch_line(workdir.name, record))
     if tensorboard is not None:
         tensorboard.close()
+    if data.val is not None and not meta["best_epoch"]:
+        # E.g. --select-by val_auc on a validation set of one class: restore_best falls back to
+        # the latest weights, which the report would otherwise present as the best epoch's.
+        log(
+            f"warning: no epoch had a defined {cfg.select_by}; the test predictions come from "
+            "the last epoch"
+        )
     ckpts.restore_best(model)
     ckpts.close()
     return write_test_predictions(model, spec, data.test, mesh, workdir)
