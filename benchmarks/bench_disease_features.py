@@ -2,8 +2,8 @@
 
 The disease task (paper 3.1) sees one gray whole-scan image per rotated scan (conservative mask).
 For each given disease workdir this fits a logistic regression on hand-made statistics of those
-images, on the run's training patients, and scores it like the run's report: on the test
-patients' projections, balanced by undersampling, threshold 0.5. Two feature sets:
+images, on the run's training samples, and scores it like the run's report: on the test samples
+as the run gathered them (balanced by undersampling), threshold 0.5. Two feature sets:
 
 - ``global``: how much of the lung is dark (air pulls an in-lung mean toward 0: cavities,
   emphysema), low quantiles, the lung's area in the image;
@@ -31,8 +31,9 @@ from scipy import ndimage as ndi
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_json  # noqa: E402
 
-from sapsam_jax.data import ProjectionCache, balance_indices  # noqa: E402
+from sapsam_jax.data import ProjectionCache  # noqa: E402
 from sapsam_jax.train import TrainConfig  # noqa: E402
+from sapsam_jax.train._loop import load_run_data  # noqa: E402
 from sapsam_jax.train._metrics import binary_metrics  # noqa: E402
 from sapsam_jax.train._model import manifest_study_ids  # noqa: E402
 
@@ -61,25 +62,18 @@ FEATURES = {"global": global_features, "local": local_features}
 
 
 def run_images(workdir: Path):
-    """(config, {set: (images, labels)}) of a disease run: every rotated projection of its
-    training and test studies, labelled CPA (1) or control (0)."""
+    """(config, {set: (images, labels)}) of a disease run: its training and test samples as the
+    run itself gathered them (load_run_data: its split, evaluation rotations and balancing; the
+    test set balanced by undersampling, as the report scores it)."""
     cfg = TrainConfig.from_dict(json.loads((workdir / "config.json").read_text()))
     if cfg.task != "disease":
         raise SystemExit(f"error: {workdir} is a {cfg.task} run, not a disease run")
-    split = json.loads((workdir / "split.json").read_text())
     cache = ProjectionCache(cfg.cache, studies=manifest_study_ids(cfg))
-    sets = {}
-    for name in ("train", "test"):
-        patients = set(split[name])
-        images, labels = [], []
-        for study_id in cache.study_ids:
-            meta = cache.meta(study_id)
-            if meta["patient_id"] in patients:
-                gray = np.asarray(cache.gray(study_id, cfg.axis), np.float32)
-                images.extend(gray)
-                labels.extend([int(meta["cpa"])] * len(gray))
-        sets[name] = (images, np.asarray(labels))
-    return cfg, sets
+    data = load_run_data(cfg, cache, workdir)
+    return cfg, {
+        name: (np.asarray(samples.images[..., 0], np.float32), np.asarray(samples.labels))
+        for name, samples in (("train", data.train), ("test", data.test))
+    }
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2, steps: int = 3000):
@@ -100,9 +94,7 @@ def score(cfg: TrainConfig, sets, featurize) -> dict:
     mean, std = x_train.mean(0), x_train.std(0) + 1e-9
     w, b = fit_logistic((x_train - mean) / std, sets["train"][1])
     prob = 1.0 / (1.0 + np.exp(-(((x_test - mean) / std) @ w + b)))
-    y_test = sets["test"][1]
-    keep = balance_indices(y_test, mode="undersample", seed=cfg.seed)  # as the report (2.3)
-    metrics = binary_metrics(y_test[keep], prob[keep])
+    metrics = binary_metrics(sets["test"][1], prob)
     return {k: round(100 * float(metrics[k]), 1) for k in ("precision", "recall", "f1", "auc")}
 
 
