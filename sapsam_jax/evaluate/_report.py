@@ -103,8 +103,9 @@ SETUP_FIELDS = (
 def run_setup(cfg: TrainConfig) -> dict:
     """The run's settings that make its numbers comparable, or not, to another run's."""
     setup = {name: getattr(cfg, name) for name in SETUP_FIELDS}
-    # The data: a manifest or cache, or the built-in cohort by its name.
-    setup["data"] = cfg.manifest or cfg.cache or f"synthetic {cfg.synthetic.name}"
+    # The data: the projection cache trained on (train records its absolute path; a manifest
+    # path is as the user typed it), or the built-in cohort by its name.
+    setup["data"] = cfg.cache or cfg.manifest or f"synthetic {cfg.synthetic.name}"
     return setup
 
 
