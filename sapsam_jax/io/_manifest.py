@@ -45,8 +45,11 @@ class ManifestError(ValueError):
     def __init__(self, path, problems: Sequence[str]):
         self.path = Path(path)
         self.problems = list(problems)
+        if len(self.problems) == 1:  # e.g. "manifest file not found": one line
+            super().__init__(f"{self.path}: {self.problems[0]}")
+            return
         lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"{self.path}: {len(self.problems)} problem(s) in the manifest:\n{lines}")
+        super().__init__(f"{self.path}: {len(self.problems)} problems in the manifest:\n{lines}")
 
 
 def _empty_annotations() -> dict[str, dict[str, int | None]]:
