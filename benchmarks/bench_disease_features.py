@@ -77,18 +77,18 @@ def run_images(workdir: Path):
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2, steps: int = 3000):
-    """Class-weighted (balanced) L2 logistic regression by gradient descent on standardised x."""
-    weight = np.where(y == 1, 0.5 / y.mean(), 0.5 / (1 - y.mean()))
+    """L2 logistic regression by gradient descent on standardised x (the run's training samples
+    are class-balanced already, by its train_balance)."""
     w, b = np.zeros(x.shape[1]), 0.0
     for _ in range(steps):
         p = 1.0 / (1.0 + np.exp(-(x @ w + b)))
-        g = weight * (p - y) / len(y)
+        g = (p - y) / len(y)
         w -= 0.5 * (x.T @ g + l2 * w)
         b -= 0.5 * g.sum()
     return w, b
 
 
-def score(cfg: TrainConfig, sets, featurize) -> dict:
+def score(sets, featurize) -> dict:
     x_train = np.array([featurize(image) for image in sets["train"][0]])
     x_test = np.array([featurize(image) for image in sets["test"][0]])
     mean, std = x_train.mean(0), x_train.std(0) + 1e-9
@@ -107,7 +107,7 @@ def main(argv=None) -> None:
     for workdir in args.workdirs:
         cfg, sets = run_images(workdir)
         row = {"workdir": str(workdir), "seed": cfg.seed, "axis": cfg.axis}
-        row.update({name: score(cfg, sets, fn) for name, fn in FEATURES.items()})
+        row.update({name: score(sets, fn) for name, fn in FEATURES.items()})
         runs.append(row)
         print(json.dumps(row))
     means = {
