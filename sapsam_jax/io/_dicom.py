@@ -40,7 +40,8 @@ MISSING_SLICE_TOLERANCE = 0.1
 # Slices of one series must share their orientation to this precision (direction cosines).
 ORIENTATION_TOLERANCE = 1e-4
 _MAX_LISTED = 5  # problems listed in one error message
-# Header values longer than this, or holding unprintable bytes, are not quoted in messages (_shown).
+# Header values longer than this (DICOM's LO limit), or holding control bytes, are not quoted in
+# messages or kept in ct.meta (_shown, _plain_text).
 _MAX_SHOWN_CHARS = 64
 # Uncompressed transfer syntaxes whose pixel bytes are plain little-endian arrays (a deflated
 # file is inflated by dcmread, so its PixelData is plain too).
