@@ -65,6 +65,8 @@ def test_train_command_writes_report_and_says_its_preset(tiny_run):
     assert set(pred["patient_ids"]) <= set(split["test"])
     assert row["ci_resamples"] == "patients"
     assert "resample patients" in (run / "report.md").read_text()
+    scans = set(zip(pred["study_ids"], pred["subregions"], strict=True))  # scan sub-regions
+    assert row["per_scan"]["metrics"]["n"] == len(scans) < len(pred["labels"])
     # The cached cohort is named by the generator version, so a newer generator never reuses it.
     from sapsam_jax.data.synthetic import GENERATOR_VERSION
 
@@ -158,7 +160,7 @@ def test_report_table_shows_every_run_of_a_sign_and_axis():
     assert "| cavity (lr1e-4/signs-axial-all/cavity) | 90.0 [90.0-90.0] |" in table
     incomplete = "cavity (lr1e-3/signs-axial-all/cavity) (*incomplete*: 1/8 epochs)"
     assert f"| {incomplete} | 50.0 [50.0-50.0] |" in table
-    assert "| axial | 10 | 5 | 8 | 8/8 (6) | 90.0 |" in table  # test patients, epochs (best)
+    assert "| axial | 10 | 5 | 8 | ? | 8/8 (6) | 90.0 |" in table  # test patients, epochs (best)
     assert f"Fewer than 5 test patients ({incomplete})" in table
 
 
@@ -333,7 +335,7 @@ def test_an_interrupted_built_in_cohort_resumes(tmp_path, monkeypatch):
     assert not manifest.parent.with_name(f".tmp-{manifest.parent.name}").exists()
 
 
-def _saved_run(folder: Path, labels, probs, patients=None, **changes) -> Path:
+def _saved_run(folder: Path, labels, probs, patients=None, studies=None, **changes) -> Path:
     """A finished disease run as the report reads it: config, run.json, saved test predictions
     (no checkpoints, as when run folders are copied without them)."""
     from sapsam_jax.train import TINY
@@ -345,6 +347,9 @@ def _saved_run(folder: Path, labels, probs, patients=None, **changes) -> Path:
     arrays = {"labels": np.asarray(labels), "probs": np.asarray(probs, np.float32)}
     if patients is not None:
         arrays["patient_ids"] = np.asarray(patients, str)
+    if studies is not None:
+        arrays["study_ids"] = np.asarray(studies, str)
+        arrays["subregions"] = np.full(len(arrays["labels"]), -1)  # whole-scan images
     np.savez(folder / "predictions_test.npz", **arrays)
     return folder
 
@@ -484,3 +489,77 @@ def test_a_multi_label_run_says_its_printed_scores_pool_the_signs(monkeypatch, c
     assert job.main(["--preset", "tiny", "--sign", "multi", "--workdir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "multi (the three signs pooled; per sign in report.md): test precision 0.500" in out
+
+
+# Five test scans of four patients, three rotated projections each: (patient, study, label, probs).
+SCANS = [
+    ("P0", "S0", 1, [0.9, 0.4, 0.5]),  # mean 0.6: true positive
+    ("P0", "S1", 1, [0.3, 0.3, 0.45]),  # mean 0.35: false negative
+    ("P1", "S2", 0, [0.2, 0.7, 0.3]),  # mean 0.4: true negative
+    ("P2", "S3", 0, [0.6, 0.6, 0.1]),  # mean 0.433: true negative
+    ("P3", "S4", 1, [0.8, 0.9, 0.7]),  # mean 0.8: true positive
+]
+
+
+def _projections(scans, order):
+    rows = [(p, s, y, q) for p, s, y, probs in scans for q in probs]
+    rows = [rows[i] for i in order]  # the saved order need not keep a scan's images together
+    patients, studies, labels, probs = (list(column) for column in zip(*rows, strict=True))
+    return labels, probs, patients, studies
+
+
+def test_report_scores_each_scan_by_the_mean_of_its_rotated_projections(tmp_path):
+    from sapsam_jax.evaluate import render_markdown, run_results
+
+    order = np.random.default_rng(0).permutation(15)
+    run = _saved_run(tmp_path / "run", *_projections(SCANS, order))
+    (row,) = run_results(run)["rows"]
+    # Per image (counted by hand): 5 of the 9 CPA images and 3 of the 6 control images >= 0.5.
+    assert row["metrics"]["precision"] == pytest.approx(5 / 8)
+    assert row["metrics"]["f1"] == pytest.approx(10 / 17)
+    # Per scan: tp 2 (S0, S4), fn 1 (S1), tn 2.
+    scans = row["per_scan"]["metrics"]
+    assert (scans["n"], scans["n_positive"]) == (5, 3)
+    assert scans["precision"] == pytest.approx(1.0)
+    assert scans["recall"] == pytest.approx(2 / 3)
+    assert scans["f1"] == pytest.approx(0.8)
+    # AUC of the means 0.6, 0.35, 0.8 (CPA) against 0.4, 0.433 (control): 4 of 6 pairs.
+    assert scans["auc"] == pytest.approx(4 / 6)
+    table = render_markdown({"rows": [row]})
+    assert "Per scan (sign rows: per scan sub-region): the mean probability" in table
+    assert "| disease | 100.0 [" in table and "| 5 (3) |" in table
+
+    single = [(p, s, y, probs[:1]) for p, s, y, probs in SCANS]  # one projection per scan
+    alone = _saved_run(tmp_path / "identity", *_projections(single, range(5)))
+    assert "Per scan" not in render_markdown({"rows": run_results(alone)["rows"]})
+
+
+def test_per_scan_keeps_sub_regions_and_sign_columns_apart():
+    from sapsam_jax.evaluate._report import per_scan
+
+    # One scan, two sub-regions, two rotations each; three sign columns (--sign multi).
+    pred = {
+        "patient_ids": np.array(["P0"] * 4),
+        "study_ids": np.array(["S0"] * 4),
+        "subregions": np.array([0, 3, 0, 3]),
+        "labels": np.array([[1, 0, 0], [0, 0, 1], [1, 0, 0], [0, 0, 1]]),
+        "probs": np.array([[0.2, 0.1, 0.0], [0.5, 0.3, 0.9], [0.6, 0.3, 0.2], [0.1, 0.1, 0.7]]),
+    }
+
+    class Saved(dict):
+        files = property(lambda self: list(self))
+
+    labels, probs, patients = per_scan(Saved(pred))
+    assert labels.tolist() == [[1, 0, 0], [0, 0, 1]]
+    np.testing.assert_allclose(probs, [[0.4, 0.2, 0.1], [0.3, 0.2, 0.8]])
+    assert patients.tolist() == ["P0", "P0"]
+
+
+def test_a_scan_whose_projections_disagree_on_the_label_is_a_report_error(tmp_path):
+    from sapsam_jax.evaluate import ReportError, run_results
+
+    labels, probs, patients, studies = _projections(SCANS, range(15))
+    labels[0] = 0  # one projection of S0 says control
+    run = _saved_run(tmp_path / "run", labels, probs, patients, studies)
+    with pytest.raises(ReportError, match="projections of one scan carry different labels"):
+        run_results(run)

@@ -62,27 +62,60 @@ def _run_results(run_dir: Path) -> dict:
     n_patients = len(set(patients.tolist())) if patients is not None else None
     epochs = checkpoint_epochs(run_dir, cfg)
     names = _row_names(cfg, labels)
+    scans = per_scan(pred) if "study_ids" in pred.files and patients is not None else None
     results = []
     for column, name in enumerate(names):
-        y = labels if labels.ndim == 1 else labels[:, column]
-        p = probs if probs.ndim == 1 else probs[:, column]
-        results.append(
-            {
-                "row": name,
-                "axis": cfg.axis,
-                "task": cfg.task,
-                "workdir": str(run_dir),
-                "metrics": binary_metrics(y, p),
-                "ci95": bootstrap_intervals(
-                    y, p, n_resamples=cfg.bootstrap, seed=cfg.seed, groups=patients
-                ),
-                "ci_resamples": "patients" if patients is not None else "images",
-                "n_test_patients": n_patients,
-                "epochs": epochs,
-                "setup": run_setup(cfg),
-            }
-        )
+        row = {
+            "row": name,
+            "axis": cfg.axis,
+            "task": cfg.task,
+            "workdir": str(run_dir),
+            **_scores(labels, probs, column, patients, cfg),
+            "ci_resamples": "patients" if patients is not None else "images",
+            "n_test_patients": n_patients,
+            "epochs": epochs,
+            "setup": run_setup(cfg),
+        }
+        if scans is not None:
+            scan_labels, scan_probs, scan_patients = scans
+            row["per_scan"] = _scores(scan_labels, scan_probs, column, scan_patients, cfg)
+        results.append(row)
     return {"run": str(run_dir), "rows": results}
+
+
+def _scores(labels, probs, column: int, patients, cfg: TrainConfig) -> dict:
+    """Metrics and patient-resampled intervals of one output column."""
+    y = labels if labels.ndim == 1 else labels[:, column]
+    p = probs if probs.ndim == 1 else probs[:, column]
+    return {
+        "metrics": binary_metrics(y, p),
+        "ci95": bootstrap_intervals(
+            y, p, n_resamples=cfg.bootstrap, seed=cfg.seed, groups=patients
+        ),
+    }
+
+
+def per_scan(pred) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labels, probabilities, patients) with one entry per test scan (sign tasks: per scan
+    sub-region): the mean probability over the scan's rotated projections.
+
+    The paper scores projections (3.1: "N=822 axial projections"); a user diagnosing a scan
+    wants one call for it, and averaging the 27 rotations (paper 2.3) is test-time augmentation.
+    """
+    subregions = pred["subregions"] if "subregions" in pred.files else None
+    keys = np.char.add(np.char.add(pred["patient_ids"].astype(str), "\x00"), pred["study_ids"])
+    if subregions is not None:
+        keys = np.char.add(np.char.add(keys, "\x00"), subregions.astype(str))
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    inverse = inverse.ravel()
+    counts = np.bincount(inverse).astype(np.float64)
+    labels, probs = pred["labels"], np.asarray(pred["probs"], np.float64)
+    if not np.array_equal(labels, labels[first][inverse]):
+        raise ValueError("the projections of one scan carry different labels")
+    sums = np.zeros((len(first), *probs.shape[1:]))
+    np.add.at(sums, inverse, probs)
+    means = sums / counts.reshape(-1, *([1] * (probs.ndim - 1)))
+    return labels[first], means, pred["patient_ids"][first]
 
 
 # What a row's numbers depend on besides its task, sign and axis: a table of runs that differ in
@@ -170,27 +203,22 @@ def render_markdown(report: dict) -> str:
         f"patients{' (except the rows named below)' if by_images else ''} (laid out like the "
         "paper's Table 2).",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
+        *_table(rows, names, axes, header),
     ]
-    for name in names:
-        cells = [name]
-        for metric in TABLE_METRICS:
-            for axis in axes:
-                match = [r for r in rows if r["row"] == name and r["axis"] == axis]
-                cells.append(_cell(match[0], metric) if match else "-")
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += _per_scan_lines(rows, names, axes, header)
     lines += [
         "",
-        "| Task | Axis | n test | positives | test patients | epochs (best) | accuracy | workdir |",
-        "|---|---|---|---|---|---|---|---|",
+        "| Task | Axis | n test | positives | test patients | test scans (positive) "
+        "| epochs (best) | accuracy | workdir |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         m = r["metrics"]
         patients = r.get("n_test_patients")
         lines.append(
             f"| {r['row']} | {r['axis']} | {m['n']} | {m['n_positive']} | "
-            f"{'?' if patients is None else patients} | {_epochs_cell(r.get('epochs'))} | "
+            f"{'?' if patients is None else patients} | {_scans_cell(r)} | "
+            f"{_epochs_cell(r.get('epochs'))} | "
             f"{100 * m['accuracy']:.1f} | `{r['workdir']}` |"
         )
     few = [
@@ -214,6 +242,35 @@ def render_markdown(report: dict) -> str:
         ]
     lines += _localisation_lines(report.get("localisation"))
     return "\n".join(lines) + "\n"
+
+
+def _table(rows: list[dict], names, axes, header, part=None) -> list[str]:
+    """Markdown rows of ``header``: one per task/sign, metric x axis cells from ``row[part]``
+    (the row itself when ``part`` is None)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in names:
+        cells = [name]
+        for metric in TABLE_METRICS:
+            for axis in axes:
+                match = [r for r in rows if r["row"] == name and r["axis"] == axis]
+                scores = (match[0] if part is None else match[0].get(part)) if match else None
+                cells.append(_cell(scores, metric) if scores else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _per_scan_lines(rows: list[dict], names, axes, header) -> list[str]:
+    """The table again with one call per scan, where a scan has several test projections."""
+    if not any(r["metrics"]["n"] > r.get("per_scan", r)["metrics"]["n"] for r in rows):
+        return []  # one projection per scan (eval_rotations="identity"): the same numbers
+    return [
+        "",
+        "Per scan (sign rows: per scan sub-region): the mean probability over its rotated test "
+        "projections, one call per scan (test-time augmentation; the table above scores each "
+        "projection, as the paper does).",
+        "",
+        *_table(rows, names, axes, header, part="per_scan"),
+    ]
 
 
 def _setup_lines(rows: list[dict]) -> list[str]:
@@ -277,6 +334,13 @@ def distinguishing_suffixes(paths) -> list[str]:
         if len(set(labels)) == len(labels):
             return labels
     return [str(p) for p in paths]
+
+
+def _scans_cell(row: dict) -> str:
+    if "per_scan" not in row:  # predictions saved without study and patient ids
+        return "?"
+    scans = row["per_scan"]["metrics"]
+    return f"{scans['n']} ({scans['n_positive']})"
 
 
 def _epochs_cell(epochs: dict | None) -> str:
