@@ -525,3 +525,24 @@ def test_a_label_map_off_the_ct_grid_is_refused(tmp_path):
     assert result.failed == 1
     assert "s0_labels.nii.gz lies" in result.failures["S0"]
     assert "off the CT's grid" in result.failures["S0"]
+
+
+def test_a_lesion_label_map_added_or_removed_in_the_manifest_projects_the_study_again(tmp_path):
+    # The lesion projections (explain's localisation truth) come from the label map: a row that
+    # gains one must get them, a row that loses one must not keep the old ones.
+    cohort = write_cohort(tmp_path / "cohort", n=2)  # S0 has a label map, S1 none
+    out = tmp_path / "cache"
+    preprocess_cohort(cohort, out, config=TINY, backend="cpu", progress=False)
+    assert ProjectionCache(out).lesions("S1", "axial") is None
+    studies = list(read_manifest(cohort).studies)
+    added = shutil.copy(studies[0].lesion_labels, tmp_path / "cohort" / "s1_labels.nii.gz")
+    studies = [
+        dataclasses.replace(studies[0], lesion_labels=None),
+        dataclasses.replace(studies[1], lesion_labels=Path(added)),
+    ]
+    write_manifest(cohort, studies)
+    result = preprocess_cohort(cohort, out, config=TINY, backend="cpu", progress=False)
+    assert (result.done, result.skipped) == (2, 0)
+    cache = ProjectionCache(out)
+    assert cache.lesions("S0", "axial") is None
+    assert cache.lesions("S1", "axial") is not None and cache.lesions("S1", "axial").any()

@@ -367,8 +367,8 @@ def _reusable(out: Path, study) -> bool:
     written into it here (no re-projection). Files that moved keep their projections (a moved
     cohort is not recomputed), with a warning. Files rewritten since the study was built (their
     ``source_fingerprint`` changed, :func:`_changed`: a cohort regenerated in place), rows that
-    now pick another ``series_uid`` or ``allow_gaps``, and study folders whose meta.json is
-    missing or damaged are projected again.
+    now pick another ``series_uid`` or ``allow_gaps`` or add or remove a lesion label map, and
+    study folders whose meta.json is missing or damaged are projected again.
     """
     if not _is_cached(out, study.study_id):
         return False
@@ -418,6 +418,12 @@ def _stale_reason(meta: dict | None, now: dict, study) -> str | None:
     changed = [key for key, value in picked.items() if key in meta and meta[key] != value]
     if changed:
         return f"the manifest row now sets {' and '.join(changed)} otherwise than when projected"
+    # A label map added or removed: the lesion projections (localisation truth) are missing or
+    # stale. (A label map at a new path is a moved file, kept as the CT is.)
+    if "lesion_labels_path" in meta and (meta["lesion_labels_path"] is None) != (
+        study.lesion_labels is None
+    ):
+        return "the manifest row now adds or removes its lesion label map"
     return None
 
 
