@@ -639,6 +639,17 @@ def test_a_kill_between_metrics_line_and_checkpoint_loses_no_line(
     assert [r["epoch"] for r in _metrics_lines(tmp_path / "cut")] == [1, 2, 3]
 
 
+def test_a_metrics_line_cut_off_by_a_kill_is_dropped_on_resume(tmp_path):
+    # The line is written before its epoch's checkpoint, so a line cut off mid-write (kill -9,
+    # disk full) is always of an epoch the resumed run redoes; it stopped every rerun instead.
+    from sapsam_jax.train._loop import _truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"epoch": 1, "train_loss": 0.7}\n{"epoch": 2, "train_loss": 0.6}\n{"epo')
+    _truncate_metrics(path, 2)
+    assert path.read_text() == '{"epoch": 1, "train_loss": 0.7}\n{"epoch": 2, "train_loss": 0.6}\n'
+
+
 def test_workdir_of_another_run_is_refused_and_tensorboard_logs(tmp_path):
     _fit(tmp_path, epochs=1, tensorboard=True)
     (events,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")

@@ -697,6 +697,12 @@ def _truncate_metrics(path: Path, last_epoch: int) -> None:
     if not is_primary() or not path.is_file():
         return
     lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    try:
+        json.loads(lines[-1] if lines else "{}")
+    except ValueError:
+        # Cut off mid-write (kill -9, disk full): its epoch was not checkpointed (the line comes
+        # first, see fit), so it is redone like the other lines dropped here.
+        lines.pop()
     kept = [ln for ln in lines if json.loads(ln)["epoch"] <= last_epoch]
     atomic_write_text(path, "".join(ln + "\n" for ln in kept))
 
