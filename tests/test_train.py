@@ -650,6 +650,24 @@ def test_a_metrics_line_cut_off_by_a_kill_is_dropped_on_resume(tmp_path):
     assert path.read_text() == '{"epoch": 1, "train_loss": 0.7}\n{"epoch": 2, "train_loss": 0.6}\n'
 
 
+def test_a_damaged_config_or_split_file_is_an_error_naming_it(tmp_path):
+    from sapsam_jax.train import TINY
+    from sapsam_jax.train._loop import WorkdirError, _check_config, _load_or_make_split
+    from sapsam_jax.train._model import load_trained
+
+    cfg = TINY.replace(task="disease", workdir=str(tmp_path))
+    for text in ('{"task": "disea', '{"task": "disease"}', "[1, 2]"):  # cut off; fields missing
+        (tmp_path / "config.json").write_text(text)
+        with pytest.raises(WorkdirError, match=f"{tmp_path / 'config.json'} is damaged"):
+            _check_config(cfg, tmp_path)
+    (tmp_path / "split.json").write_bytes(b'{"train": ["P0"], "te\xff')
+    with pytest.raises(WorkdirError, match=f"{tmp_path / 'split.json'} is damaged"):
+        _load_or_make_split(cfg, None, tmp_path)
+    (tmp_path / "run.json").write_text("")  # gradcam and evaluate load runs this way
+    with pytest.raises(WorkdirError, match=f"{tmp_path / 'config.json'} is damaged"):
+        load_trained(tmp_path)
+
+
 def test_workdir_of_another_run_is_refused_and_tensorboard_logs(tmp_path):
     _fit(tmp_path, epochs=1, tensorboard=True)
     (events,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")

@@ -162,7 +162,7 @@ def check_init_from(cfg: TrainConfig) -> None:
             raise WorkdirError(f"--init-from {source} is not a training workdir: {name} is missing")
     if not (saved_epochs(source, "best") or saved_epochs(source, "latest")):
         raise WorkdirError(f"--init-from {source} holds no checkpoint yet (killed in epoch 1?)")
-    there = TrainConfig.from_dict(json.loads((source / "config.json").read_text()))
+    there = read_run_config(source / "config.json")
     check_same_network(cfg, there, error=WorkdirError)
 
 
@@ -404,7 +404,7 @@ def _check_or_record_data(path: Path, split: dict, record: dict) -> None:
 def _load_or_make_split(cfg, cache, workdir) -> dict:
     path = workdir / "split.json"
     if path.is_file():
-        return json.loads(path.read_text())
+        return read_run_json(path)
     studies = _studies_of(cache, {cache.meta(s)["patient_id"] for s in cache.study_ids}, cfg)
     if cfg.task == "survival" and cfg.init_from:
         split = _survival_split(cfg, {cache.meta(s)["patient_id"] for s in studies})
@@ -432,7 +432,7 @@ def _survival_split(cfg, patients: set[str]) -> dict:
     patients are the survival test set, its training and validation patients (and any it did
     not see) the survival training set; no validation set (paper 3.3). Split independently,
     the survival test held patients the disease network had been trained on."""
-    source = json.loads((Path(cfg.init_from) / "split.json").read_text())
+    source = read_run_json(Path(cfg.init_from) / "split.json")
     test = patients & set(source["test"])
     return {
         "train": sorted(patients - test),
@@ -663,7 +663,7 @@ def _check_config(cfg: TrainConfig, workdir: Path) -> None:
     than what a rerun may change (RESUMABLE_CHANGES)."""
     path = workdir / "config.json"
     if path.is_file():
-        old = TrainConfig.from_dict(json.loads(path.read_text()))
+        old = read_run_config(path)
         diff = [
             f"{f.name}: {getattr(old, f.name)!r} != {getattr(cfg, f.name)!r}"
             for f in fields(TrainConfig)
@@ -673,6 +673,27 @@ def _check_config(cfg: TrainConfig, workdir: Path) -> None:
             raise WorkdirError(
                 f"{path} belongs to a different run ({'; '.join(diff)}); use another --workdir"
             )
+
+
+def read_run_json(path: Path):
+    """A run folder's JSON file (config.json, run.json, split.json); a damaged one is a WorkdirError
+    naming it, not a bare JSONDecodeError."""
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise WorkdirError(
+            f"{path} is damaged ({err}); restore it or use another --workdir"
+        ) from err
+
+
+def read_run_config(path: Path) -> TrainConfig:
+    value = read_run_json(path)
+    try:
+        return TrainConfig.from_dict(value)
+    except (TypeError, ValueError, AttributeError, KeyError) as err:
+        raise WorkdirError(
+            f"{path} is damaged ({err}); restore it or use another --workdir"
+        ) from err
 
 
 def _write_json_atomic(path: Path, value) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,13 +101,14 @@ def load_trained(workdir, which: str = "best") -> TrainedRun:
     """Load the run in ``workdir`` with its ``best`` (or ``latest``) checkpoint, in eval mode."""
     from sapsam_jax.data import ProjectionCache
     from sapsam_jax.train._checkpoint import RunCheckpoints
+    from sapsam_jax.train._loop import read_run_config, read_run_json
 
     workdir = Path(workdir)
     for name in ("config.json", "run.json", "split.json"):
         if not (workdir / name).is_file():
             raise FileNotFoundError(f"{workdir} is not a training workdir: {name} is missing")
-    cfg = TrainConfig.from_dict(json.loads((workdir / "config.json").read_text()))
-    run = json.loads((workdir / "run.json").read_text())
+    cfg = read_run_config(workdir / "config.json")
+    run = read_run_json(workdir / "run.json")
     model = new_model(cfg, run["num_classes"], nnx.Rngs(params=0, dropout=1))
     if run.get("model_conventions"):
         model.set_conventions(**run["model_conventions"])
@@ -118,7 +118,7 @@ def load_trained(workdir, which: str = "best") -> TrainedRun:
     if meta is None:
         raise FileNotFoundError(f"{workdir} holds no checkpoint yet")
     model.eval()
-    split = json.loads((workdir / "split.json").read_text())
+    split = read_run_json(workdir / "split.json")
     return TrainedRun(
         workdir=workdir,
         config=cfg,
