@@ -683,6 +683,24 @@ def test_pointing_game_energy_and_distance(rng):
     assert distance_to_lesion_mm((1, 1, 1), np.zeros((3, 3, 3), bool), spacing) == np.inf
 
 
+def test_a_flat_map_points_nowhere():
+    # InceptionV3's mixed10 is 1x1 at its 75x75 minimum input, so every upsampled map is one
+    # value everywhere: it has no maximum, and its arg-max is the image corner, lesion or not.
+    mask = np.zeros((20, 20), bool)
+    mask[0:3, 0:3] = True  # a lesion in the corner that the arg-max picks
+    assert not pointing_game(np.full((20, 20), 0.2, np.float32), mask)
+
+
+def test_a_flat_map_cuts_its_figure_through_the_subregion_middle(mapping):
+    from sapsam_jax.explain._study import _slice_through_maximum
+
+    # Like an all-zero map, through the sub-region's middle: left_middle is working k 8-15, whose
+    # middle 11.5 is CT k 4 - 0.5 + (11.5 + 0.5) * 1.25 = 18.5 (not its bottom row, CT k 14).
+    flat = np.full(subregion_image_shape(WORKING, "coronal"), 0.2, np.float32)
+    k = _slice_through_maximum(flat, "coronal", "left_middle", mapping, None, None)
+    assert abs(k - 18.5) <= 0.5
+
+
 def test_choose_subregions():
     from sapsam_jax.explain._study import ViewMaps, choose_subregions
 

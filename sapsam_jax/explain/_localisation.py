@@ -55,10 +55,11 @@ def dilate_mask(mask, tolerance_px: int) -> np.ndarray:
 def pointing_game(cam, mask, tolerance_px: int = DEFAULT_TOLERANCE_PX) -> bool:
     """True when the map's maximum falls on ``mask`` dilated by ``tolerance_px``.
 
-    An all-zero map (ReLU removed everything) points nowhere: False.
+    An all-zero map (ReLU removed everything) points nowhere: False; so does a flat one (e.g.
+    InceptionV3's 1x1 ``mixed10`` at its 75x75 minimum input), whose arg-max is the image corner.
     """
     cam = np.asarray(cam)
-    if not np.any(cam > 0):
+    if not np.any(cam > 0) or cam.min() == cam.max():
         return False
     peak = np.unravel_index(int(np.argmax(cam)), cam.shape)
     return bool(dilate_mask(mask, tolerance_px)[peak])
