@@ -691,6 +691,27 @@ def test_a_flat_map_points_nowhere():
     assert not pointing_game(np.full((20, 20), 0.2, np.float32), mask)
 
 
+def test_the_pointing_game_takes_the_peak_plateau_centre_not_its_corner():
+    import jax
+
+    from sapsam_jax.explain._psam import plateau_peak
+
+    # A 4x2 map enlarged 16x bilinearly (as grad_cam does): a peak in a corner cell is flat from
+    # that cell's centre (7.5, 7.5) to the border, and its first arg-max is the corner (0, 0).
+    cam = np.zeros((4, 2), np.float32)
+    cam[0, 0], cam[1, 0], cam[0, 1] = 1.0, 0.5, 0.3
+    big = np.asarray(jax.image.resize(cam, (64, 32), "bilinear"))
+    np.testing.assert_allclose(plateau_peak(big)[1], [3.5, 3.5])  # the plateau's centre
+    lesion = np.zeros((64, 32), bool)
+    lesion[4:12, 4:12] = True  # under the corner cell, 5.7 px from (0, 0)
+    assert pointing_game(big, lesion)
+    # An inner peak is a point: the cell centre, 16 * 1 + 7.5 = 23.5 on both axes.
+    cam = np.zeros((4, 4), np.float32)
+    cam[1, 1] = 1.0
+    big = np.asarray(jax.image.resize(cam, (64, 64), "bilinear"))
+    np.testing.assert_allclose(plateau_peak(big)[1], [23.5, 23.5], atol=0.01)
+
+
 def test_a_flat_map_cuts_its_figure_through_the_subregion_middle(mapping):
     from sapsam_jax.explain._study import _slice_through_maximum
 

@@ -25,7 +25,7 @@ import numpy as np
 import scipy.ndimage as ndi
 
 from sapsam_jax.config import AXES, SIGNS, SUBREGIONS
-from sapsam_jax.explain._psam import locate_maximum, psam_3d, working_volume_to_ct
+from sapsam_jax.explain._psam import locate_maximum, plateau_peak, psam_3d, working_volume_to_ct
 from sapsam_jax.explain._study import (
     group_runs,
     in_split,
@@ -57,12 +57,15 @@ def pointing_game(cam, mask, tolerance_px: int = DEFAULT_TOLERANCE_PX) -> bool:
 
     An all-zero map (ReLU removed everything) points nowhere: False; so does a flat one (e.g.
     InceptionV3's 1x1 ``mixed10`` at its 75x75 minimum input), whose arg-max is the image corner.
+    A bilinearly enlarged map whose peak is an edge cell is flat from that cell's centre to the
+    border: the maximum is that plateau's centroid (:func:`plateau_peak`), not its top-left pixel.
     """
     cam = np.asarray(cam)
-    if not np.any(cam > 0) or cam.min() == cam.max():
+    peak = plateau_peak(cam)
+    if peak is None or cam.min() == cam.max():
         return False
-    peak = np.unravel_index(int(np.argmax(cam)), cam.shape)
-    return bool(dilate_mask(mask, tolerance_px)[peak])
+    index = tuple(np.floor(peak[1] + 0.5).astype(int))
+    return bool(dilate_mask(mask, tolerance_px)[index])
 
 
 def energy_inside(cam, mask) -> float:

@@ -250,29 +250,41 @@ def _unit_scale(map2d: np.ndarray) -> np.ndarray:
 PEAK_PLATEAU = 0.01
 
 
+def plateau_peak(values) -> tuple[float, np.ndarray] | None:
+    """(maximum, fractional index of where it is) of an array, None when nothing is above 0.
+
+    Upsampled and back-projected maps are piecewise flat near their maximum, and the first
+    arg-max is a plateau's first (top-left) pixel, not its place: the position is the centroid of
+    the connected values within ``PEAK_PLATEAU`` of the maximum around that arg-max.
+    """
+    values = np.asarray(values)
+    index = np.unravel_index(int(np.argmax(values)), values.shape)
+    top = float(values[index])
+    if not top > 0:
+        return None
+    components, _ = ndi.label(values >= top * (1.0 - PEAK_PLATEAU))
+    return top, np.asarray(ndi.center_of_mass(components == components[index]))
+
+
 def locate_maximum(volume, mapping: Mapping, affine=None, *, rotation=None) -> dict | None:
     """Where a working-grid volume (e.g. a 3-D PSAM) peaks, in every frame a reader needs; None
     when nothing is above 0.
 
     A 3-D PSAM is zero everywhere when one view's map is (the geometric mean is an AND), and the
     arg-max of zeros is the lung-box corner, not a finding: such a volume has no maximum.
-    Back-projected rays are piecewise constant, so the maximum is often a plateau; its position is
-    the centroid of the connected voxels within ``PEAK_PLATEAU`` of the maximum around the
-    first arg-max. Returns ``{"value", "working_index" (fractional (k, j, i)), "ct_index"
-    (fractional CT voxel (k, j, i)), "lps_mm" (patient LPS via the CT ``affine``; None without
-    it), "subregion" (name, or None outside all six), "relative" {"superior", "posterior",
-    "left"}: the position inside that sub-region along k, j and i, 0 (inferior / anterior /
-    right edge) .. 1}``. ``working_index``, ``subregion`` and ``relative`` are in the frame of
-    ``volume`` (the rotated working grid when ``rotation`` is given, see
-    :func:`rotation_angles`); ``ct_index`` and ``lps_mm`` undo the rotation.
+    Back-projected rays are piecewise constant, so the maximum is often a plateau; its position
+    is its centroid (:func:`plateau_peak`). Returns ``{"value", "working_index" (fractional (k,
+    j, i)), "ct_index" (fractional CT voxel (k, j, i)), "lps_mm" (patient LPS via the CT
+    ``affine``; None without it), "subregion" (name, or None outside all six), "relative"
+    {"superior", "posterior", "left"}: the position inside that sub-region along k, j and i, 0
+    (inferior / anterior / right edge) .. 1}``. ``working_index``, ``subregion`` and
+    ``relative`` are in the frame of ``volume`` (the rotated working grid when ``rotation`` is
+    given, see :func:`rotation_angles`); ``ct_index`` and ``lps_mm`` undo the rotation.
     """
-    volume = np.asarray(volume)
-    index = np.unravel_index(int(np.argmax(volume)), volume.shape)
-    top = float(volume[index])
-    if not top > 0:
+    peak = plateau_peak(volume)
+    if peak is None:
         return None
-    components, _ = ndi.label(volume >= top * (1.0 - PEAK_PLATEAU))
-    centre = np.asarray(ndi.center_of_mass(components == components[index]))
+    top, centre = peak
     ct_index = rotated_to_ct(centre, mapping, rotation)
     lps = None
     if affine is not None:
