@@ -219,7 +219,7 @@ def test_rotation_indices_are_the_27_of_the_papers_table(mapping):
             rotation_angles(bad)
     with pytest.raises(ValueError, match="integer 0-26, got -1"):
         working_volume_to_ct(np.ones(WORKING, np.float32), mapping, rotation=-1)
-    # A run's own table (view_maps, the CLI's --rotation): the same rule.
+    # A run's own table (view_maps): the same rule.
     from types import SimpleNamespace
 
     from sapsam_jax.config import QUICK
@@ -765,3 +765,13 @@ def test_disease_runs_given_sign_multi_share_one_set():
         for axis, sign in (("axial", "multi"), ("coronal", "all"), ("sagittal", "cavity"))
     ]
     assert [len(members) for members in run_sets(runs)] == [3]
+
+
+def test_gradcam_cli_refuses_a_threshold_outside_0_1(capsys):
+    from sapsam_jax.explain._cli import main
+
+    for bad in ("1.5", "-0.1"):
+        with pytest.raises(SystemExit) as stop:
+            main(["--workdir", "runs", "--all", "--threshold", bad])
+        assert stop.value.code == 2
+        assert f"a probability in 0-1, not {bad}" in capsys.readouterr().err

@@ -63,7 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="sign runs: positive (predicted p >= --threshold, else the top one), all, or "
         "sub-region names; whole-scan runs (disease, survival) explain the scan",
     )
-    parser.add_argument("--threshold", type=float, default=0.5)
+    parser.add_argument(
+        "--threshold",
+        type=_probability,
+        default=0.5,
+        help="probability at which a sub-region counts as positive (0-1, default 0.5)",
+    )
     parser.add_argument(
         "--out", type=Path, default=None, help="output folder (default: <first workdir>/gradcam)"
     )
@@ -74,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--split (whatever --study says), with the runs of --sign",
     )
     return parser
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"a probability in 0-1, not {text}")
+    return value
 
 
 def main(argv=None) -> int:
@@ -172,7 +184,10 @@ def _explain_set(runs, args, out: Path) -> None:
     for study_id, here in chosen.items():
         trained_on = [str(r.workdir) for r in here if in_split(r, study_id, "train")]
         if trained_on:
-            print(f"warning: {study_id} is a training scan of {', '.join(trained_on)}")
+            print(
+                f"warning: {study_id} is a training scan of {', '.join(trained_on)}",
+                file=sys.stderr,
+            )
         summary = explain_study(
             here,
             study_id,
