@@ -371,6 +371,12 @@ def test_failures_merge_drops_succeeded_and_keeps_newest(tmp_path):
     assert _cache.read_failures(tmp_path) == {"B": "new reason"}
 
 
+def test_a_damaged_failures_file_is_a_cache_error_naming_it(tmp_path):
+    (tmp_path / "failures-0-of-1.csv").write_text("stu\n")  # cut off in its header
+    with pytest.raises(_cache.CacheError, match="failures-0-of-1.csv: damaged failures file"):
+        _cache.read_failures(tmp_path)
+
+
 def test_cache_of_a_manifest_is_its_own_and_lists_only_its_studies(tmp_path):
     from sapsam_jax.train import TINY
     from sapsam_jax.train._data import cache_dir_for

@@ -325,7 +325,13 @@ def read_failures(out_dir: str | os.PathLike) -> dict[str, str]:
     merged: dict[str, str] = {}
     for path in sorted(files, key=lambda p: p.stat().st_mtime):
         with open(path, newline="") as f:
-            for row in csv.DictReader(f):
+            rows = csv.DictReader(f)
+            if rows.fieldnames is not None and not {"study_id", "reason"} <= set(rows.fieldnames):
+                raise CacheError(
+                    f"{path}: damaged failures file (columns {rows.fieldnames}, expected "
+                    "study_id and reason); delete it and rerun the preprocessing"
+                )
+            for row in rows:
                 merged[row["study_id"]] = row["reason"]
     studies = out / STUDIES_DIR
     return {sid: r for sid, r in sorted(merged.items()) if not (studies / sid).is_dir()}
