@@ -666,6 +666,11 @@ def test_a_damaged_config_or_split_file_is_an_error_naming_it(tmp_path):
     (tmp_path / "run.json").write_text("")  # gradcam and evaluate load runs this way
     with pytest.raises(WorkdirError, match=f"{tmp_path / 'config.json'} is damaged"):
         load_trained(tmp_path)
+    (tmp_path / "config.json").write_text(cfg.to_json())
+    for text in ("", "{}", "[]"):
+        (tmp_path / "run.json").write_text(text)
+        with pytest.raises(WorkdirError, match=f"{tmp_path / 'run.json'} is damaged"):
+            load_trained(tmp_path)
 
 
 def test_workdir_of_another_run_is_refused_and_tensorboard_logs(tmp_path):

@@ -101,7 +101,7 @@ def load_trained(workdir, which: str = "best") -> TrainedRun:
     """Load the run in ``workdir`` with its ``best`` (or ``latest``) checkpoint, in eval mode."""
     from sapsam_jax.data import ProjectionCache
     from sapsam_jax.train._checkpoint import RunCheckpoints
-    from sapsam_jax.train._loop import read_run_config, read_run_json
+    from sapsam_jax.train._loop import WorkdirError, read_run_config, read_run_json
 
     workdir = Path(workdir)
     for name in ("config.json", "run.json", "split.json"):
@@ -109,6 +109,8 @@ def load_trained(workdir, which: str = "best") -> TrainedRun:
             raise FileNotFoundError(f"{workdir} is not a training workdir: {name} is missing")
     cfg = read_run_config(workdir / "config.json")
     run = read_run_json(workdir / "run.json")
+    if not isinstance(run, dict) or not isinstance(run.get("num_classes"), int):
+        raise WorkdirError(f"{workdir / 'run.json'} is damaged (no num_classes); restore it")
     model = new_model(cfg, run["num_classes"], nnx.Rngs(params=0, dropout=1))
     if run.get("model_conventions"):
         model.set_conventions(**run["model_conventions"])
