@@ -555,6 +555,27 @@ def test_per_scan_keeps_sub_regions_and_sign_columns_apart():
     assert patients.tolist() == ["P0", "P0"]
 
 
+def test_per_scan_does_not_join_patient_and_study_ids_into_one_key():
+    from sapsam_jax.evaluate._report import per_scan
+
+    # Patient "1" with study "10" and patient "11" with study "0" (numeric manifest ids) are two
+    # scans; numpy string concatenation drops a NUL separator, so both keys read "110".
+    pred = {
+        "patient_ids": np.array(["1", "1", "11", "11"]),
+        "study_ids": np.array(["10", "10", "0", "0"]),
+        "subregions": np.full(4, -1),
+        "labels": np.array([1, 1, 1, 1]),
+        "probs": np.array([0.2, 0.4, 0.8, 0.6]),
+    }
+
+    class Saved(dict):
+        files = property(lambda self: list(self))
+
+    labels, probs, patients = per_scan(Saved(pred))
+    assert sorted(patients.tolist()) == ["1", "11"]
+    np.testing.assert_allclose(sorted(probs), [0.3, 0.7])
+
+
 def test_a_scan_whose_projections_disagree_on_the_label_is_a_report_error(tmp_path):
     from sapsam_jax.evaluate import ReportError, run_results
 

@@ -102,11 +102,13 @@ def per_scan(pred) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     The paper scores projections (3.1: "N=822 axial projections"); a user diagnosing a scan
     wants one call for it, and averaging the 27 rotations (paper 2.3) is test-time augmentation.
     """
-    subregions = pred["subregions"] if "subregions" in pred.files else None
-    keys = np.char.add(np.char.add(pred["patient_ids"].astype(str), "\x00"), pred["study_ids"])
-    if subregions is not None:
-        keys = np.char.add(np.char.add(keys, "\x00"), subregions.astype(str))
-    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    columns = [pred["patient_ids"].astype(str), pred["study_ids"].astype(str)]
+    if "subregions" in pred.files:
+        columns.append(pred["subregions"].astype(str))
+    # One row of ids per projection: numpy string concatenation drops NUL separators, so joined
+    # keys collide (patient "1" + study "10" == patient "11" + study "0").
+    keys = np.stack(columns, axis=1)
+    _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
     inverse = inverse.ravel()
     counts = np.bincount(inverse).astype(np.float64)
     labels, probs = pred["labels"], np.asarray(pred["probs"], np.float64)
