@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -72,7 +73,12 @@ def scan_scores(run_dir: Path) -> dict:
     with np.load(run_dir / "predictions_test.npz") as pred:
         labels, probs, _ = per_scan(pred)
     metrics = binary_metrics(labels, probs)
-    return {"scan_f1": metrics["f1"], "scan_auc": metrics["auc"], "scans": metrics["n"]}
+    return {
+        "scan_f1": metrics["f1"],
+        "scan_auc": metrics["auc"],
+        "scans": metrics["n"],
+        "scan_positives": metrics["n_positive"],
+    }
 
 
 def with_overrides(cfg, overrides: dict):
@@ -112,7 +118,8 @@ def parse_override(text: str) -> tuple[str, object]:
 
 
 def _mean(values):
-    values = [v for v in values if v is not None]
+    """Mean of the defined values (None or NaN: a metric without its denominator)."""
+    values = [v for v in values if v is not None and not math.isnan(v)]
     return sum(values) / len(values) if values else None
 
 

@@ -682,7 +682,7 @@ def read_run_json(path: Path):
         return json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as err:
         raise WorkdirError(
-            f"{path} is damaged ({err}); restore it or use another --workdir"
+            f"{path} is damaged ({err}); restore it (or train in a new --workdir)"
         ) from err
 
 
@@ -692,7 +692,7 @@ def read_run_config(path: Path) -> TrainConfig:
         return TrainConfig.from_dict(value)
     except (TypeError, ValueError, AttributeError, KeyError) as err:
         raise WorkdirError(
-            f"{path} is damaged ({err}); restore it or use another --workdir"
+            f"{path} is damaged ({err}); restore it (or train in a new --workdir)"
         ) from err
 
 
