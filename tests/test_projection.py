@@ -133,6 +133,26 @@ def test_empty_rays_give_zero(rng):
     np.testing.assert_allclose(band_projection(hu, mask, 0)[0, 0], [0, 0, 0.65], atol=1e-6)
 
 
+def test_a_non_boolean_mask_counts_its_nonzero_voxels(rng):
+    # A label map used as a mask (2 = a lung label, 255 = a saved 8-bit mask) selects its
+    # non-zero voxels, as the GPU kernel (which casts to bool) does; bitwise `&` with the band
+    # test dropped value 2 and the mean divided by the sum of the mask values.
+    hu, mask = _random_case(rng, (9, 8, 7))
+    for value in (2, 255):
+        labels = mask.astype(np.uint8) * value
+        for axis in range(3):
+            np.testing.assert_array_equal(
+                average_projection(hu, labels, axis), average_projection(hu, mask, axis)
+            )
+            np.testing.assert_array_equal(
+                band_projection(hu, labels, axis), band_projection(hu, mask, axis)
+            )
+            np.testing.assert_array_equal(
+                subregion_band_projections(hu, labels, axis),
+                subregion_band_projections(hu, mask, axis),
+            )
+
+
 def _smooth_case(rng, shape):
     """Lung-like HU with soft-tissue structure and blob masks: smooth enough to interpolate."""
     hu = ndi_ref.gaussian_filter(rng.normal(size=shape), 1.5)

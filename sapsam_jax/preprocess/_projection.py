@@ -55,6 +55,8 @@ def average_projection(hu, mask, axis, window=ProjectionConfig.gray_window_hu):
     The whole-scan grayscale image of paper 2.3 (conservative mask). ``axis`` is a name in
     ``config.AXES`` or an int (any ndim). Returns float32 of the remaining axes' shape.
     """
+    # Non-zero voxels are in the mask whatever its dtype (a label map), as in the GPU kernel.
+    mask = mask.astype(bool, copy=False)
     mean, has_voxel = _masked_mean(hu, mask, axis_index(axis, hu.ndim))
     return _rescale(mean, has_voxel, *window)
 
@@ -66,6 +68,7 @@ def band_projection(hu, mask, axis, bands=PAPER_BANDS):
     """
     xp = backend_of(hu).xp
     a = axis_index(axis, hu.ndim)
+    mask = mask.astype(bool, copy=False)  # as in average_projection: `&` needs booleans
     channels = []
     for b, (lo, hi) in enumerate(bands):
         mean, has_voxel = _masked_mean(hu, mask & band_membership(hu, bands, b), a)
