@@ -309,6 +309,15 @@ def test_frozen_blocks_do_not_change_and_the_rest_does():
             assert all(changed), f"{block} should train"
 
 
+def test_a_negative_frozen_block_count_is_refused_not_sliced_from_the_end():
+    # names[:-1] would freeze every block but the last, silently (--frozen-blocks -1).
+    with pytest.raises(ValueError, match="frozen_blocks must be >= 0"):
+        TINY.replace(frozen_blocks=-1)
+    model, _ = build_model(TINY, num_classes=2, seed=0)
+    with pytest.raises(ValueError, match="cannot freeze -1 blocks"):
+        frozen_block_names(model, -1)
+
+
 def test_frozen_inception_blocks_keep_their_batchnorm_statistics():
     # Paper 3.1 freezes the first two blocks; a frozen block's BatchNorm must not keep learning
     # running statistics either (train mode elsewhere updates them).

@@ -147,6 +147,8 @@ class TrainConfig:
             )
         if self.grad_clip_norm is not None and self.grad_clip_norm <= 0:
             raise ValueError(f"grad_clip_norm must be > 0, not {self.grad_clip_norm}")
+        if self.frozen_blocks < 0:
+            raise ValueError(f"frozen_blocks must be >= 0, not {self.frozen_blocks}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, not {self.batch_size}")
         if not self.learning_rate > 0:

@@ -39,7 +39,7 @@ class StepSpec:
 def frozen_block_names(model, count: int) -> tuple[str, ...]:
     """The first ``count`` backbone blocks (paper 3.1: "frozen layers = the first two blocks")."""
     names = tuple(model.block_names)
-    if count > len(names):
+    if not 0 <= count <= len(names):  # a negative count would slice from the end
         raise ValueError(f"cannot freeze {count} blocks: the model has {len(names)} ({names})")
     return names[:count]
 
