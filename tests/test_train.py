@@ -561,6 +561,13 @@ def test_warmup_lasts_one_epoch_of_the_rotations_an_epoch_draws(tmp_path, monkey
     assert seen["steps_per_epoch"] == drawn // cfg.batch_size
 
 
+def test_a_negative_warmup_is_refused_not_a_learning_rate_of_zero():
+    # optax's warm-up over a negative number of steps stays at its initial value, 0, forever:
+    # --warmup-epochs -1 trained nothing, silently.
+    with pytest.raises(ValueError, match="warmup_epochs must be >= 0"):
+        TINY.replace(warmup_epochs=-1.0)
+
+
 def test_survival_starts_from_a_torchvision_convention_inception_disease_run(tmp_path, monkeypatch):
     import sapsam_jax.data
     from sapsam_jax.train import load_trained

@@ -147,6 +147,8 @@ class TrainConfig:
             )
         if self.grad_clip_norm is not None and self.grad_clip_norm <= 0:
             raise ValueError(f"grad_clip_norm must be > 0, not {self.grad_clip_norm}")
+        if self.warmup_epochs < 0:  # optax would hold the learning rate at 0 for the whole run
+            raise ValueError(f"warmup_epochs must be >= 0, not {self.warmup_epochs}")
         if self.frozen_blocks < 0:
             raise ValueError(f"frozen_blocks must be >= 0, not {self.frozen_blocks}")
         if self.batch_size < 1:
