@@ -568,6 +568,15 @@ def test_a_negative_warmup_is_refused_not_a_learning_rate_of_zero():
         TINY.replace(warmup_epochs=-1.0)
 
 
+def test_a_dropout_rate_outside_0_1_is_refused():
+    # Dropout of 1 zeroes the head's activations (nothing can be learnt); a negative rate scales
+    # them in training only.
+    for bad in (1.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match=r"dropout_rate must be in \[0, 1\)"):
+            TINY.replace(dropout_rate=bad)
+    assert TINY.replace(dropout_rate=0.0).dropout_rate == 0.0
+
+
 def test_survival_starts_from_a_torchvision_convention_inception_disease_run(tmp_path, monkeypatch):
     import sapsam_jax.data
     from sapsam_jax.train import load_trained

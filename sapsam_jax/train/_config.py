@@ -151,6 +151,8 @@ class TrainConfig:
             raise ValueError(f"warmup_epochs must be >= 0, not {self.warmup_epochs}")
         if self.frozen_blocks < 0:
             raise ValueError(f"frozen_blocks must be >= 0, not {self.frozen_blocks}")
+        if not 0.0 <= self.dropout_rate < 1.0:  # 1 zeroes the head; < 0 rescales the training pass
+            raise ValueError(f"dropout_rate must be in [0, 1), not {self.dropout_rate}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, not {self.batch_size}")
         if not self.learning_rate > 0:
