@@ -223,6 +223,10 @@ def main(argv=None):
         if args.backends
         else (["cpu", "gpu"] if gpu_available() else ["cpu"])
     )
+    # Only the exact names: timed() waits for the device under "gpu" alone (get_backend would
+    # also take "auto" or "GPU", and their GPU timings would count kernel launches).
+    if set(backends) - {"cpu", "gpu"}:
+        parser.error(f"unknown backends in {args.backends!r}; choose from cpu, gpu")
     cases = args.cases.split(",") if args.cases else ["quick"] if args.quick else list(CASES)
     record = {"benchmark": "preprocess", "stages": stages, "backends": backends, "cases": {}}
     for name in cases:

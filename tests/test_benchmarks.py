@@ -1,0 +1,37 @@
+"""Benchmark command lines: options that would measure the wrong thing are refused."""
+
+import importlib.util
+import sys
+
+import pytest
+from conftest import REPO_ROOT
+
+
+def _load(name):
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("backends", ["auto", "GPU", "cpu,auto"])
+def test_bench_preprocess_refuses_backend_names_it_cannot_time(backends, tmp_path):
+    # get_backend accepts "auto" and any case, but only the name "gpu" makes the timer wait for
+    # the device (a GPU run under another name timed kernel launches) and pairs with "cpu" for
+    # the CPU/GPU ratio.
+    bench = _load("bench_preprocess")
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(
+            [
+                "--quick",
+                "--stages",
+                "resample",
+                "--backends",
+                backends,
+                "--out",
+                str(tmp_path / "out.json"),
+            ]
+        )
+    assert exit_info.value.code == 2
+    assert not (tmp_path / "out.json").exists()
