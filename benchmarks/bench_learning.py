@@ -119,28 +119,34 @@ def parse_override(text: str) -> tuple[str, object]:
 
 def _mean(values):
     """Mean of the defined values (None or NaN: a metric without its denominator)."""
-    values = [v for v in values if v is not None and not math.isnan(v)]
+    values = _defined(values)
     return sum(values) / len(values) if values else None
 
 
+def _defined(values) -> list[float]:
+    return [v for v in values if v is not None and not math.isnan(v)]
+
+
 def summarize(rows: list[dict]) -> dict:
-    """Mean, minimum and maximum test F1 and AUC per network over the splits."""
+    """Mean, minimum and maximum test F1 and AUC per network over the splits where they are
+    defined (a split without a test positive has none); ``f1_undefined`` counts the others."""
     summary = {}
     for name in dict.fromkeys(r["name"] for r in rows):
         mine = [r for r in rows if r["name"] == name]
-        f1 = [r["f1"] for r in mine]
-        auc = [r["auc"] for r in mine]
+        f1 = _defined(r["f1"] for r in mine)
+        f1_mean = _mean(f1)
         summary[name] = {
             "splits": len(mine),
-            "f1_mean": sum(f1) / len(f1),
-            "f1_min": min(f1),
-            "f1_max": max(f1),
-            "auc_mean": sum(auc) / len(auc),
+            "f1_undefined": len(mine) - len(f1),
+            "f1_mean": f1_mean,
+            "f1_min": min(f1, default=None),
+            "f1_max": max(f1, default=None),
+            "auc_mean": _mean([r["auc"] for r in mine]),
             "val_f1_mean": _mean([r.get("val_f1") for r in mine]),
             "scan_f1_mean": _mean([r.get("scan_f1") for r in mine]),
             "scan_auc_mean": _mean([r.get("scan_auc") for r in mine]),
             "target_f1": TARGET_F1.get(name),
-            "mean_meets_target": sum(f1) / len(f1) >= TARGET_F1.get(name, 0.0),
+            "mean_meets_target": f1_mean is not None and f1_mean >= TARGET_F1.get(name, 0.0),
         }
     return summary
 
@@ -186,14 +192,16 @@ def main(argv=None) -> int:
             for row in split_rows:
                 scan = f"F1 {format_score(row['scan_f1'])} AUC {format_score(row['scan_auc'])}"
                 print(
-                    f"[{row['name']} seed {seed}] F1 {row['f1']:.3f} AUC {row['auc']:.3f}; "
+                    f"[{row['name']} seed {seed}] F1 {format_score(row['f1'])} "
+                    f"AUC {format_score(row['auc'])}; "
                     f"per scan {scan}"
                 )
     summary = summarize(rows)
     for name, s in summary.items():
         print(
-            f"{name}: F1 mean {s['f1_mean']:.3f} (min {s['f1_min']:.3f}, max {s['f1_max']:.3f})"
-            f" over {s['splits']} splits, AUC mean {s['auc_mean']:.3f}; per scan F1 mean "
+            f"{name}: F1 mean {format_score(s['f1_mean'])} (min {format_score(s['f1_min'])}, "
+            f"max {format_score(s['f1_max'])}) over {s['splits'] - s['f1_undefined']} of "
+            f"{s['splits']} splits, AUC mean {format_score(s['auc_mean'])}; per scan F1 mean "
             f"{format_score(s['scan_f1_mean'])}, AUC mean {format_score(s['scan_auc_mean'])}"
         )
     record = {

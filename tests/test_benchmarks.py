@@ -35,3 +35,18 @@ def test_bench_preprocess_refuses_backend_names_it_cannot_time(backends, tmp_pat
         )
     assert exit_info.value.code == 2
     assert not (tmp_path / "out.json").exists()
+
+
+def test_bench_learning_summary_skips_undefined_splits_in_any_order():
+    # A split without a test positive has no F1 (NaN); min/max over a list holding NaN depended
+    # on its position, and the mean was NaN.
+    bench = _load("bench_learning")
+    nan = float("nan")
+    for f1 in ([nan, 0.5, 0.9], [0.5, 0.9, nan]):
+        rows = [{"name": "cavity", "f1": v, "auc": 0.8} for v in f1]
+        summary = bench.summarize(rows)["cavity"]
+        assert (summary["f1_min"], summary["f1_max"]) == (0.5, 0.9)
+        assert summary["f1_mean"] == pytest.approx(0.7) and summary["f1_undefined"] == 1
+        assert summary["mean_meets_target"] is False  # 0.7 < 0.85
+    none = bench.summarize([{"name": "cavity", "f1": nan, "auc": nan}])["cavity"]
+    assert none["f1_mean"] is None and none["mean_meets_target"] is False
