@@ -347,6 +347,31 @@ def test_truncated_dicom(series):
         load_ct(series)
 
 
+# Explicit-VR elements (tag + VR) of slice 01.dcm, each damaged below.
+_MODALITY, _POSITION = b"\x08\x00\x60\x00CS", b"\x20\x00\x32\x00DS"
+_BITS_ALLOCATED, _PIXEL_DATA = b"\x28\x00\x00\x01US", b"\xe0\x7f\x10\x00OW"
+
+
+@pytest.mark.parametrize(
+    "element, offset, byte",
+    [
+        (_MODALITY, 5, 0),  # VR "C\0": pydicom converts lazily and raised NotImplementedError
+        (_POSITION, 5, 0),
+        (_BITS_ALLOCATED, 6, 0x20),  # length 32: the value runs on, pydicom raised TypeError
+        (_PIXEL_DATA, 8, 0),  # PixelData of length 0: len(None) raised TypeError
+    ],
+    ids=["modality-vr", "position-vr", "bits-allocated-length", "pixel-data-length"],
+)
+def test_a_damaged_element_is_an_error_that_names_the_file(tmp_path, element, offset, byte):
+    files = _identified_series(tmp_path / "series")
+    data = files[1].read_bytes()
+    at = data.index(element) + offset
+    files[1].write_bytes(data[:at] + bytes([byte]) + data[at + 1 :])
+    with pytest.raises(CTLoadError, match=r"01\.dcm: .*(corrupt|truncated)") as err:
+        load_ct(tmp_path / "series")
+    assert not any(secret in str(err.value) for secret in SECRETS)
+
+
 def private_object(path, *, rows_columns: bool):
     """A file of a private SOP class without pixel data (a Siemens CSA report, say)."""
     ds = Dataset()

@@ -49,6 +49,16 @@ _NATIVE_LITTLE_ENDIAN = frozenset(
     {ImplicitVRLittleEndian, ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian}
 )
 _HU_MIN, _HU_MAX = int(np.iinfo(np.int16).min), int(np.iinfo(np.int16).max)
+# The top-level attributes this module reads. dcmread converts a value only when it is first
+# read, so a damaged element (an unknown VR) would otherwise fail later, far from its file's name.
+_USED_KEYWORDS = (
+    "SOPClassUID", "Modality", "ImageType", "StudyInstanceUID", "SeriesInstanceUID",
+    "SeriesDescription", "Manufacturer", "ManufacturerModelName", "ConvolutionKernel",
+    "SliceThickness", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing",
+    "RescaleSlope", "RescaleIntercept", "NumberOfFrames", "SharedFunctionalGroupsSequence",
+    "PerFrameFunctionalGroupsSequence", "Rows", "Columns", "SamplesPerPixel", "BitsAllocated",
+    "BitsStored", "PixelRepresentation", "PixelData",
+)  # fmt: skip
 
 
 @dataclass
@@ -113,13 +123,15 @@ def _read_one(path: Path):
     """The dataset of an image DICOM file; None for non-DICOM or non-image files (skipped)."""
     try:
         ds = pydicom.dcmread(path)
+        for keyword in _USED_KEYWORDS:
+            ds.get(keyword)
     except InvalidDicomError:
         return None
     except Exception as err:  # pydicom raises many types on damaged headers
         raise CTLoadError(
             f"{path}: cannot parse DICOM, file truncated or corrupt ({err})"
         ) from None
-    if "PixelData" not in ds:
+    if not ds.get("PixelData"):  # absent, or of length 0
         if _is_image(ds):
             raise CTLoadError(f"{path}: DICOM image without pixel data, file truncated or corrupt")
         return None  # e.g. DICOMDIR, dose reports, presentation states, private reports
@@ -488,18 +500,16 @@ def _native_affine(
 
 def _pixels(ds, path: Path) -> np.ndarray:
     """Stored pixel values, with pydicom's failures turned into messages that say what to do."""
-    native = _native_pixels(ds)
-    if native is not None:
-        return native
     try:
-        return ds.pixel_array
+        native = _native_pixels(ds)
+        return native if native is not None else ds.pixel_array
     except (RuntimeError, NotImplementedError) as err:
         syntax = ds.file_meta.get("TransferSyntaxUID", "unknown")
         raise CTLoadError(
             f"{path}: cannot decode {getattr(syntax, 'name', syntax)} pixel data: "
             f"{_missing_plugins(syntax) or err}"
         ) from None
-    except (ValueError, AttributeError, EOFError) as err:
+    except Exception as err:  # damaged pixel attributes (a list for BitsAllocated, ...)
         raise CTLoadError(f"{path}: pixel data truncated or corrupt ({err})") from None
 
 
