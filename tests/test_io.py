@@ -372,6 +372,19 @@ def test_a_damaged_element_is_an_error_that_names_the_file(tmp_path, element, of
     assert not any(secret in str(err.value) for secret in SECRETS)
 
 
+def test_a_malformed_number_of_frames_is_an_error_that_names_the_file(tmp_path):
+    files = _identified_series(tmp_path / "series")
+    ds = pydicom.dcmread(files[1])
+    ds.NumberOfFrames = 1
+    ds.save_as(files[1])
+    data = files[1].read_bytes()  # (0028,0008) IS "1 " -> "1a": int() raised a bare ValueError
+    files[1].write_bytes(
+        data.replace(b"\x28\x00\x08\x00IS\x02\x001 ", b"\x28\x00\x08\x00IS\x02\x001a")
+    )
+    with pytest.raises(CTLoadError, match=r"01\.dcm: malformed NumberOfFrames \('1a'\)"):
+        load_ct(tmp_path / "series")
+
+
 def private_object(path, *, rows_columns: bool):
     """A file of a private SOP class without pixel data (a Siemens CSA report, say)."""
     ds = Dataset()

@@ -186,7 +186,7 @@ def _read_single_file(path: Path) -> list[tuple[Path, pydicom.Dataset]]:
     ds = _read_one(path)
     if ds is None:
         raise CTLoadError(f"{path}: not a DICOM image file")
-    if int(ds.get("NumberOfFrames", 1) or 1) < 2:
+    if _frame_count(ds, path) < 2:
         raise CTLoadError(
             f"{path}: a single 2-D image, not a CT volume; pass the folder holding its series"
         )
@@ -220,7 +220,7 @@ def _describe_series(groups) -> str:
     lines = []
     for uid, members in groups.items():
         ds = members[0][1]
-        frames = sum(int(d.get("NumberOfFrames", 1) or 1) for _, d in members)
+        frames = sum(_frame_count(d, p) for p, d in members)
         desc = str(ds.get("SeriesDescription", "") or "")
         lines.append(f"  {uid or '(no SeriesInstanceUID)'}: {frames} slice(s), {_shown(desc)}")
     return "\n".join(lines)
@@ -348,10 +348,10 @@ def _describe_gap(positions, frames: list[_Frame], n: int, step: float) -> str:
 
 def _frames_and_decoder(items, source: Path):
     """Slice records and a function that decodes them (in the given order) to int16 HU."""
-    if len(items) == 1 and int(items[0][1].get("NumberOfFrames", 1) or 1) > 1:
+    if len(items) == 1 and _frame_count(items[0][1], items[0][0]) > 1:
         path, ds = items[0]
         return _multiframe_frames(path, ds), lambda frames, _: _decode_multiframe(ds, path, frames)
-    multi = [p.name for p, ds in items if int(ds.get("NumberOfFrames", 1) or 1) > 1]
+    multi = [p.name for p, ds in items if _frame_count(ds, p) > 1]
     if multi:
         raise CTLoadError(f"{source}: several multi-frame files in one series ({multi[:3]})")
     frames = [_single_frame(path, ds) for path, ds in items]
@@ -410,6 +410,11 @@ def _optional_number(value) -> float | None:
         return float(value) if value not in (None, "") else None
     except (TypeError, ValueError):
         return None
+
+
+def _frame_count(ds, where) -> int:
+    """NumberOfFrames (1 when absent or 0), or a clear error naming the file."""
+    return int(_number(ds.get("NumberOfFrames"), "NumberOfFrames", where, 1) or 1)
 
 
 def _size(ds, where) -> tuple[int, int]:
