@@ -199,6 +199,15 @@ def test_multiframe_enhanced_ct_matches_the_series(tmp_path, real_ct_dir, cip):
     np.testing.assert_allclose(ct.affine, cip.affine, atol=1e-6)
 
 
+def test_a_damaged_functional_group_is_an_error_that_names_the_file(tmp_path, real_ct_dir):
+    path = enhanced_ct(real_ct_dir / "cip_ct64" / "dicom", tmp_path / "enhanced.dcm", range(4))
+    data = path.read_bytes()
+    at = data.index(b"\x28\x00\x53\x10DS") + 5  # RescaleSlope in the shared group: VR "D\0"
+    path.write_bytes(data[:at] + b"\x00" + data[at + 1 :])
+    with pytest.raises(CTLoadError, match=r"enhanced\.dcm: .*corrupt"):
+        load_ct(path)
+
+
 @pytest.mark.parametrize("signed", [False, True])
 @pytest.mark.parametrize("bits_stored", [12, 16])
 def test_fast_native_decoding_matches_pydicom(series, signed, bits_stored):

@@ -452,7 +452,14 @@ def _multiframe_frames(path: Path, ds) -> list[_Frame]:
     per_frame = list(ds.get("PerFrameFunctionalGroupsSequence", [])) or [None] * count
     if len(per_frame) != count:
         raise CTLoadError(f"{path}: {len(per_frame)} per-frame groups for {count} frames")
-    return [_enhanced_frame(path, ds, n, group) for n, group in enumerate(per_frame)]
+    try:
+        return [_enhanced_frame(path, ds, n, group) for n, group in enumerate(per_frame)]
+    except CTLoadError:
+        raise
+    except Exception as err:  # values in the groups are converted when first read (_read_one)
+        raise CTLoadError(
+            f"{path}: cannot parse DICOM, file truncated or corrupt ({err})"
+        ) from None
 
 
 def _enhanced_frame(path: Path, ds, number: int, group) -> _Frame:
