@@ -236,6 +236,14 @@ def test_train_command_mistakes_are_error_lines_before_any_work(tmp_path, capsys
         "epochs must be >= 1, not 0": ["--epochs", "0"],
         "learning_rate must be > 0, not -1.0": ["--learning-rate", "-1"],
         "batch_size must be >= 1, not 0": ["--batch-size", "0"],
+        "survival test share 0.8 and disease validation share 0.2 leave no training set": [
+            "--task",
+            "survival",
+            "--survival-split-fractions",
+            "0.2",
+            "0",
+            "0.8",
+        ],
     }
     for message, flags in bad.items():
         assert main([*base, *flags]) == 2, flags

@@ -166,12 +166,13 @@ def parse_config(argv=None) -> tuple[TrainConfig, str] | int:
     can fix (a path, a manifest, a flag) is one error line and exit status 2, not a traceback."""
     from sapsam_jax.data._cache import CacheError
     from sapsam_jax.io import ManifestError
-    from sapsam_jax.train._loop import check_cam_layer
+    from sapsam_jax.train._loop import check_cam_layer, planned_runs
 
     args = build_parser().parse_args(argv)
     try:
         cfg, reason = config_from_args(args)
         check_cam_layer(cfg)  # a mistyped --cam-layer: an error line, not train()'s traceback
+        planned_runs(cfg)  # survival: --survival-split-fractions leaving its disease run no data
         return cfg, reason
     except (ValueError, FileNotFoundError, FileExistsError, CacheError, ManifestError) as err:
         print(f"error: {err}", file=sys.stderr)
