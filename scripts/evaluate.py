@@ -18,6 +18,7 @@ from sapsam_jax.evaluate import (
     rebuild_predictions,
     write_report,
 )
+from sapsam_jax.io import ManifestError
 from sapsam_jax.train._loop import WorkdirError
 
 
@@ -65,9 +66,12 @@ def main(argv=None) -> int:
         extra = {"localisation": localisation(runs)} if args.localisation else None
         out = args.out or args.workdir[0]
         write_report(args.workdir, out, extra=extra)
-    except (ReportError, WorkdirError, CacheError, FileNotFoundError) as err:
+    except (ReportError, WorkdirError, CacheError, ManifestError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # predictions are replaced atomically: each run's old or new
+        print("evaluate.py: interrupted; rerun the same command", file=sys.stderr)
+        return 130
     print(f"report: {out / 'report.md'}")
     return 0
 

@@ -124,6 +124,41 @@ def test_evaluate_rebuilds_the_same_metrics_from_checkpoints(tiny_run):
     assert after == pytest.approx(before)
 
 
+def _evaluate_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("evaluate", REPO_ROOT / "scripts" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_evaluate_says_a_broken_manifest_in_one_error_line(tiny_run, tmp_path, capsys):
+    # A run trained with --manifest reopens it; a manifest edited into errors since was a
+    # ManifestError traceback.
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run)
+    (tmp_path / "cohort.csv").write_text("study_id,path\nS1,\n")
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(
+        json.dumps(config | {"manifest": str(tmp_path / "cohort.csv")})
+    )
+    assert _evaluate_script().main(["--workdir", str(run), "--no-localisation"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(tmp_path / "cohort.csv") in err
+
+
+def test_ctrl_c_in_evaluate_is_a_line_and_status_130(tiny_run, monkeypatch, capsys):
+    evaluate = _evaluate_script()
+
+    def interrupted(run):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "rebuild_predictions", interrupted)
+    assert evaluate.main(["--workdir", str(tiny_run[0]), "--no-localisation"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+
+
 def test_evaluate_without_runs_is_a_clear_error(tmp_path):
     proc = subprocess.run(
         [sys.executable, "scripts/evaluate.py", "--workdir", str(tmp_path)],
