@@ -217,7 +217,10 @@ def _watch(procs, args, manifest, shard) -> None:
     """One progress bar for all workers, counting this machine's studies as they appear."""
     from tqdm.auto import tqdm
 
-    ids = {s.study_id for s in shard_studies(manifest_studies(manifest), shard)}
+    # The workers' sub-shards (launch_workers), not every n-th row: the same only when n is 1.
+    index, count = shard
+    subshards = [(index * args.workers + k, count * args.workers) for k in range(args.workers)]
+    ids = {s.study_id for sub in subshards for s in shard_studies(manifest_studies(manifest), sub)}
     studies = os.path.join(args.out, STUDIES_DIR)
     with tqdm(total=len(ids), unit="study", disable=args.no_progress, desc="preprocess") as bar:
         while any(p.poll() is None for p in procs):

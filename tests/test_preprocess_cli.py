@@ -136,6 +136,46 @@ def test_cli_workers_pin_gpus_and_subshard(tmp_path, cohort, monkeypatch):
     assert (tmp_path / "c" / "qc.csv").exists() and (tmp_path / "c" / "failures.csv").exists()
 
 
+def test_cli_workers_progress_counts_the_studies_its_workers_own(tmp_path, cohort, monkeypatch):
+    # --shard 0/2 --workers 2 runs sub-shards 0/4 and 1/4 (manifest rows 0 and 1 of 3); the bar
+    # counted rows 0 and 2 (shard 0/2), so it stopped at 1 of 2 when the workers were done.
+    import argparse
+
+    import tqdm.auto
+
+    from sapsam_jax.data._cohort import manifest_studies, shard_studies
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, **kwargs):
+            self.total, self.n = total, 0
+            bars.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, k):
+            self.n += k
+
+    class Finished:
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    manifest = read_manifest(cohort)
+    studies = manifest_studies(manifest)
+    for k in range(2):
+        for study in shard_studies(studies, (k, 4)):
+            (tmp_path / "studies" / study.study_id).mkdir(parents=True)
+    args = argparse.Namespace(out=str(tmp_path), no_progress=True, workers=2)
+    cli._watch([Finished(), Finished()], args, manifest, (0, 2))
+    assert (bars[0].n, bars[0].total) == (2, 2)
+
+
 def test_cli_workers_refuse_an_unusable_backend_before_launching(
     tmp_path, cohort, monkeypatch, capsys
 ):
