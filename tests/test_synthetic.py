@@ -408,3 +408,27 @@ def test_bad_cohort_arguments_are_named_alone(tmp_path):
         "n_patients must be >= 1 (got 0); control_fraction must be in 0..1 (got 2.0)"
     )
     assert not (tmp_path / "c").exists()  # refused before the folder is made
+
+
+def test_an_interrupted_cohort_resumes_after_its_folder_moved(tmp_path, monkeypatch):
+    # Finished patients used to be recorded with absolute paths: a cohort moved (or its parent
+    # renamed) between the interruption and the rerun got a manifest naming the old folder.
+    from sapsam_jax.data.synthetic import _cohort
+
+    kwargs = dict(n_patients=2, shape=(24, 32, 32), scans_per_patient=(1, 1), progress=False)
+    real = _cohort.generate_patient
+
+    def interrupted_at_the_second(index, **options):
+        if index == 1:
+            raise KeyboardInterrupt
+        return real(index, **options)
+
+    monkeypatch.setattr(_cohort, "generate_patient", interrupted_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        make_cohort(tmp_path / "old", seed=4, **kwargs)
+    (tmp_path / "old").rename(tmp_path / "new")
+    monkeypatch.setattr(_cohort, "generate_patient", real)
+    manifest = read_manifest(make_cohort(tmp_path / "new", seed=4, **kwargs))
+    for study in manifest:
+        assert study.path.is_relative_to(tmp_path / "new") and study.path.exists()
+        assert study.lesion_labels.is_relative_to(tmp_path / "new")

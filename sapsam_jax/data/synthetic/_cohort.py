@@ -322,20 +322,26 @@ def _write_patient(out_dir: Path, fmt: str, seed: int, shape, spacing, patient) 
     index, cpa, n_scans = patient
     done = out_dir / DONE_DIR / f"patient-{index:05d}.json"
     if done.exists():
-        return _read_done_rows(done)
+        return _read_done_rows(done, out_dir)
     scans = generate_patient(
         index, cpa=cpa, n_scans=n_scans, shape=shape, spacing=spacing, seed=seed
     )
     rows = [_write_files(scan, out_dir, fmt, seed) for scan in scans]
-    atomic_write_json(done, rows)  # after every file of the patient (each written atomically)
+    # After every file of the patient (each written atomically). Paths relative to the cohort's
+    # folder, so a folder moved before the rerun still resumes to a manifest of its own files.
+    relative = [{**row, **{k: row[k].relative_to(out_dir) for k in _PATHS}} for row in rows]
+    atomic_write_json(done, relative)
     return rows
 
 
-def _read_done_rows(path: Path) -> list[dict]:
+_PATHS = ("path", "lesion_labels")
+
+
+def _read_done_rows(path: Path, out_dir: Path) -> list[dict]:
     rows = json.loads(path.read_text())
     for row in rows:
-        row["path"] = Path(row["path"])
-        row["lesion_labels"] = Path(row["lesion_labels"])
+        for key in _PATHS:
+            row[key] = out_dir / row[key]  # absolute (older records) stay as they are
     return rows
 
 
