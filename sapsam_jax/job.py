@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     from sapsam_jax.data._cache import CacheError
     from sapsam_jax.io import ManifestError
     from sapsam_jax.train._cli import parse_config
-    from sapsam_jax.train._loop import WorkdirError
+    from sapsam_jax.train._loop import BatchTooLargeError, WorkdirError
 
     parsed = parse_config(argv)
     if isinstance(parsed, int):
@@ -55,6 +55,7 @@ def main(argv=None) -> int:
     cfg, reason = parsed
     print(reason, flush=True)  # the first line says which preset runs, and why
     user_errors = (FileNotFoundError, FileExistsError, CacheError, ManifestError, WorkdirError)
+    user_errors += (BatchTooLargeError,)
     try:
         results = train_and_report(cfg)
     except (*user_errors, SplitError) as err:

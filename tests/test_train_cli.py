@@ -199,6 +199,18 @@ def test_report_table_shows_every_run_of_a_sign_and_axis():
     assert f"Fewer than 5 test patients ({incomplete})" in table
 
 
+def test_a_batch_larger_than_the_training_set_is_an_error_line(tiny_run, tmp_path, capsys):
+    from sapsam_jax.job import main
+
+    run, _ = tiny_run  # its cohort and cache are reused: no new data
+    flags = ["--preset", "tiny", "--task", "signs", "--axis", "axial", "--sign", "cavity"]
+    flags += ["--epochs", "1", "--batch-size", "4096", "--data-dir", str(run.parent / "data")]
+    assert main([*flags, "--workdir", str(tmp_path / "big")]) == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and "training samples are fewer than one batch of 4096" in err
+    assert f"{tmp_path / 'big'} records batch size 4096" in err
+
+
 def test_evaluate_names_every_workdir_that_adds_no_run(tiny_run, tmp_path):
     from sapsam_jax.evaluate import find_runs
 

@@ -59,6 +59,10 @@ class WorkdirError(ValueError):
     """The workdir holds another run (other task, data, model or optimisation settings)."""
 
 
+class BatchTooLargeError(ValueError):
+    """An epoch of the training set does not fill one batch."""
+
+
 class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN or infinite loss."""
 
@@ -448,7 +452,10 @@ def _train_epoch(cfg, model, optimizer, batches, spec, frozen, epoch, batch_size
     order = epoch_order(batches.rotations, cfg.rotations_per_epoch, seed=cfg.seed, epoch=epoch)
     n_steps = len(order) // batch_size
     if n_steps == 0:
-        raise ValueError(f"{len(order)} training samples are fewer than one batch of {batch_size}")
+        raise BatchTooLargeError(
+            f"{len(order)} training samples are fewer than one batch of {batch_size}: lower "
+            f"--batch-size, in a new --workdir ({cfg.workdir} records batch size {cfg.batch_size})"
+        )
     set_train_mode(model, frozen)
     losses, probs, labels = [], [], []
     start = time.perf_counter()
