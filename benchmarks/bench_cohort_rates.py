@@ -1,4 +1,5 @@
-"""Per-study sign rates of the synthetic cohort against the paper's Table 1: a design check.
+"""Per-study sign rates of the synthetic cohort against the paper's Table 1, pre-existing
+condition rates against paper 1.1 and 2-year mortality against paper 3.3: a design check.
 
 Table 1 counts CPA *studies* with each sign per sub-region; the generator draws each sign once per
 CPA patient at that rate, and onsets (a sign, or a fungus ball in its cavity, appearing in a later
@@ -21,9 +22,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_json  # noqa: E402
 
 from sapsam_jax.config import SIGNS, SUBREGIONS  # noqa: E402
-from sapsam_jax.data.synthetic._cohort import _plan_cohort, _plan_patient  # noqa: E402
+from sapsam_jax.data.synthetic._cohort import _plan_cohort, _plan_patient, _survival  # noqa: E402
 from sapsam_jax.data.synthetic._grid import DEFAULT_SHAPE  # noqa: E402
-from sapsam_jax.data.synthetic._lesions import fungus_ball_geometry, table1_rates  # noqa: E402
+from sapsam_jax.data.synthetic._lesions import (  # noqa: E402
+    CONFOUNDER_RATES,
+    CONFOUNDERS,
+    fungus_ball_geometry,
+    table1_rates,
+)
+
+# Paper 3.3: 43 of the 143 CPA subjects of the survival study died within two years.
+PAPER_DIED_2Y = 43 / 143
 
 
 def visible_signs(lesions, scan: int, n_scans: int, grid) -> set[tuple[str, str]]:
@@ -49,13 +58,18 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     counts = {sign: dict.fromkeys(SUBREGIONS, 0) for sign in SIGNS}
-    studies = 0
+    conditions = dict.fromkeys(CONFOUNDERS, 0)
+    studies = died = 0
     for index, _, n_scans in _plan_cohort(args.patients, (1, 3), 0.0, args.seed):
-        grid, _, _, lesions = _plan_patient(index, True, n_scans, args.shape, None, args.seed)
+        grid, rng, _, lesions = _plan_patient(index, True, n_scans, args.shape, None, args.seed)
+        died += _survival(lesions, rng) == 0  # the patient's next draw, as generate_patient
+        kinds = {lesion.kind for lesion in lesions}
         for scan in range(n_scans):
             studies += 1
             for sign, region in visible_signs(lesions, scan, n_scans, grid):
                 counts[sign][region] += 1
+            for kind in kinds & conditions.keys():  # pre-existing: in every scan
+                conditions[kind] += 1
     table1 = table1_rates()
     rates = {
         sign: {
@@ -72,6 +86,17 @@ def main(argv=None) -> int:
             for sign in SIGNS
         )
         print(f"  {region:13s} {cells}")
+    preexisting = {
+        kind: {"paper": CONFOUNDER_RATES[kind], "generated": conditions[kind] / studies}
+        for kind in CONFOUNDERS
+    }
+    for kind, rate in preexisting.items():
+        print(f"  {kind}: {100 * rate['paper']:.1f} / {100 * rate['generated']:.1f}")
+    mortality = {"paper": PAPER_DIED_2Y, "generated": died / args.patients}
+    print(
+        f"died within 2 years: paper {100 * PAPER_DIED_2Y:.1f} % / generated "
+        f"{100 * mortality['generated']:.1f} % of {args.patients} CPA patients"
+    )
     record = {
         "benchmark": "cohort_rates",
         "patients": args.patients,
@@ -79,6 +104,8 @@ def main(argv=None) -> int:
         "shape": list(args.shape),
         "seed": args.seed,
         "rates": rates,
+        "preexisting_per_study": preexisting,
+        "died_within_2y_per_patient": mortality,
     }
     path = write_json(record, "cohort_rates", args.out)
     print(f"wrote {path}")
