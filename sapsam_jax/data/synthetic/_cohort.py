@@ -56,7 +56,8 @@ GENERATOR_VERSION = 3
 DEFAULT_CONTROL_FRACTION = 0.25
 NOISE_SIGMA_HU = (12.0, 22.0)  # per-scan image noise, spatially correlated like CT noise
 NOISE_CORRELATION_VOXELS = 0.7
-# Paper 3.3: 43 of 143 CPA patients died within two years; the midpoint gives about 30 %.
+# Paper 3.3: 43 of 143 CPA patients (30 %) died within two years; this midpoint gives 27 % on
+# the default grid (bench_cohort_rates.py).
 SURVIVAL_SLOPE = 1.2
 SURVIVAL_MIDPOINT = 6.75
 POSITION_JITTER_MM = (5.0, 4.0, 4.0)  # patient positioning differs a little between scans
