@@ -407,6 +407,10 @@ def test_bad_cohort_arguments_are_named_alone(tmp_path):
     assert str(error.value) == (
         "n_patients must be >= 1 (got 0); control_fraction must be in 0..1 (got 2.0)"
     )
+    for shape in ((2, 2, 2), (0, 16, 16), (16, 16)):  # crashed mid-generation, plan left behind
+        with pytest.raises(ValueError) as error:
+            make_cohort(tmp_path / "c", n_patients=1, shape=shape)
+        assert str(error.value) == f"shape takes 3 sizes of at least 16 voxels (got {shape})"
     assert not (tmp_path / "c").exists()  # refused before the folder is made
 
 

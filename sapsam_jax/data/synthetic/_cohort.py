@@ -54,6 +54,7 @@ GENERATOR_VERSION = 3
 # About a quarter of the patients are controls: paper 1.1 has 76 control studies of 352 (22 %;
 # its patients are not counted by group). The quick disease task uses half (train/_config.py).
 DEFAULT_CONTROL_FRACTION = 0.25
+MIN_SHAPE = 16  # voxels per axis of the smallest grid make_cohort draws
 NOISE_SIGMA_HU = (12.0, 22.0)  # per-scan image noise, spatially correlated like CT noise
 NOISE_CORRELATION_VOXELS = 0.7
 # Paper 3.3: 43 of 143 CPA patients (30 %) died within two years; this midpoint gives 27 % on
@@ -464,6 +465,12 @@ def make_cohort(
                 not 0.0 <= control_fraction <= 1.0,
                 "control_fraction must be in 0..1",
                 control_fraction,
+            ),
+            # Smaller grids cannot hold the anatomy (a 2x2x2 grid crashed, 0 divided by zero).
+            (
+                len(shape) != 3 or min(shape) < MIN_SHAPE,
+                f"shape takes 3 sizes of at least {MIN_SHAPE} voxels",
+                tuple(shape),
             ),
         )
         if bad
