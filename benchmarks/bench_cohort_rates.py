@@ -50,7 +50,7 @@ def visible_signs(lesions, scan: int, n_scans: int, grid) -> set[tuple[str, str]
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--patients", type=int, default=300)
     parser.add_argument("--shape", type=int, nargs=3, default=list(DEFAULT_SHAPE))
     parser.add_argument("--seed", type=int, default=0)
