@@ -394,6 +394,19 @@ def test_a_malformed_number_of_frames_is_an_error_that_names_the_file(tmp_path):
         load_ct(tmp_path / "series")
 
 
+def test_a_number_of_frames_of_nan_is_an_error_that_names_the_file(tmp_path):
+    files = _identified_series(tmp_path / "series")
+    ds = pydicom.dcmread(files[1])
+    ds.NumberOfFrames = 100
+    ds.save_as(files[1])
+    data = files[1].read_bytes()  # IS "100 " -> "nan ": float() takes it, int() raised ValueError
+    files[1].write_bytes(
+        data.replace(b"\x28\x00\x08\x00IS\x04\x00100 ", b"\x28\x00\x08\x00IS\x04\x00nan ")
+    )
+    with pytest.raises(CTLoadError, match=r"01\.dcm: malformed NumberOfFrames \('nan'\)"):
+        load_ct(tmp_path / "series")
+
+
 def private_object(path, *, rows_columns: bool):
     """A file of a private SOP class without pixel data (a Siemens CSA report, say)."""
     ds = Dataset()

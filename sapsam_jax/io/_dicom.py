@@ -8,6 +8,7 @@ never copied out of the pydicom datasets, which are dropped once the volume is b
 
 from __future__ import annotations
 
+import math
 import unicodedata
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -414,7 +415,11 @@ def _optional_number(value) -> float | None:
 
 def _frame_count(ds, where) -> int:
     """NumberOfFrames (1 when absent or 0), or a clear error naming the file."""
-    return int(_number(ds.get("NumberOfFrames"), "NumberOfFrames", where, 1) or 1)
+    value = ds.get("NumberOfFrames")
+    count = _number(value, "NumberOfFrames", where, 1)
+    if not math.isfinite(count):  # "nan" passes float() and is kept as text by pydicom
+        raise CTLoadError(f"{where}: malformed NumberOfFrames ({_shown(value)})")
+    return int(count or 1)
 
 
 def _size(ds, where) -> tuple[int, int]:
