@@ -394,6 +394,21 @@ def test_a_malformed_number_of_frames_is_an_error_that_names_the_file(tmp_path):
         load_ct(tmp_path / "series")
 
 
+def test_running_out_of_memory_decoding_pixels_is_not_called_corruption(tmp_path, monkeypatch):
+    # _pixels turns pydicom's failures on damaged pixel attributes into "truncated or corrupt";
+    # a MemoryError says nothing about the file and must not send the user to replace it.
+    from sapsam_jax.io import _dicom
+
+    _identified_series(tmp_path / "series")
+
+    def out_of_memory(ds):
+        raise MemoryError("Unable to allocate 8.00 GiB")
+
+    monkeypatch.setattr(_dicom, "_native_pixels", out_of_memory)
+    with pytest.raises(MemoryError):
+        load_ct(tmp_path / "series")
+
+
 def test_a_number_of_frames_of_nan_is_an_error_that_names_the_file(tmp_path):
     files = _identified_series(tmp_path / "series")
     ds = pydicom.dcmread(files[1])

@@ -526,6 +526,8 @@ def _pixels(ds, path: Path) -> np.ndarray:
             f"{path}: cannot decode {getattr(syntax, 'name', syntax)} pixel data: "
             f"{_missing_plugins(syntax) or err}"
         ) from None
+    except MemoryError:
+        raise  # not the file's fault
     except Exception as err:  # damaged pixel attributes (a list for BitsAllocated, ...)
         raise CTLoadError(f"{path}: pixel data truncated or corrupt ({err})") from None
 
