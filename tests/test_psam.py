@@ -770,7 +770,7 @@ def test_disease_runs_given_sign_multi_share_one_set():
 def test_gradcam_cli_refuses_a_threshold_outside_0_1(capsys):
     from sapsam_jax.explain._cli import main
 
-    for bad in ("1.5", "-0.1"):
+    for bad in ("1.5", "-0.1", "abc", "nan"):
         with pytest.raises(SystemExit) as stop:
             main(["--workdir", "runs", "--all", "--threshold", bad])
         assert stop.value.code == 2

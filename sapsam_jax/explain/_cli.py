@@ -82,7 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _probability(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"a probability in 0-1, not {text}")
     return value

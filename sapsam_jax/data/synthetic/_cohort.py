@@ -466,7 +466,7 @@ def make_cohort(
                 "control_fraction must be in 0..1",
                 control_fraction,
             ),
-            # Smaller grids cannot hold the anatomy (a 2x2x2 grid crashed, 0 divided by zero).
+            # A policy: smaller grids draw lungs of a few voxels (and 2x2x2 or a 0 axis crashed).
             (
                 len(shape) != 3 or min(shape) < MIN_SHAPE,
                 f"shape takes 3 sizes of at least {MIN_SHAPE} voxels",
