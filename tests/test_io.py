@@ -381,6 +381,21 @@ def test_a_damaged_element_is_an_error_that_names_the_file(tmp_path, element, of
     assert not any(secret in str(err.value) for secret in SECRETS)
 
 
+def test_a_damaged_non_image_object_beside_the_series_is_skipped(tmp_path):
+    # A dose report (no pixel data) with a damaged element is in no volume: the eager reads of
+    # the attributes the loader uses must not refuse the folder for it.
+    files = _identified_series(tmp_path / "series")
+    report = pydicom.dcmread(files[0])
+    del report.PixelData
+    report.SOPClassUID = report.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.67"
+    report.SOPInstanceUID = report.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    report.save_as(tmp_path / "series" / "dose.dcm", enforce_file_format=True)
+    data = (tmp_path / "series" / "dose.dcm").read_bytes()
+    at = data.index(_MODALITY) + 5
+    (tmp_path / "series" / "dose.dcm").write_bytes(data[:at] + b"\x00" + data[at + 1 :])
+    assert load_ct(tmp_path / "series").hu.shape == (4, 8, 8)
+
+
 def test_a_malformed_number_of_frames_is_an_error_that_names_the_file(tmp_path):
     files = _identified_series(tmp_path / "series")
     ds = pydicom.dcmread(files[1])

@@ -124,11 +124,22 @@ def _read_one(path: Path):
     """The dataset of an image DICOM file; None for non-DICOM or non-image files (skipped)."""
     try:
         ds = pydicom.dcmread(path)
-        for keyword in _USED_KEYWORDS:
-            ds.get(keyword)
     except InvalidDicomError:
         return None
+    except MemoryError:
+        raise  # not the file's fault
     except Exception as err:  # pydicom raises many types on damaged headers
+        raise CTLoadError(
+            f"{path}: cannot parse DICOM, file truncated or corrupt ({err})"
+        ) from None
+    try:
+        for keyword in _USED_KEYWORDS:
+            ds.get(keyword)
+    except MemoryError:
+        raise
+    except Exception as err:
+        if "PixelData" not in ds:  # tested without converting it
+            return None  # a damaged non-image object (dose report, ...): in no volume anyway
         raise CTLoadError(
             f"{path}: cannot parse DICOM, file truncated or corrupt ({err})"
         ) from None
