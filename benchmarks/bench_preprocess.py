@@ -228,6 +228,8 @@ def main(argv=None):
     if set(backends) - {"cpu", "gpu"}:
         parser.error(f"unknown backends in {args.backends!r}; choose from cpu, gpu")
     cases = args.cases.split(",") if args.cases else ["quick"] if args.quick else list(CASES)
+    if set(cases) - set(CASES):
+        parser.error(f"unknown cases in {args.cases!r}; choose from {', '.join(CASES)}")
     record = {"benchmark": "preprocess", "stages": stages, "backends": backends, "cases": {}}
     for name in cases:
         record["cases"][name] = run_case(

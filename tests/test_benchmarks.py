@@ -50,3 +50,11 @@ def test_bench_learning_summary_skips_undefined_splits_in_any_order():
         assert summary["mean_meets_target"] is False  # 0.7 < 0.85
     none = bench.summarize([{"name": "cavity", "f1": nan, "auc": nan}])["cavity"]
     assert none["f1_mean"] is None and none["mean_meets_target"] is False
+
+
+def test_bench_preprocess_refuses_an_unknown_case(capsys):
+    bench = _load("bench_preprocess")
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--cases", "quick,papr", "--backends", "cpu", "--stages", "resample"])
+    assert exit_info.value.code == 2  # was a KeyError traceback
+    assert "unknown cases in 'quick,papr'; choose from paper, quick" in capsys.readouterr().err

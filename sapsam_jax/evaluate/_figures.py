@@ -14,6 +14,7 @@ import numpy as np  # noqa: E402
 from sapsam_jax.config import SIGNS  # noqa: E402
 from sapsam_jax.io._volume import atomic_path  # noqa: E402
 from sapsam_jax.train import confusion, roc_auc, roc_curve  # noqa: E402
+from sapsam_jax.train._metrics import format_score  # noqa: E402
 
 
 def write_run_figures(run_dir: Path) -> list[Path]:
@@ -63,7 +64,7 @@ def _learning_curves(records: list[dict]):
 def _roc_figure(labels, probs):
     fpr, tpr = roc_curve(labels, probs)
     fig, ax = plt.subplots(figsize=(4, 4))
-    ax.plot(fpr, tpr, label=f"AUC {roc_auc(labels, probs):.3f}")
+    ax.plot(fpr, tpr, label=f"AUC {format_score(roc_auc(labels, probs))}")  # n/a: one class
     ax.plot([0, 1], [0, 1], ":", color="grey")
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="test ROC")
     ax.legend(loc="lower right")
