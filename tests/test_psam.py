@@ -767,6 +767,17 @@ def test_disease_runs_given_sign_multi_share_one_set():
     assert [len(members) for members in run_sets(runs)] == [3]
 
 
+def test_the_figure_slice_goes_through_the_peak_plateau_centre(mapping):
+    from sapsam_jax.explain._study import _slice_through_maximum
+
+    # A coronal map of left_middle (working k 8-15) whose maximum is a plateau over its rows 0-3:
+    # its centre, row 1.5, is working k 9.5, CT k 4 - 0.5 + (9.5 + 0.5) * 1.25 = 16 (the first
+    # arg-max, row 0, gave CT k 14).
+    plateau = np.full(subregion_image_shape(WORKING, "coronal"), 0.1, np.float32)
+    plateau[0:4, 0:2] = 1.0
+    assert _slice_through_maximum(plateau, "coronal", "left_middle", mapping, None, None) == 16
+
+
 def test_gradcam_cli_refuses_a_threshold_outside_0_1(capsys):
     from sapsam_jax.explain._cli import main
 

@@ -21,6 +21,7 @@ from sapsam_jax.explain._gradcam import grad_cam
 from sapsam_jax.explain._psam import (
     backproject,
     locate_maximum,
+    plateau_peak,
     psam_3d,
     region_slices,
     resize_map,
@@ -396,9 +397,10 @@ def _slice_through_maximum(map2d, axis, subregion, mapping, rotation, peak) -> i
     """Axial CT slice index through the map's maximum.
 
     With a 3-D PSAM maximum (``peak``) it fixes k. Otherwise a coronal or sagittal map's
-    brightest pixel gives k directly (its row); an axial map says nothing about depth, so the
-    ray through its maximum is cut in the middle of the sub-region's k range. An all-zero or flat
-    map has no brightest pixel (its arg-max would be the image corner): the sub-region's middle.
+    brightest point (its peak plateau's centre, :func:`plateau_peak`, as the pointing game takes
+    it) gives k directly (its row); an axial map says nothing about depth, so the ray through its
+    maximum is cut in the middle of the sub-region's k range. An all-zero or flat map has no
+    brightest pixel (its arg-max would be the image corner): the sub-region's middle.
     """
     if peak is not None:
         k_ct = peak["ct_index"][0]
@@ -407,8 +409,9 @@ def _slice_through_maximum(map2d, axis, subregion, mapping, rotation, peak) -> i
         region = region_slices(subregion, working)
         bounds = [region[d].indices(working[d]) for d in range(3)]
         point = np.array([(start + stop - 1) / 2.0 for start, stop, _ in bounds])
-        if np.ptp(np.asarray(map2d)) > 0:
-            row, col = np.unravel_index(int(np.argmax(map2d)), np.shape(map2d))
+        found = plateau_peak(map2d) if np.ptp(np.asarray(map2d)) > 0 else None
+        if found is not None:
+            row, col = found[1]
             others = [d for d in range(3) if d != AXES[axis]]
             point[others] = [bounds[others[0]][0] + row, bounds[others[1]][0] + col]
         k_ct = rotated_to_ct(point, mapping, rotation)[0]
