@@ -54,8 +54,14 @@ def main(argv=None) -> int:
         return parsed
     cfg, reason = parsed
     print(reason, flush=True)  # the first line says which preset runs, and why
-    user_errors = (FileNotFoundError, FileExistsError, CacheError, ManifestError, WorkdirError)
-    user_errors += (BatchTooLargeError,)
+    user_errors = (
+        FileNotFoundError,
+        FileExistsError,
+        CacheError,
+        ManifestError,
+        WorkdirError,
+        BatchTooLargeError,
+    )
     try:
         results = train_and_report(cfg)
     except (*user_errors, SplitError) as err:
