@@ -137,6 +137,12 @@ def warn_implausible(out, config, study_ids) -> None:
     )
 
 
+def worker_shards(shard, workers: int) -> list[tuple[int, int]]:
+    """Machine shard ``(i, n)`` split over ``w`` workers: shards ``i*w + k`` of ``n*w``."""
+    index, count = shard
+    return [(index * workers + k, count * workers) for k in range(workers)]
+
+
 def launch_workers(args, manifest, config, shard) -> int:
     """One child process per worker, each a sub-shard of ``shard`` pinned to its own GPU.
 
@@ -146,8 +152,8 @@ def launch_workers(args, manifest, config, shard) -> int:
     init_cache_dir(args.out, config)  # config mismatch fails once here, not in every child
     gpus = _gpu_ids(args.backend)
     procs = []
-    for k in range(args.workers):
-        child_shard = f"{shard[0] * args.workers + k}/{shard[1] * args.workers}"
+    for k, (index, count) in enumerate(worker_shards(shard, args.workers)):
+        child_shard = f"{index}/{count}"
         env = dict(os.environ)
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = gpus[k % len(gpus)]
@@ -217,10 +223,13 @@ def _watch(procs, args, manifest, shard) -> None:
     """One progress bar for all workers, counting this machine's studies as they appear."""
     from tqdm.auto import tqdm
 
-    # The workers' sub-shards (launch_workers), not every n-th row: the same only when n is 1.
-    index, count = shard
-    subshards = [(index * args.workers + k, count * args.workers) for k in range(args.workers)]
-    ids = {s.study_id for sub in subshards for s in shard_studies(manifest_studies(manifest), sub)}
+    # The workers' sub-shards, not every n-th row: the same only when n is 1.
+    studies_of_manifest = manifest_studies(manifest)
+    ids = {
+        s.study_id
+        for sub in worker_shards(shard, args.workers)
+        for s in shard_studies(studies_of_manifest, sub)
+    }
     studies = os.path.join(args.out, STUDIES_DIR)
     with tqdm(total=len(ids), unit="study", disable=args.no_progress, desc="preprocess") as bar:
         while any(p.poll() is None for p in procs):
