@@ -309,6 +309,29 @@ def test_frozen_blocks_do_not_change_and_the_rest_does():
             assert all(changed), f"{block} should train"
 
 
+def test_adam_takes_momentum_as_its_first_moment_decay():
+    # --momentum was silently ignored with --optimizer adam; it is now Adam's b1. Two steps of
+    # the optimizer against Adam written out in NumPy (b2 0.999, eps 1e-8, bias-corrected).
+    lr, b1, b2, eps = 0.1, 0.5, 0.999, 1e-8
+    cfg = TINY.replace(optimizer="adam", momentum=b1, learning_rate=lr, warmup_epochs=0.0)
+    model, _ = build_model(cfg.replace(grad_clip_norm=None), num_classes=2, seed=0)
+    tx = make_optimizer(model, cfg.replace(grad_clip_norm=None), steps_per_epoch=1).tx
+    params = nnx.state(model, nnx.Param)
+    state = tx.init(params)
+    rng = np.random.default_rng(0)
+    grads = [jax.tree.map(lambda p: rng.normal(size=p.shape).astype(p.dtype), params)]
+    grads.append(jax.tree.map(lambda p: rng.normal(size=p.shape).astype(p.dtype), params))
+    for g in grads:
+        updates, state = tx.update(g, state, params)
+    g1, g2 = (np.asarray(jax.tree.leaves(g)[-1]) for g in grads)
+    m = b1 * (1 - b1) * g1 + (1 - b1) * g2
+    v = b2 * (1 - b2) * g1**2 + (1 - b2) * g2**2
+    expected = -lr * (m / (1 - b1**2)) / (np.sqrt(v / (1 - b2**2)) + eps)
+    np.testing.assert_allclose(np.asarray(jax.tree.leaves(updates)[-1]), expected, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\), not 1.0"):
+        TINY.replace(momentum=1.0)
+
+
 def test_a_negative_frozen_block_count_is_refused_not_sliced_from_the_end():
     # names[:-1] would freeze every block but the last, silently (--frozen-blocks -1).
     with pytest.raises(ValueError, match="frozen_blocks must be >= 0"):

@@ -263,6 +263,26 @@ def test_help_shows_each_task_s_preset_values():
     assert "disease disease" not in text
 
 
+def test_none_sets_a_preset_s_optional_value_back_to_none(capsys):
+    # The quick preset clips gradients and draws 9 rotations per sign epoch; a user could not
+    # undo either from the command line, since a flag's None means "not given".
+    from sapsam_jax.train._cli import parse_config
+
+    cfg, _ = parse_config(["--preset", "quick", "--task", "signs"])
+    assert (cfg.grad_clip_norm, cfg.rotations_per_epoch, cfg.cam_layer) == (1.0, 9, "block2_conv2")
+    cfg, _ = parse_config(
+        ["--preset", "quick", "--grad-clip-norm", "none", "--rotations-per-epoch", "None"]
+        + ["--cam-layer", "none", "--image-size", "none", "--epochs", "none"]
+    )
+    assert (cfg.grad_clip_norm, cfg.rotations_per_epoch, cfg.cam_layer) == (None, None, None)
+    assert (cfg.image_size, cfg.num_epochs) == (None, 240)  # the paper's sign epochs
+    assert parse_config(["--preset", "quick", "--image-size", "none", "64"]) == 2
+    assert "--image-size takes none alone" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # still a number otherwise
+        parse_config(["--grad-clip-norm", "nan-ish"])
+    assert "invalid float value: 'nan-ish'" in capsys.readouterr().err
+
+
 def test_train_command_mistakes_are_error_lines_before_any_work(tmp_path, capsys):
     from sapsam_jax.job import main
     from sapsam_jax.models import build_model, save_weights
@@ -283,6 +303,7 @@ def test_train_command_mistakes_are_error_lines_before_any_work(tmp_path, capsys
         "epochs must be >= 1, not 0": ["--epochs", "0"],
         "learning_rate must be > 0, not -1.0": ["--learning-rate", "-1"],
         "batch_size must be >= 1, not 0": ["--batch-size", "0"],
+        r"momentum must be in \[0, 1\), not 1.5": ["--momentum", "1.5"],
         "survival test share 0.8 and disease validation share 0.2 leave no training set": [
             "--task",
             "survival",

@@ -40,6 +40,37 @@ _CHOICES = {
     "backend": ("auto", "cpu", "gpu"),
 }
 _NOT_FLAGS = {"synthetic", "preset"}
+# Optional fields whose None means something a preset may have overridden (no clipping, every
+# rotation each epoch, the native image size, the task's epoch count, the default map layer):
+# their flags take the word "none" to set it back. What None means, for --help:
+_NONE_MEANS = {
+    "image_size": "the projections' own size",
+    "grad_clip_norm": "no clipping",
+    "rotations_per_epoch": "all 27 every epoch",
+    "epochs": "the paper's count for the task",
+    "cam_layer": "the architecture's last convolution",
+}
+_NONE_WORD = "none"
+
+
+class _Reset:
+    """What a resettable flag's parser returns for ``none`` (argparse's None means 'not given')."""
+
+    def __repr__(self) -> str:
+        return _NONE_WORD
+
+
+RESET = _Reset()
+
+
+def _or_none(base):
+    """``base`` as an argparse type that also takes ``none`` (-> RESET)."""
+
+    def parse(text: str):
+        return RESET if text.strip().lower() == _NONE_WORD else base(text)
+
+    parse.__name__ = base.__name__  # argparse names the type in its "invalid int value" errors
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,7 +114,20 @@ def _add_field_flag(parser, name: str, hint) -> None:
     if name in _CHOICES:
         kwargs["choices"] = _CHOICES[name]
     kwargs["help"] = _preset_values(name)
+    if name in _NONE_MEANS:
+        kwargs["type"] = _or_none(kwargs["type"])
+        kwargs["help"] += f" ({_NONE_WORD}: {_NONE_MEANS[name]})"
     parser.add_argument(flag, **kwargs)
+
+
+def _unset_resets(name: str, value):
+    """A flag's parsed value with ``none`` turned into None; ``none`` among numbers
+    (``--image-size none 64``) is refused."""
+    if isinstance(value, list) and any(v is RESET for v in value):
+        if len(value) != 1:
+            raise ValueError(f"--{name.replace('_', '-')} takes {_NONE_WORD} alone, not {value}")
+        return None
+    return None if value is RESET else value
 
 
 def _preset_values(name: str) -> str:
@@ -118,8 +162,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, str]:
         if f.name not in _NOT_FLAGS and getattr(args, f.name) is not None
     }
     for key, value in overrides.items():
-        if isinstance(value, list):
-            overrides[key] = tuple(value)
+        value = _unset_resets(key, value)
+        overrides[key] = tuple(value) if isinstance(value, list) else value
     synthetic = {"n_patients": args.patients, "control_fraction": args.control_fraction}
     synthetic = {k: v for k, v in synthetic.items() if v is not None}
     if synthetic:

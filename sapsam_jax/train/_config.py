@@ -69,7 +69,7 @@ class TrainConfig:
     # Paper 3.1/3.2: SGD, momentum 0.9, learning rate 1e-4, first two blocks frozen, batch 32.
     optimizer: str = "sgd"
     learning_rate: float = 1e-4
-    momentum: float = 0.9
+    momentum: float = 0.9  # SGD's momentum; with optimizer "adam", Adam's b1
     warmup_epochs: float = 0.0
     # Not in the paper: clip the gradient to this global norm (None: no clipping). Keeps a
     # from-scratch VGG without normalisation layers from jumping out of its basin at a large
@@ -155,6 +155,8 @@ class TrainConfig:
             raise ValueError(f"dropout_rate must be in [0, 1), not {self.dropout_rate}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, not {self.batch_size}")
+        if not 0.0 <= self.momentum < 1.0:  # SGD momentum or Adam's b1: 1 never forgets a step
+            raise ValueError(f"momentum must be in [0, 1), not {self.momentum}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, not {self.learning_rate}")
         if self.epochs is not None and self.epochs < 1:

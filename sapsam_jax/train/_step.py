@@ -57,7 +57,8 @@ def _param_labels(frozen: tuple[str, ...]):
 
 def make_optimizer(model, cfg, steps_per_epoch: int) -> nnx.Optimizer:
     """SGD with momentum (paper 3.1) or Adam, optional linear warm-up and gradient clipping,
-    frozen first blocks."""
+    frozen first blocks. ``cfg.momentum`` is Adam's first-moment decay ``b1`` (the role momentum
+    plays in SGD; both default to 0.9), so ``--momentum`` means something for either."""
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     schedule = (
         optax.warmup_constant_schedule(0.0, cfg.learning_rate, warmup)
@@ -67,7 +68,7 @@ def make_optimizer(model, cfg, steps_per_epoch: int) -> nnx.Optimizer:
     base = (
         optax.sgd(schedule, momentum=cfg.momentum)
         if cfg.optimizer == "sgd"
-        else optax.adam(schedule)
+        else optax.adam(schedule, b1=cfg.momentum)
     )
     if cfg.grad_clip_norm is not None:
         base = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), base)
