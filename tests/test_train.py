@@ -711,6 +711,11 @@ def test_a_damaged_config_or_split_file_is_an_error_naming_it(tmp_path):
     (tmp_path / "split.json").write_bytes(b'{"train": ["P0"], "te\xff')
     with pytest.raises(WorkdirError, match=f"{tmp_path / 'split.json'} is damaged"):
         _load_or_make_split(cfg, None, tmp_path)
+    # Valid JSON of the wrong shape (edited by hand, an older tool) was a KeyError/TypeError.
+    for text in ("[]", '{"train": ["P0"], "val": []}', '{"train": "P0", "val": [], "test": []}'):
+        (tmp_path / "split.json").write_text(text)
+        with pytest.raises(WorkdirError, match="damaged .it must hold the patient-id lists"):
+            _load_or_make_split(cfg, None, tmp_path)
     (tmp_path / "run.json").write_text("")  # gradcam and evaluate load runs this way
     with pytest.raises(WorkdirError, match=f"{tmp_path / 'config.json'} is damaged"):
         load_trained(tmp_path)

@@ -408,7 +408,7 @@ def _check_or_record_data(path: Path, split: dict, record: dict) -> None:
 def _load_or_make_split(cfg, cache, workdir) -> dict:
     path = workdir / "split.json"
     if path.is_file():
-        return read_run_json(path)
+        return read_split(path)
     studies = _studies_of(cache, {cache.meta(s)["patient_id"] for s in cache.study_ids}, cfg)
     if cfg.task == "survival" and cfg.init_from:
         split = _survival_split(cfg, {cache.meta(s)["patient_id"] for s in studies})
@@ -436,7 +436,7 @@ def _survival_split(cfg, patients: set[str]) -> dict:
     patients are the survival test set, its training and validation patients (and any it did
     not see) the survival training set; no validation set (paper 3.3). Split independently,
     the survival test held patients the disease network had been trained on."""
-    source = read_run_json(Path(cfg.init_from) / "split.json")
+    source = read_split(Path(cfg.init_from) / "split.json")
     test = patients & set(source["test"])
     return {
         "train": sorted(patients - test),
@@ -691,6 +691,22 @@ def read_run_json(path: Path):
         raise WorkdirError(
             f"{path} is damaged ({err}); restore it (or train in a new --workdir)"
         ) from err
+
+
+def read_split(path: Path) -> dict:
+    """A run's split.json: patient lists "train", "val" and "test" (and what else it records);
+    an edited or truncated one is a WorkdirError naming it, not a KeyError deep in training."""
+    split = read_run_json(path)
+    sets = ("train", "val", "test")
+    if not isinstance(split, dict) or not all(
+        isinstance(split.get(name), list) and all(isinstance(p, str) for p in split[name])
+        for name in sets
+    ):
+        raise WorkdirError(
+            f"{path} is damaged (it must hold the patient-id lists {', '.join(sets)}); restore "
+            "it (or train in a new --workdir)"
+        )
+    return split
 
 
 def read_run_config(path: Path) -> TrainConfig:

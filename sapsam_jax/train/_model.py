@@ -101,7 +101,7 @@ def load_trained(workdir, which: str = "best") -> TrainedRun:
     """Load the run in ``workdir`` with its ``best`` (or ``latest``) checkpoint, in eval mode."""
     from sapsam_jax.data import ProjectionCache
     from sapsam_jax.train._checkpoint import RunCheckpoints
-    from sapsam_jax.train._loop import WorkdirError, read_run_config, read_run_json
+    from sapsam_jax.train._loop import WorkdirError, read_run_config, read_run_json, read_split
 
     workdir = Path(workdir)
     for name in ("config.json", "run.json", "split.json"):
@@ -120,7 +120,7 @@ def load_trained(workdir, which: str = "best") -> TrainedRun:
     if meta is None:
         raise FileNotFoundError(f"{workdir} holds no checkpoint yet")
     model.eval()
-    split = read_run_json(workdir / "split.json")
+    split = read_split(workdir / "split.json")
     return TrainedRun(
         workdir=workdir,
         config=cfg,
