@@ -63,7 +63,8 @@ def main(argv=None) -> int:
                 file=sys.stderr,
             )
             return 2
-        extra = {"localisation": localisation(runs)} if args.localisation else None
+        rows = localisation(runs) if args.localisation else []
+        extra = {"localisation": rows} if rows else None  # as training writes it: no empty key
         out = args.out or args.workdir[0]
         write_report(args.workdir, out, extra=extra)
     except (ReportError, WorkdirError, CacheError, ManifestError, FileNotFoundError) as err:

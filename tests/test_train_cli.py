@@ -133,6 +133,16 @@ def _evaluate_script():
     return module
 
 
+def test_a_rebuilt_report_without_localisation_rows_has_no_localisation_key(tiny_run, tmp_path):
+    # Training leaves the key out when no run has lesion truth to score against (disease,
+    # survival, real cohorts); the rebuild wrote "localisation": [] for the same runs.
+    evaluate = _evaluate_script()
+    evaluate.localisation = lambda runs: []
+    args = ["--workdir", str(tiny_run[0]), "--no-rebuild", "--out", str(tmp_path)]
+    assert evaluate.main(args) == 0
+    assert "localisation" not in json.loads((tmp_path / "report.json").read_text())
+
+
 def test_evaluate_says_a_broken_manifest_in_one_error_line(tiny_run, tmp_path, capsys):
     # A run trained with --manifest reopens it; a manifest edited into errors since was a
     # ManifestError traceback.
