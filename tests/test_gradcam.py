@@ -187,6 +187,9 @@ def test_batch_size_chunks_give_same_maps(tiny, images):
     whole = grad_cam(tiny, images, np.array([0, 1, 2]))
     chunked = grad_cam(tiny, images, np.array([0, 1, 2]), batch_size=2)
     np.testing.assert_allclose(chunked, whole, rtol=1e-6, atol=1e-8)
+    for bad in (0, -2):  # -2 sliced backwards into empty chunks; 0 quietly meant "all at once"
+        with pytest.raises(ValueError, match=f"batch_size must be >= 1 .* not {bad}"):
+            grad_cam(tiny, images, 0, batch_size=bad)
 
 
 def test_normalize_maps():

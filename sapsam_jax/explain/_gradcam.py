@@ -49,6 +49,8 @@ def grad_cam(
     """
     if method not in CAM_METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(CAM_METHODS)}")
+    if batch_size is not None and batch_size < 1:  # range() would step backwards or not at all
+        raise ValueError(f"batch_size must be >= 1 (or None: all at once), not {batch_size}")
     layer = model.default_cam_layer if layer is None else layer
     images = jnp.asarray(images)
     if images.ndim != 4:
