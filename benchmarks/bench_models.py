@@ -358,6 +358,8 @@ def main(argv=None) -> int:
     args.min_seconds = args.min_seconds or (0.2 if args.quick else 2.0)
     cap = args.max_batch or (4 if args.quick else 1024)
     first_batch = 2 if args.quick else 32
+    if cap < first_batch:  # the search starts at first_batch: it would time nothing
+        parser.error(f"--max-batch {cap} is below the first batch timed ({first_batch})")
     rows = []
     for arch in args.arch or sorted(IMAGE_SIZES):
         size = (QUICK_SIZES if args.quick else IMAGE_SIZES)[arch]

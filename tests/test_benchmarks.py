@@ -58,3 +58,14 @@ def test_bench_preprocess_refuses_an_unknown_case(capsys):
         bench.main(["--cases", "quick,papr", "--backends", "cpu", "--stages", "resample"])
     assert exit_info.value.code == 2  # was a KeyError traceback
     assert "unknown cases in 'quick,papr'; choose from paper, quick" in capsys.readouterr().err
+
+
+def test_bench_models_refuses_a_max_batch_below_its_first_batch(capsys, tmp_path):
+    # The largest-batch search starts at the first batch (2 quick, 32 full): a lower cap timed
+    # nothing and wrote a JSON without rows.
+    bench = _load("bench_models")
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--quick", "--max-batch", "1", "--out", str(tmp_path / "out.json")])
+    assert exit_info.value.code == 2
+    assert "--max-batch 1 is below the first batch timed (2)" in capsys.readouterr().err
+    assert not (tmp_path / "out.json").exists()
