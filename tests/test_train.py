@@ -618,7 +618,7 @@ def test_survival_starts_from_a_torchvision_convention_inception_disease_run(tmp
     workdir.mkdir()
     (workdir / "config.json").write_text(disease.to_json())
     (workdir / "run.json").write_text(json.dumps(run))
-    (workdir / "split.json").write_text("{}")
+    (workdir / "split.json").write_text('{"train": [], "val": [], "test": []}')
     ckpts = RunCheckpoints(workdir)
     ckpts.save(source, make_optimizer(source, disease, 1), {"epoch": 1}, best=True)
     ckpts.close()
@@ -909,7 +909,9 @@ def test_survival_split_has_no_validation_set_whatever_its_share(tmp_path):
     disease = tmp_path / "disease"
     disease.mkdir()
     patients = sorted({cache.meta(s)["patient_id"] for s in cache.study_ids})
-    (disease / "split.json").write_text(json.dumps({"train": patients[:8], "test": patients[8:]}))
+    (disease / "split.json").write_text(
+        json.dumps({"train": patients[:8], "val": [], "test": patients[8:]})
+    )
     cfg = TINY.replace(task="survival", init_from=str(disease))
     split = _load_or_make_split(
         cfg.replace(survival_split_fractions=(0.6, 0.2, 0.2)), cache, tmp_path / "run"
