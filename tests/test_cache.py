@@ -552,3 +552,17 @@ def test_a_lesion_label_map_added_or_removed_in_the_manifest_projects_the_study_
     cache = ProjectionCache(out)
     assert cache.lesions("S0", "axial") is None
     assert cache.lesions("S1", "axial") is not None and cache.lesions("S1", "axial").any()
+
+
+def test_a_label_map_with_values_outside_the_documented_labels_is_refused(tmp_path):
+    # A 0/255 lesion mask passed the check (values up to 255 were allowed), and as only labels
+    # 1-3 are projected every lesion was dropped silently: no localisation truth.
+    cohort = write_cohort(tmp_path / "cohort", n=1)
+    path = tmp_path / "cohort" / "s0_labels.nii.gz"
+    ct = load_ct(tmp_path / "cohort" / "s0.nii.gz")
+    lesion = np.asarray(load_ct(path).hu) > 0
+    save_nifti(path, lesion.astype(np.uint8) * 255, ct)
+    result = preprocess_cohort(cohort, tmp_path / "cache", config=TINY, backend="cpu")
+    assert result.failed == 1
+    reason = result.failures["S0"]
+    assert "s0_labels.nii.gz holds values 255" in reason and "expected labels 0-4" in reason

@@ -25,7 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from sapsam_jax.backend import Backend, get_backend, to_numpy
-from sapsam_jax.config import AXES, PreprocessConfig, preprocess_preset
+from sapsam_jax.config import ANNOTATION_FLAGS, AXES, PreprocessConfig, preprocess_preset
 from sapsam_jax.data._cache import (
     META_JSON,
     CacheError,
@@ -51,6 +51,8 @@ from sapsam_jax.preprocess import preprocess_scan
 logger = logging.getLogger(__name__)
 # A failure reason is one CSV cell: long tracebacks and multi-line messages belong in the log.
 _MAX_REASON_CHARS = 500
+# Lesion label maps: 0 background, then one label per annotation flag (1 cavity ... 4 pre-existing).
+_MAX_LABEL = len(ANNOTATION_FLAGS)
 
 
 @dataclass
@@ -237,10 +239,15 @@ def load_lesion_labels(path, ct) -> np.ndarray:
             f"voxels); its affine\n{np.round(volume.affine, 3)}\ndoes not match the CT's\n"
             f"{np.round(ct.affine, 3)}\n(save it with the CT's geometry, e.g. io.save_nifti)"
         )
-    if labels.min() < 0 or labels.max() > 255:
+    # Only labels 0-4 mean something (README "The cohort manifest"): a 0/255 mask passed the
+    # old check (up to 255) and projected no lesion at all, silently.
+    if labels.min() < 0 or labels.max() > _MAX_LABEL:
+        bad = np.unique(labels[(labels < 0) | (labels > _MAX_LABEL)])
+        shown = ", ".join(str(v) for v in bad[:5]) + (", ..." if bad.size > 5 else "")
         raise ValueError(
-            f"lesion label map {Path(path).name} holds values {labels.min()}..{labels.max()}, "
-            "expected small non-negative labels"
+            f"lesion label map {Path(path).name} holds values {shown}; expected labels "
+            f"0-{_MAX_LABEL} (0 background, 1 cavity, 2 fungus ball, 3 pleural thickening, "
+            "4 pre-existing condition)"
         )
     return labels.astype(np.uint8)
 
