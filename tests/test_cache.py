@@ -519,6 +519,25 @@ def test_a_folder_without_meta_json_outside_the_run_does_not_stop_it(tmp_path, c
     assert "qc.csv leaves out study OLD_S9" in caplog.text
 
 
+def test_a_meta_json_of_other_json_outside_the_run_does_not_stop_it(tmp_path, caplog):
+    # A meta.json edited into other JSON (a list) is as damaged as a cut-off one, but it passed
+    # the reader: rebuilding qc.csv stopped the run with "'list' object has no attribute 'get'",
+    # naming no file. The reader now refuses it, naming the file, like a cut-off one.
+    cohort = write_cohort(tmp_path / "cohort", n=1)
+    out = tmp_path / "cache"
+    (out / _cache.STUDIES_DIR / "OLD_S9").mkdir(parents=True)
+    (out / _cache.STUDIES_DIR / "OLD_S9" / _cache.META_JSON).write_text("[]\n")
+    result = preprocess_cohort(cohort, out, config=TINY, backend="cpu", progress=False)
+    assert (result.done, result.failed) == (1, 0)
+    assert [row["study_id"] for row in read_csv(out / "qc.csv")] == ["S0"]
+    assert "qc.csv leaves out study OLD_S9" in caplog.text
+    with pytest.raises(CacheError, match=r"OLD_S9.*meta\.json.*not a JSON object"):
+        ProjectionCache(out).meta("OLD_S9")
+    (out / "cache.json").write_text('"paper"\n')
+    with pytest.raises(CacheError, match=r"cache\.json.*not a JSON object"):
+        ProjectionCache(out)
+
+
 def test_a_label_map_off_the_ct_grid_is_refused(tmp_path):
     import nibabel as nib
 

@@ -372,11 +372,16 @@ def _readable_qc_rows(cache, qc_row) -> list[dict]:
 def _read_json(path: Path, what: str) -> dict:
     try:
         with open(path) as f:
-            return json.load(f)
+            data = json.load(f)
     except FileNotFoundError:
         raise CacheError(f"{what} not found: {path}") from None
     except (OSError, ValueError) as err:
         raise CacheError(f"{what} is unreadable or corrupt: {path} ({err})") from err
+    if not isinstance(data, dict):  # other JSON: callers would fail on it naming no file
+        shown = json.dumps(data)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        raise CacheError(f"{what} is corrupt: {path} is not a JSON object but {shown}")
+    return data
 
 
 class ProjectionCache:
