@@ -378,6 +378,19 @@ def test_sign_all_is_not_a_sample_set():
         task_samples(FakeCache(n_patients=2), ["P00-S0"], task="signs", axis="axial", sign="all")
 
 
+def test_an_unknown_task_or_sign_is_refused_not_read_as_signs():
+    # A task that was not disease or survival (a typo such as "survial") was taken for the sign
+    # task: cavity flags of sub-region band images came back as its samples, silently.
+    cache = FakeCache(n_patients=2)
+    with pytest.raises(ValueError, match="unknown task 'survial'.*disease, signs, survival"):
+        task_samples(cache, ["P01-S0"], task="survial", axis="axial")
+    with pytest.raises(ValueError, match="unknown task 'survial'"):
+        study_label(cache.meta("P01-S0"), "survial")
+    # An unknown sign read no flag and ended in "no signs samples among 1 studies".
+    with pytest.raises(ValueError, match="unknown sign 'cavities'.*cavity"):
+        task_samples(cache, ["P01-S0"], task="signs", axis="axial", sign="cavities")
+
+
 def _one_step_update(cfg):
     """Parameter change of one train step from the same initial weights, batch and key."""
     model, optimizer, spec, mesh = _tiny_setup(cfg)

@@ -19,6 +19,9 @@ import numpy as np
 
 from sapsam_jax.config import SIGNS, SUBREGIONS
 
+_TASKS = ("disease", "signs", "survival")
+_SIGN_CHOICES = (*SIGNS, "multi", "all")
+
 
 @dataclass(frozen=True)
 class SampleSet:
@@ -44,6 +47,7 @@ def study_label(meta: dict, task: str, sign: str = "all") -> int | None:
     Signs: a study without an annotated sub-region for ``sign`` takes no part (sparse labels,
     paper 1.2); the others are stratified by disease status.
     """
+    _check_task(task, sign)
     if task == "disease":
         return int(meta["cpa"])
     if task == "survival":
@@ -73,6 +77,7 @@ def task_samples(
     Signs take one sign (a binary label) or ``"multi"`` (all three); ``"all"`` is one network per
     sign (paper 2.4, ``sapsam_jax.train.train`` runs them in turn), not a sample set.
     """
+    _check_task(task, sign)
     if task == "signs" and sign == "all":
         raise ValueError(
             "sign='all' means one network per sign: gather the samples of one sign at a time, "
@@ -88,6 +93,14 @@ def task_samples(
         raise ValueError(f"no {task} samples among {len(study_ids)} studies of the cache")
     fields = SampleSet.__dataclass_fields__
     return SampleSet(*(np.concatenate([p[f] for p in parts]) for f in fields))
+
+
+def _check_task(task: str, sign: str) -> None:
+    # Anything but disease or survival would otherwise be read as the sign task.
+    if task not in _TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(_TASKS)}")
+    if task == "signs" and sign not in _SIGN_CHOICES:
+        raise ValueError(f"unknown sign {sign!r}; expected one of {', '.join(_SIGN_CHOICES)}")
 
 
 def _rotation_indices(cache, rotations: str) -> np.ndarray:
