@@ -320,6 +320,24 @@ def test_damaged_or_wrapped_weight_files_are_named(tmp_path):
         read_torch_state_dict(tmp_path / "cut.pth")
 
 
+def test_a_damaged_h5_is_an_error_naming_the_file(tmp_path):
+    # A file whose HDF5 metadata is damaged opens, then h5py raised a bare KeyError, OSError or
+    # RuntimeError while reading it, naming neither the file nor the problem (a traceback from
+    # scripts/convert_weights.py for the KeyError and RuntimeError).
+    model = nnx.eval_shape(lambda: build_model("vgg19", rngs=nnx.Rngs(0), **TINY))
+    bias = ("block1_conv1/bias:0", np.zeros(8, np.float32))
+    _write_legacy_h5(tmp_path / "group.h5", [("block1_conv1", [bias])])
+    with h5py.File(tmp_path / "group.h5", "a") as f:  # listed in layer_names, group gone
+        del f["block1_conv1"]
+    with pytest.raises(ValueError, match=r"group.h5: unreadable HDF5 file, .*damaged"):
+        load_keras_weights(model, tmp_path / "group.h5")
+    _write_legacy_h5(tmp_path / "dataset.h5", [("block1_conv1", [bias])])
+    with h5py.File(tmp_path / "dataset.h5", "a") as f:  # listed in weight_names, dataset gone
+        del f["block1_conv1/block1_conv1/bias:0"]
+    with pytest.raises(ValueError, match=r"dataset.h5: unreadable HDF5 file, .*damaged"):
+        load_keras_weights(model, tmp_path / "dataset.h5")
+
+
 def test_published_inception_layout_maps_unnamed_layers_by_number(tmp_path, inception_template):
     template = inception_template
     rng = np.random.default_rng(0)

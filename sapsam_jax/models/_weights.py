@@ -127,21 +127,27 @@ def read_keras_h5(path) -> dict[str, list[tuple[str, np.ndarray]]]:
     except OSError as err:  # h5py's message (a truncated file, ...) does not name the file
         raise ValueError(f"{path}: unreadable HDF5 file, truncated or corrupt ({err})") from None
     with handle as f:
-        root = f["model_weights"] if "model_weights" in f else f  # full-model saves nest it
-        names = _h5_strings(root, "layer_names")
-        if not names:
-            raise ValueError(
-                f"{path}: no 'layer_names' attribute; not a legacy Keras HDF5 weights file "
-                "(a Keras 3 '.weights.h5' file is not read here; build the model in Keras, "
-                "load it and save the legacy HDF5 format: model.save('model.h5'))"
-            )
-        layers = {}
-        for name in names:
-            group = root[name]
-            layers[name] = [
-                (w.removesuffix(":0"), np.asarray(group[w]))
-                for w in _h5_strings(group, "weight_names")
-            ]
+        try:
+            return _read_keras_layers(f, path)
+        except (OSError, KeyError, RuntimeError) as err:  # damaged metadata: h5py's bare errors
+            raise ValueError(f"{path}: unreadable HDF5 file, corrupt or damaged ({err})") from None
+
+
+def _read_keras_layers(f, path) -> dict[str, list[tuple[str, np.ndarray]]]:
+    root = f["model_weights"] if "model_weights" in f else f  # full-model saves nest it
+    names = _h5_strings(root, "layer_names")
+    if not names:
+        raise ValueError(
+            f"{path}: no 'layer_names' attribute; not a legacy Keras HDF5 weights file "
+            "(a Keras 3 '.weights.h5' file is not read here; build the model in Keras, "
+            "load it and save the legacy HDF5 format: model.save('model.h5'))"
+        )
+    layers = {}
+    for name in names:
+        group = root[name]
+        layers[name] = [
+            (w.removesuffix(":0"), np.asarray(group[w])) for w in _h5_strings(group, "weight_names")
+        ]
     return layers
 
 
