@@ -732,6 +732,21 @@ def test_save_load_roundtrip(tmp_path):
         load_weights(other, target)
 
 
+def test_a_damaged_weights_json_is_an_error_naming_it(tmp_path):
+    # A cut or hand-edited weights.json (an interrupted copy to another machine) was a bare
+    # JSONDecodeError ("Expecting ',' delimiter: line 1 column ...") or KeyError: 'config'.
+    model = nnx.eval_shape(lambda: build_model("vgg19", rngs=nnx.Rngs(0), **TINY))
+    target = tmp_path / "weights"
+    (target / "state").mkdir(parents=True)
+    text = json.dumps({"arch": "vgg19", "config": {"width": 0.125}, "preprocessing": "caffe"})
+    (target / "weights.json").write_text(text[:30])
+    with pytest.raises(ValueError, match=r"weights/weights.json is damaged"):
+        load_weights(model, target)
+    (target / "weights.json").write_text(json.dumps({"arch": "vgg19", "preprocessing": "tf"}))
+    with pytest.raises(ValueError, match=r"weights/weights.json is damaged.*'config'"):
+        read_weights_info(target)
+
+
 def test_require_weights_file_says_what_to_download(tmp_path):
     with pytest.raises(FileNotFoundError) as error:
         require_weights_file(tmp_path / "missing.h5", "vgg19")

@@ -122,7 +122,15 @@ def read_weights_info(directory) -> dict:
             f"{path} not found: {directory} is not a weights directory "
             "written by save_weights / scripts/convert_weights.py"
         )
-    return json.loads(path.read_text())
+    try:
+        info = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:  # cut short or edited by hand
+        raise ValueError(f"{path} is damaged ({err}); convert the weights again") from err
+    fields = info if isinstance(info, dict) else {}
+    missing = [k for k in ("arch", "config", "preprocessing") if k not in fields]
+    if missing or not isinstance(fields["config"], dict):
+        raise ValueError(f"{path} is damaged (no {', '.join(map(repr, missing)) or 'config'})")
+    return info
 
 
 def load_weights(model, directory, *, head: bool = True) -> str:
