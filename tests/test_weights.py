@@ -788,3 +788,23 @@ def test_convert_weights_script(keras_vgg19, tmp_path, capsys, monkeypatch):
         model.block5.conv4.kernel[...], reference.block5.conv4.kernel[...]
     )
     assert model.preprocessing == "caffe"
+
+
+def test_overwrite_refuses_an_output_that_is_a_file(keras_vgg19, tmp_path, capsys):
+    # --output naming a file (the downloaded .h5 itself, say) with --overwrite renamed the file
+    # to a hidden '.NAME.old-*', wrote the directory in its place, then failed on rmtree of the
+    # file: exit status 2 after replacing it, and the hidden file left behind.
+    spec = importlib.util.spec_from_file_location(
+        "convert_weights", REPO_ROOT / "scripts" / "convert_weights.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    path = tmp_path / "vgg19.h5"
+    shutil.copyfile(keras_vgg19[1], path)
+    before = path.read_bytes()
+    argv = ["--arch", "vgg19", "--from", "keras", "--input", str(path), "--output", str(path)]
+    assert script.main([*argv, "--overwrite"]) == 2
+    assert f"{path} exists and is not a directory" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="exists and is not a directory"):
+        save_weights(keras_vgg19[2], path, "caffe", overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["vgg19.h5"] and path.read_bytes() == before

@@ -50,6 +50,13 @@ def _flatten(tree: dict, prefix=()) -> dict:
     return flat
 
 
+def check_output_dir(directory) -> None:
+    """Refuse an output that exists as something other than a directory: ``overwrite`` replaces a
+    weights directory, never a file (such as the downloaded weights themselves)."""
+    if Path(directory).exists() and not Path(directory).is_dir():
+        raise ValueError(f"{directory} exists and is not a directory; choose another output")
+
+
 def _replace_dir(tmp: Path, directory: Path, overwrite: bool) -> None:
     if directory.exists():
         if not overwrite:
@@ -81,6 +88,7 @@ def save_weights(
         preprocessing = model.preprocessing
     if preprocessing not in PREPROCESSING:
         raise ValueError(f"preprocessing must be one of {PREPROCESSING}, got {preprocessing!r}")
+    check_output_dir(directory)
     directory = Path(directory).absolute()
     arrays = {
         p: np.asarray(v[...])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from flax import nnx
 
-from ._checkpoint import load_weights, save_weights
+from ._checkpoint import check_output_dir, load_weights, save_weights
 from ._head import ClassifierHead
 from ._inception import InceptionV3
 from ._vgg import VGG16, VGG19
@@ -76,6 +76,7 @@ def convert_weights(arch: str, source: str, input_path, output_dir, *, overwrite
     if source not in LOADERS:
         raise ValueError(f"source must be one of {sorted(LOADERS)}, got {source!r}")
     input_path = require_weights_file(input_path, arch)
+    check_output_dir(output_dir)
     if not overwrite and Path(output_dir).exists():  # before the conversion, not after it
         raise FileExistsError(f"{output_dir} exists (overwrite=True replaces it)")
     model = _abstract_backbone(arch, 2, nnx.Rngs(0))
