@@ -201,3 +201,16 @@ def test_preprocess_input_none_and_errors():
         preprocess_input(x, "imagenet")
     with pytest.raises(TypeError):
         preprocess_input(np.zeros((2, 2, 3), np.uint8), "tf")
+
+
+def test_input_below_the_minimum_size_is_refused(tiny):
+    # Below 32x32 (VGG, five 2x2 pools) or 75x75 (InceptionV3) the backbone output had a zero
+    # dimension and the head's global average pool made the logits NaN, silently (Keras refuses).
+    arch, model, _, _ = tiny
+    too_small = {"vgg19": (31, 40), "inception_v3": (74, 90)}[arch]
+    x = jnp.zeros((1, *too_small, 3))
+    minimum = INPUT_SHAPES[arch][1]
+    with pytest.raises(ValueError, match=rf"at least {minimum}x{minimum}.*\(1, {too_small[0]}"):
+        model(x)
+    with pytest.raises(ValueError, match=rf"at least {minimum}x{minimum}"):
+        model.forward_to(x, model.default_cam_layer)

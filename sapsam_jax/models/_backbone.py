@@ -28,6 +28,7 @@ class Backbone(nnx.Module):
     block_names: tuple[str, ...]
     layer_names: tuple[str, ...]
     default_cam_layer: str
+    min_input_size: int  # smaller images leave no pixel at the end of the backbone
 
     def _stages(self) -> list[tuple[str, Callable]]:
         raise NotImplementedError
@@ -71,8 +72,19 @@ class Backbone(nnx.Module):
             )
         return self.layer_names.index(layer)
 
+    def _check_input(self, x) -> None:
+        """Refuse images below the smallest size (static shapes, so also under jit): their
+        backbone output is empty and the head's average pool would make NaN logits."""
+        if x.ndim < 3 or min(x.shape[-3:-1]) < self.min_input_size:
+            size = self.min_input_size
+            raise ValueError(
+                f"{self.arch} needs images (N, H, W, C) of at least {size}x{size} pixels, "
+                f"got shape {tuple(x.shape)}"
+            )
+
     def features(self, x):
         """Backbone output (Keras ``include_top=False``), NHWC."""
+        self._check_input(x)
         for _, stage in self._stages():
             x = stage(x)
         return x
@@ -80,6 +92,7 @@ class Backbone(nnx.Module):
     def forward_to(self, x, layer: str):
         """Activations after stage ``layer`` (e.g. the Grad-CAM layer)."""
         stop = self._index(layer)
+        self._check_input(x)
         for _, stage in self._stages()[: stop + 1]:
             x = stage(x)
         return x

@@ -313,6 +313,7 @@ class InceptionV3(Backbone):
         self.block_names = ("stem",) + MIXED_NAMES
         self.layer_names = self.block_names  # mixed10 holds the last convolutions
         self.default_cam_layer = "mixed10"
+        self.min_input_size = 75  # Keras's minimum: mixed8's stride-2 'valid' pools leave 1x1
         self._make_head(self.mixed10.out_channels, rngs)
 
     @property

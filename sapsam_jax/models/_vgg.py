@@ -89,6 +89,7 @@ class VGG(Backbone):
             for layer in [f"{b}_conv{i + 1}" for i in range(n)] + [b]
         )
         self.default_cam_layer = f"{self.block_names[-1]}_conv{self.stages[-1]}"
+        self.min_input_size = 2 ** len(self.stages)  # one 2x2 pool per block
         self._make_head(in_channels, rngs)
 
     @property
