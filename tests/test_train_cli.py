@@ -301,6 +301,11 @@ def test_train_command_mistakes_are_error_lines_before_any_work(tmp_path, capsys
     (tmp_path / "vgg19_weights.h5").write_bytes(b"\x89HDF\r\n")  # as downloaded, unconverted
     bad = {
         "image_size takes 2 positive values": ["--image-size", "32"],
+        r"image_size \(16, 16\) is below vgg19's smallest input, 32 x 32": [
+            "--image-size",
+            "16",
+            "16",
+        ],
         "zoom_range takes 2 values": ["--zoom-range", "1.2", "0.8"],
         "split_fractions takes 3 values": ["--split-fractions", "0.5", "0.5"],
         "--manifest .* or --cache, not both": ["--manifest", "m.csv", "--cache", "c"],

@@ -168,6 +168,12 @@ class TrainConfig:
         """Shapes of the tuple fields, checked before any work (a bad one failed deep in JAX)."""
         if self.image_size is not None and (len(self.image_size) != 2 or min(self.image_size) < 1):
             raise ValueError(f"image_size takes 2 positive values (H W), not {self.image_size}")
+        if self.image_size is not None and min(self.image_size) < MIN_INPUT_SIZE[self.arch]:
+            # Smaller images leave the backbone no pixel (NaN logits, now a model error).
+            raise ValueError(
+                f"image_size {tuple(self.image_size)} is below {self.arch}'s smallest input, "
+                f"{MIN_INPUT_SIZE[self.arch]} x {MIN_INPUT_SIZE[self.arch]}"
+            )
         lo_hi = tuple(self.zoom_range)
         if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
             raise ValueError(f"zoom_range takes 2 values 0 < LO <= HI, not {self.zoom_range}")
