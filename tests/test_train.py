@@ -902,6 +902,12 @@ def test_init_from_is_checked_before_any_work(tmp_path):
     assert find_trained_runs([tmp_path]) == [source.resolve()]
     with pytest.raises(WorkdirError, match="another network .head_units 32 there, 16 here"):
         check_init_from(cfg)
+    # Survival splits by the source run's test patients: a split.json without its patient lists
+    # was found only after preprocessing, with config.json left in the new workdir and the advice
+    # to train in a new --workdir, which cannot help.
+    with pytest.raises(WorkdirError, match=r"--init-from .*split.json is damaged.*--init-from"):
+        check_init_from(cfg.replace(head_units=32))
+    (source / "split.json").write_text('{"train": [], "val": [], "test": []}')
     check_init_from(cfg.replace(head_units=32))
 
 

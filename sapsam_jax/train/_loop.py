@@ -168,6 +168,17 @@ def check_init_from(cfg: TrainConfig) -> None:
         raise WorkdirError(f"--init-from {source} holds no checkpoint yet (killed in epoch 1?)")
     there = read_run_config(source / "config.json")
     check_same_network(cfg, there, error=WorkdirError)
+    if cfg.task == "survival":  # its split follows this run's test patients (_survival_split)
+        _init_from_split(source)
+
+
+def _init_from_split(source: Path) -> dict:
+    """The split.json of the ``--init-from`` run (a new --workdir would not mend a damaged one)."""
+    return read_split(
+        source / "split.json",
+        remedy="restore it, or give --init-from a run whose split.json is intact",
+        what=f"--init-from {source}: ",
+    )
 
 
 def fit(cfg: TrainConfig, cache: ProjectionCache, *, log=print) -> dict:
@@ -436,7 +447,7 @@ def _survival_split(cfg, patients: set[str]) -> dict:
     patients are the survival test set, its training and validation patients (and any it did
     not see) the survival training set; no validation set (paper 3.3). Split independently,
     the survival test held patients the disease network had been trained on."""
-    source = read_split(Path(cfg.init_from) / "split.json")
+    source = _init_from_split(Path(cfg.init_from))
     test = patients & set(source["test"])
     return {
         "train": sorted(patients - test),
@@ -682,29 +693,30 @@ def _check_config(cfg: TrainConfig, workdir: Path) -> None:
             )
 
 
-def read_run_json(path: Path):
+_REMEDY = "restore it (or train in a new --workdir)"
+
+
+def read_run_json(path: Path, *, remedy: str = _REMEDY, what: str = ""):
     """A run folder's JSON file (config.json, run.json, split.json); a damaged one is a WorkdirError
     naming it, not a bare JSONDecodeError."""
     try:
         return json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as err:
-        raise WorkdirError(
-            f"{path} is damaged ({err}); restore it (or train in a new --workdir)"
-        ) from err
+        raise WorkdirError(f"{what}{path} is damaged ({err}); {remedy}") from err
 
 
-def read_split(path: Path) -> dict:
+def read_split(path: Path, *, remedy: str = _REMEDY, what: str = "") -> dict:
     """A run's split.json: patient lists "train", "val" and "test" (and what else it records);
     an edited or truncated one is a WorkdirError naming it, not a KeyError deep in training."""
-    split = read_run_json(path)
+    split = read_run_json(path, remedy=remedy, what=what)
     sets = ("train", "val", "test")
     if not isinstance(split, dict) or not all(
         isinstance(split.get(name), list) and all(isinstance(p, str) for p in split[name])
         for name in sets
     ):
         raise WorkdirError(
-            f"{path} is damaged (it must hold the patient-id lists {', '.join(sets)}); restore "
-            "it (or train in a new --workdir)"
+            f"{what}{path} is damaged (it must hold the patient-id lists {', '.join(sets)}); "
+            f"{remedy}"
         )
     return split
 
