@@ -585,3 +585,18 @@ def test_a_label_map_with_values_outside_the_documented_labels_is_refused(tmp_pa
     assert result.failed == 1
     reason = result.failures["S0"]
     assert "s0_labels.nii.gz holds values 255" in reason and "expected labels 0-4" in reason
+
+
+def test_a_cached_label_map_with_values_outside_the_labels_is_not_called_off_the_ct(tmp_path):
+    # Localisation reloads the label map of a study cached before labels above 4 were refused;
+    # its CacheError said the labels "do not match its CT", which sends one to the affine.
+    from sapsam_jax.explain._localisation import cached_lesion_labels
+
+    write_cohort(tmp_path / "cohort", n=1)
+    path = tmp_path / "cohort" / "s0_labels.nii.gz"
+    ct = load_ct(tmp_path / "cohort" / "s0.nii.gz")
+    save_nifti(path, (np.asarray(load_ct(path).hu) > 0).astype(np.uint8) * 255, ct)
+    meta = {"study_id": "S0", "lesion_labels_path": str(path)}
+    with pytest.raises(CacheError, match="holds values 255") as error:
+        cached_lesion_labels(meta, ct)
+    assert "do not match its CT" not in str(error.value)

@@ -270,9 +270,9 @@ def cached_lesion_labels(meta: dict, ct) -> np.ndarray:
     try:
         return load_lesion_labels(meta["lesion_labels_path"], ct)
     except ValueError as err:
-        raise CacheError(
-            f"study {meta['study_id']}: lesion labels {meta['lesion_labels_path']} do not match "
-            f"its CT: {err}"
+        raise CacheError(  # off the CT's grid, or values outside the labels 0-4
+            f"study {meta['study_id']}: lesion labels {meta['lesion_labels_path']} cannot be "
+            f"used: {err}"
         ) from err
 
 
