@@ -356,7 +356,7 @@ def main(argv=None) -> int:
     args.width = 0.125 if args.quick else 1.0
     args.head_units = 32 if args.quick else 1024
     args.min_seconds = args.min_seconds or (0.2 if args.quick else 2.0)
-    cap = args.max_batch or (4 if args.quick else 1024)
+    cap = args.max_batch if args.max_batch is not None else (4 if args.quick else 1024)
     first_batch = 2 if args.quick else 32
     if cap < first_batch:  # the search starts at first_batch: it would time nothing
         parser.error(f"--max-batch {cap} is below the first batch timed ({first_batch})")

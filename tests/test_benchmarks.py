@@ -64,8 +64,9 @@ def test_bench_models_refuses_a_max_batch_below_its_first_batch(capsys, tmp_path
     # The largest-batch search starts at the first batch (2 quick, 32 full): a lower cap timed
     # nothing and wrote a JSON without rows.
     bench = _load("bench_models")
-    with pytest.raises(SystemExit) as exit_info:
-        bench.main(["--quick", "--max-batch", "1", "--out", str(tmp_path / "out.json")])
-    assert exit_info.value.code == 2
-    assert "--max-batch 1 is below the first batch timed (2)" in capsys.readouterr().err
-    assert not (tmp_path / "out.json").exists()
+    for cap in ("1", "0"):  # 0 fell back to the default cap
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(["--quick", "--max-batch", cap, "--out", str(tmp_path / "out.json")])
+        assert exit_info.value.code == 2
+        assert f"--max-batch {cap} is below the first batch timed (2)" in capsys.readouterr().err
+        assert not (tmp_path / "out.json").exists()

@@ -318,6 +318,7 @@ def test_train_command_mistakes_are_error_lines_before_any_work(tmp_path, capsys
         "epochs must be >= 1, not 0": ["--epochs", "0"],
         "learning_rate must be > 0, not -1.0": ["--learning-rate", "-1"],
         "batch_size must be >= 1, not 0": ["--batch-size", "0"],
+        "grad_clip_norm must be > 0, not nan": ["--grad-clip-norm", "nan"],
         r"momentum must be in \[0, 1\), not 1.5": ["--momentum", "1.5"],
         "survival test share 0.8 and disease validation share 0.2 leave no training set": [
             "--task",

@@ -145,7 +145,7 @@ class TrainConfig:
             raise ValueError(
                 f"rotations_per_epoch must be in 1..27, not {self.rotations_per_epoch}"
             )
-        if self.grad_clip_norm is not None and self.grad_clip_norm <= 0:
+        if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:  # NaN too
             raise ValueError(f"grad_clip_norm must be > 0, not {self.grad_clip_norm}")
         if self.warmup_epochs < 0:  # optax would hold the learning rate at 0 for the whole run
             raise ValueError(f"warmup_epochs must be >= 0, not {self.warmup_epochs}")
