@@ -210,3 +210,17 @@ def test_missing_and_empty_manifests(tmp_path):
     (tmp_path / "cp1252.csv").write_bytes(text.encode("cp1252"))
     with pytest.raises(ManifestError, match=r"(?s)cp1252\.csv.*row 2: not UTF-8 \(byte 0xe9\)"):
         read_manifest(tmp_path / "cp1252.csv")
+
+
+@pytest.mark.parametrize("separator", [";", "\t"])
+def test_a_manifest_not_separated_by_commas_is_one_problem_naming_the_separator(cohort, separator):
+    # A spreadsheet's CSV export in many locales separates with ';' (or tabs): one line saying
+    # so, not "unknown column 'study_id;patient_id;...'" and 29 missing columns.
+    row = ["s1", "p1", "ct/s1.nii.gz", "1"] + [""] * (len(manifest_columns) - 4)
+    path = cohort / "semicolons.csv"
+    path.write_text(separator.join(manifest_columns) + "\n" + separator.join(row) + "\n")
+    with pytest.raises(ManifestError) as err:
+        read_manifest(path)
+    assert len(err.value.problems) == 1
+    assert err.value.problems[0].startswith(f"row 1: columns separated by {separator!r}")
+    assert "comma" in err.value.problems[0]

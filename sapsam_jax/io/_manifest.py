@@ -157,6 +157,15 @@ def read_manifest(path: str | os.PathLike, *, check_files: bool = True) -> Manif
     if not path.is_file():
         raise ManifestError(path, ["manifest file not found"])
     header, rows = _read_csv(path)
+    separator = _other_separator(header)
+    if separator:
+        raise ManifestError(
+            path,
+            [
+                f"row 1: columns separated by {separator!r}, not commas (a spreadsheet export "
+                "with another list separator?); save the manifest comma-separated"
+            ],
+        )
     problems = _header_problems(header) + _duplicate_ids(header, rows)
     if not rows:
         problems.append("no study rows after the header")
@@ -228,6 +237,17 @@ def _not_utf8(data: bytes) -> str:
         row = data[: err.start].count(b"\n") + 1
         return f"row {row}: not UTF-8 (byte 0x{data[err.start]:02x}); save the file as UTF-8 CSV"
     return "not UTF-8; save the file as UTF-8 CSV"
+
+
+def _other_separator(header: list[str]) -> str | None:
+    """';' or tab when the header is the manifest's columns joined by it instead of commas."""
+    if len(header) != 1:
+        return None
+    for separator in (";", "\t"):
+        names = [name.strip() for name in header[0].split(separator)]
+        if len(names) > 1 and "study_id" in names:
+            return separator
+    return None
 
 
 def _header_problems(header: list[str]) -> list[str]:
