@@ -786,3 +786,21 @@ def test_gradcam_cli_refuses_a_threshold_outside_0_1(capsys):
             main(["--workdir", "runs", "--all", "--threshold", bad])
         assert stop.value.code == 2
         assert f"a probability in 0-1, not {bad}" in capsys.readouterr().err
+
+
+def test_gradcam_cli_localisation_without_lesion_truth_says_so(
+    study, tmp_path, monkeypatch, capsys
+):
+    # A real cohort has no lesion_labels: --localisation used to write an empty
+    # localisation.json and print its path as if scores were there.
+    from sapsam_jax.explain import main
+
+    meta = {**study.meta("S1"), "lesion_labels_path": None}
+    cache = FakeCache(meta, study._bands, dict.fromkeys(AXES))
+    _stand_in_workdirs(tmp_path, _runs(cache, axes=("axial",)), monkeypatch)
+    out = tmp_path / "out"
+    argv = ["--workdir", str(tmp_path / "runs"), "--all", "--out", str(out), "--localisation"]
+    assert main(argv) == 0
+    assert json.loads((out / "localisation.json").read_text())["records"] == []
+    err = capsys.readouterr().err
+    assert "warning: no localisation scores" in err and "lesion_labels" in err

@@ -207,6 +207,13 @@ def _explain_set(runs, args, out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "localisation.json", nonfinite_to_null(to_jsonable(scores)))
         print(f"localisation: {out / 'localisation.json'}")
+        if not scores["records"]:
+            print(
+                f"warning: no localisation scores: no {args.split} sub-region of these sign "
+                "runs holds a lesion of their sign in the cache's lesion truth (the manifest's "
+                "lesion_labels column; the synthetic cohort has it)",
+                file=sys.stderr,
+            )
 
 
 def _describe(summary: dict) -> str:
