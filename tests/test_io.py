@@ -291,6 +291,20 @@ def test_missing_slice_is_an_error_or_interpolated(series, cip):
     np.testing.assert_allclose(ct.affine, cip.affine, atol=1e-3)
 
 
+def test_gap_error_names_the_manifest_column_in_a_failures_csv_reason(series):
+    # preprocess.py flattens a failure onto one line (failures.csv, the warning): the advice
+    # must stay apart from the gap it follows and name what a manifest user sets (allow_gaps
+    # 1; 'True' is refused by read_manifest), not only load_ct's keyword.
+    from sapsam_jax.data._cohort import failure_reason
+
+    (series / "IMG0040.dcm").unlink()
+    with pytest.raises(CTLoadError) as err:
+        load_ct(series)
+    reason = failure_reason(err.value)
+    assert "(IMG0041.dcm); pass allow_gaps=True" in reason
+    assert "manifest column allow_gaps: 1" in reason
+
+
 def test_uneven_spacing_is_an_error_or_resampled(series, cip):
     def nudge(ds, n):  # move slice 40 (IMG0041) up by 1.5 mm: steps of 5.49 and 2.49 mm
         if n == 40:

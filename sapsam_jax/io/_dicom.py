@@ -335,7 +335,10 @@ def _check_spacing(positions, frames: list[_Frame], source: Path, allow_gaps: bo
         "\n  ".join(problems) + more
     )
     if not allow_gaps:
-        raise CTLoadError(message + "\npass allow_gaps=True to interpolate across them")
+        raise CTLoadError(
+            message + ";\npass allow_gaps=True (manifest column allow_gaps: 1) to interpolate "
+            "across them"
+        )
     count = max(int(round((positions[-1] - positions[0]) / step)), 1) + 1
     # stacklevel 4: _check_spacing <- read_dicom <- load_ct <- the caller's line.
     warnings.warn(message + f"\ninterpolating linearly onto {count} even slices", stacklevel=4)
