@@ -143,6 +143,10 @@ def worker_shards(shard, workers: int) -> list[tuple[int, int]]:
     return [(index * workers + k, count * workers) for k in range(workers)]
 
 
+# Set in the environment of the processes launch_workers starts.
+_WORKER_ENV = "SAPSAM_PREPROCESS_WORKER"
+
+
 def launch_workers(args, manifest, config, shard) -> int:
     """One child process per worker, each a sub-shard of ``shard`` pinned to its own GPU.
 
@@ -164,6 +168,7 @@ def launch_workers(args, manifest, config, shard) -> int:
             "--shard",
             child_shard,
         ]
+        env[_WORKER_ENV] = "1"  # Ctrl-C reaches every worker: only this process says so
         procs.append(subprocess.Popen(cmd, env=env))
     try:
         _watch(procs, args, manifest, shard)
@@ -249,7 +254,8 @@ def main(argv=None) -> int:
         print(f"preprocess.py: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # finished studies are kept; the one in progress left no files
-        print("preprocess.py: interrupted; rerun the same command to resume", file=sys.stderr)
+        if not os.environ.get(_WORKER_ENV):  # a terminal's Ctrl-C interrupts every worker too
+            print("preprocess.py: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
 
 

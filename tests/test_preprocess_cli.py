@@ -193,7 +193,9 @@ def test_cli_workers_refuse_an_unusable_backend_before_launching(
     assert "--workers takes a whole number >= 1" in capsys.readouterr().err
 
 
-def test_cli_ctrl_c_interrupts_the_workers_and_waits_for_them(tmp_path, cohort, monkeypatch):
+def test_cli_ctrl_c_interrupts_the_workers_and_waits_for_them(
+    tmp_path, cohort, monkeypatch, capsys
+):
     import signal
 
     events = []
@@ -201,6 +203,7 @@ def test_cli_ctrl_c_interrupts_the_workers_and_waits_for_them(tmp_path, cohort, 
     class Worker:
         def __init__(self, cmd, env):
             self.running = True
+            events.append(env.get("SAPSAM_PREPROCESS_WORKER"))
 
         def poll(self):
             return None if self.running else -signal.SIGINT
@@ -221,7 +224,14 @@ def test_cli_ctrl_c_interrupts_the_workers_and_waits_for_them(tmp_path, cohort, 
     monkeypatch.setattr(cli, "_watch", interrupted)
     argv = ["--manifest", str(cohort), "--out", str(tmp_path / "c"), "--preset", "tiny"]
     assert cli.main([*argv, "--workers", "2", "--no-progress"]) == 130
-    assert events == [signal.SIGINT, signal.SIGINT, "waited", "waited"]
+    assert events == ["1", "1", signal.SIGINT, signal.SIGINT, "waited", "waited"]
+    assert capsys.readouterr().err.count("interrupted") == 1
+    # A terminal's Ctrl-C reaches the workers too: they stop without a line of their own (the
+    # user saw one "interrupted" per process).
+    monkeypatch.setattr(cli, "run", interrupted)
+    monkeypatch.setenv("SAPSAM_PREPROCESS_WORKER", "1")
+    assert cli.main(argv) == 130
+    assert "interrupted" not in capsys.readouterr().err
 
 
 def test_cli_bad_shard_flag(tmp_path, cohort, capsys):
