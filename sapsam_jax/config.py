@@ -18,6 +18,10 @@ import numpy as np
 
 # Paper 1.2 / Table 1: the three CPA signs labelled per sub-region, plus the pre-existing flag.
 SIGNS = ("cavity", "fungus_ball", "pleural_thickening")
+TASKS = ("disease", "signs", "survival")  # paper 3.1, 3.2, 3.3
+# A sign task's --sign: one sign, one binary network per sign ("all", paper 2.4), or one network
+# with an output per sign ("multi").
+SIGN_CHOICES = SIGNS + ("all", "multi")
 ANNOTATION_FLAGS = ("preexisting",) + SIGNS
 # Paper 1.2: six sub-regions, left/right x upper/middle/lower, by the patient's own side.
 SUBREGIONS = (

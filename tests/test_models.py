@@ -214,3 +214,7 @@ def test_input_below_the_minimum_size_is_refused(tiny):
         model(x)
     with pytest.raises(ValueError, match=rf"at least {minimum}x{minimum}"):
         model.forward_to(x, model.default_cam_layer)
+    # The table training checks --image-size against (without building a model) is the models'.
+    from sapsam_jax.models import MIN_INPUT_SIZE
+
+    assert MIN_INPUT_SIZE[arch] == model.min_input_size == minimum

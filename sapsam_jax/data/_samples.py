@@ -17,10 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sapsam_jax.config import SIGNS, SUBREGIONS
-
-_TASKS = ("disease", "signs", "survival")
-_SIGN_CHOICES = (*SIGNS, "multi", "all")
+from sapsam_jax.config import SIGN_CHOICES, SIGNS, SUBREGIONS, TASKS
 
 
 @dataclass(frozen=True)
@@ -97,10 +94,10 @@ def task_samples(
 
 def _check_task(task: str, sign: str) -> None:
     # Anything but disease or survival would otherwise be read as the sign task.
-    if task not in _TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(_TASKS)}")
-    if task == "signs" and sign not in _SIGN_CHOICES:
-        raise ValueError(f"unknown sign {sign!r}; expected one of {', '.join(_SIGN_CHOICES)}")
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    if task == "signs" and sign not in SIGN_CHOICES:
+        raise ValueError(f"unknown sign {sign!r}; expected one of {', '.join(SIGN_CHOICES)}")
 
 
 def _rotation_indices(cache, rotations: str) -> np.ndarray:

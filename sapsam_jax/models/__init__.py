@@ -7,7 +7,7 @@ from ._checkpoint import load_weights, read_weights_info, save_weights
 from ._head import HEAD_KERNEL_INIT, ClassifierHead
 from ._inception import InceptionV3, InceptionV3Tiny
 from ._preprocess import PREPROCESSING, preprocess_input
-from ._registry import ARCHITECTURES, build_model, convert_weights
+from ._registry import ARCHITECTURES, MIN_INPUT_SIZE, build_model, convert_weights
 from ._vgg import VGG, VGG16, VGG19, VGG19Tiny
 from ._weights import (
     WEIGHT_FILES,
@@ -19,6 +19,7 @@ from ._weights import (
 )
 
 __all__ = [
+    "MIN_INPUT_SIZE",
     "ARCHITECTURES",
     "HEAD_KERNEL_INIT",
     "PREPROCESSING",

@@ -278,6 +278,10 @@ def _mixed_blocks(cin, conv, c, pool_include_pad):
     return blocks
 
 
+# Keras's minimum: mixed8's stride-2 'valid' pools leave 1x1 at 75x75.
+INCEPTION_MIN_INPUT_SIZE = 75
+
+
 class InceptionV3(Backbone):
     """Inception v3 backbone (Keras layout) + the paper's head; ``features`` is Keras ``mixed10``.
 
@@ -313,7 +317,7 @@ class InceptionV3(Backbone):
         self.block_names = ("stem",) + MIXED_NAMES
         self.layer_names = self.block_names  # mixed10 holds the last convolutions
         self.default_cam_layer = "mixed10"
-        self.min_input_size = 75  # Keras's minimum: mixed8's stride-2 'valid' pools leave 1x1
+        self.min_input_size = INCEPTION_MIN_INPUT_SIZE
         self._make_head(self.mixed10.out_channels, rngs)
 
     @property

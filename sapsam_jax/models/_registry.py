@@ -10,11 +10,17 @@ from flax import nnx
 
 from ._checkpoint import check_output_dir, load_weights, save_weights
 from ._head import ClassifierHead
-from ._inception import InceptionV3
-from ._vgg import VGG16, VGG19
+from ._inception import INCEPTION_MIN_INPUT_SIZE, InceptionV3
+from ._vgg import VGG16, VGG19, vgg_min_input_size
 from ._weights import load_keras_weights, load_torchvision_weights, require_weights_file
 
 ARCHITECTURES = {"vgg19": VGG19, "vgg16": VGG16, "inception_v3": InceptionV3}
+# Smallest image side each architecture takes (model.min_input_size, without building one).
+MIN_INPUT_SIZE = {
+    "vgg19": vgg_min_input_size(VGG19.keywords["stages"]),
+    "vgg16": vgg_min_input_size(VGG16.keywords["stages"]),
+    "inception_v3": INCEPTION_MIN_INPUT_SIZE,
+}
 LOADERS = {"keras": load_keras_weights, "torchvision": load_torchvision_weights}
 
 

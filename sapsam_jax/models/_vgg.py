@@ -89,7 +89,7 @@ class VGG(Backbone):
             for layer in [f"{b}_conv{i + 1}" for i in range(n)] + [b]
         )
         self.default_cam_layer = f"{self.block_names[-1]}_conv{self.stages[-1]}"
-        self.min_input_size = 2 ** len(self.stages)  # one 2x2 pool per block
+        self.min_input_size = vgg_min_input_size(self.stages)
         self._make_head(in_channels, rngs)
 
     @property
@@ -108,6 +108,11 @@ class VGG(Backbone):
                 stages.append((f"{b}_{c}", partial(block.conv, c)))
             stages.append((b, block.pool))
         return stages
+
+
+def vgg_min_input_size(stages) -> int:
+    """Smallest image side a VGG of these blocks takes: one 2x2 pool per block."""
+    return 2 ** len(stages)
 
 
 VGG19 = partial(VGG, stages=(2, 2, 4, 4, 4))

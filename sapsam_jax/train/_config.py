@@ -14,17 +14,15 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sapsam_jax.config import AXES, SIGNS
+from sapsam_jax.config import AXES, SIGN_CHOICES, TASKS
 from sapsam_jax.data.synthetic import DEFAULT_CONTROL_FRACTION
+from sapsam_jax.models import MIN_INPUT_SIZE
 
-TASKS = ("disease", "signs", "survival")
 ARCHS = ("vgg19", "inception_v3")
-SIGN_CHOICES = SIGNS + ("all", "multi")
 # Paper 3.1-3.3: epochs per task (signs: "240-300"; we take the lower end, the best validation
 # epoch is kept anyway).
 PAPER_EPOCHS = {"disease": 60, "signs": 240, "survival": 20}
 # Smallest input each backbone accepts (Keras applications: VGG 32x32, InceptionV3 75x75).
-MIN_INPUT_SIZE = {"vgg19": 32, "inception_v3": 75}
 
 
 @dataclass(frozen=True)

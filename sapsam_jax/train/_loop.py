@@ -35,8 +35,9 @@ from sapsam_jax.data import (
 )
 from sapsam_jax.data._cache import atomic_write_text, nonfinite_to_null, to_jsonable
 from sapsam_jax.io._volume import atomic_path
+from sapsam_jax.models import MIN_INPUT_SIZE
 from sapsam_jax.train._checkpoint import RunCheckpoints, saved_epochs
-from sapsam_jax.train._config import MIN_INPUT_SIZE, TrainConfig, check_new_run
+from sapsam_jax.train._config import TrainConfig, check_new_run
 from sapsam_jax.train._data import Batches, data_mesh, prepare_cache, to_global, to_host
 from sapsam_jax.train._distributed import (
     is_primary,
