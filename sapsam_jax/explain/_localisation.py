@@ -25,7 +25,7 @@ import numpy as np
 import scipy.ndimage as ndi
 
 from sapsam_jax.config import AXES, SIGNS, SUBREGIONS
-from sapsam_jax.explain._psam import locate_maximum, plateau_peak, psam_3d, working_volume_to_ct
+from sapsam_jax.explain._psam import locate_maximum, map_peak, psam_3d, working_volume_to_ct
 from sapsam_jax.explain._study import (
     group_runs,
     in_split,
@@ -60,9 +60,8 @@ def pointing_game(cam, mask, tolerance_px: int = DEFAULT_TOLERANCE_PX) -> bool:
     A bilinearly enlarged map whose peak is an edge cell is flat from that cell's centre to the
     border: the maximum is that plateau's centroid (:func:`plateau_peak`), not its top-left pixel.
     """
-    cam = np.asarray(cam)
-    peak = plateau_peak(cam)
-    if peak is None or cam.min() == cam.max():
+    peak = map_peak(cam)
+    if peak is None:
         return False
     index = tuple(np.floor(peak[1] + 0.5).astype(int))
     return bool(dilate_mask(mask, tolerance_px)[index])

@@ -266,6 +266,13 @@ def plateau_peak(values) -> tuple[float, np.ndarray] | None:
     return top, np.asarray(ndi.center_of_mass(components == components[index]))
 
 
+def map_peak(map2d) -> tuple[float, np.ndarray] | None:
+    """:func:`plateau_peak` of a 2-D map, None also when the map is flat: no place stands out
+    (e.g. InceptionV3's 1x1 ``mixed10`` enlarged), and its arg-max would be the image corner."""
+    map2d = np.asarray(map2d)
+    return None if np.ptp(map2d) == 0 else plateau_peak(map2d)
+
+
 def locate_maximum(volume, mapping: Mapping, affine=None, *, rotation=None) -> dict | None:
     """Where a working-grid volume (e.g. a 3-D PSAM) peaks, in every frame a reader needs; None
     when nothing is above 0.

@@ -21,7 +21,7 @@ from sapsam_jax.explain._gradcam import grad_cam
 from sapsam_jax.explain._psam import (
     backproject,
     locate_maximum,
-    plateau_peak,
+    map_peak,
     psam_3d,
     region_slices,
     resize_map,
@@ -409,7 +409,7 @@ def _slice_through_maximum(map2d, axis, subregion, mapping, rotation, peak) -> i
         region = region_slices(subregion, working)
         bounds = [region[d].indices(working[d]) for d in range(3)]
         point = np.array([(start + stop - 1) / 2.0 for start, stop, _ in bounds])
-        found = plateau_peak(map2d) if np.ptp(np.asarray(map2d)) > 0 else None
+        found = map_peak(map2d)
         if found is not None:
             row, col = found[1]
             others = [d for d in range(3) if d != AXES[axis]]
