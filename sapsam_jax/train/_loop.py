@@ -727,9 +727,7 @@ def read_run_config(path: Path) -> TrainConfig:
     try:
         return TrainConfig.from_dict(value)
     except (TypeError, ValueError, AttributeError, KeyError) as err:
-        raise WorkdirError(
-            f"{path} is damaged ({err}); restore it (or train in a new --workdir)"
-        ) from err
+        raise WorkdirError(f"{path} is damaged ({err}); {_REMEDY}") from err
 
 
 def _write_json_atomic(path: Path, value) -> None:
